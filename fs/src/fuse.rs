@@ -1,0 +1,573 @@
+//! Serving a [`View`] over FUSE.
+//!
+//! The callbacks are thin: they translate between fuser's types and the view's, keep the
+//! table of open file and directory handles, and choose the kernel caching behaviour. All
+//! decisions about what is visible live in the view.
+
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::view::{self, Attr, DirEntry, Kind, View, ROOT_ID};
+
+/// How long the kernel may trust entries and attributes: the store is immutable, so as
+/// long as it likes. (The kernel clamps what it cannot represent.)
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Options for serving a view.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// Hand regular files to the kernel (FUSE passthrough) so reads bypass the daemon.
+    pub passthrough: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions { passthrough: true }
+    }
+}
+
+/// An open regular file.
+enum OpenFile {
+    /// Reads go to the kernel's backing file; the id keeps it registered until release.
+    Passthrough(#[allow(dead_code)] BackingId),
+    /// Reads come to the daemon and are served with `pread`.
+    Daemon(OwnedFd),
+}
+
+/// The FUSE filesystem: a view plus its open handles.
+pub struct StoreFs {
+    view: Arc<View>,
+    options: FuseOptions,
+    /// Set at INIT: whether the kernel accepted passthrough.
+    passthrough: AtomicBool,
+    files: DashMap<u64, OpenFile>,
+    /// Directory listings as they were at opendir, so offsets stay valid for the handle's
+    /// whole life whatever other readers do.
+    dirs: DashMap<u64, Arc<[DirEntry]>>,
+    next_handle: AtomicU64,
+}
+
+impl StoreFs {
+    /// Serves `view` with `options`.
+    pub fn new(view: Arc<View>, options: FuseOptions) -> Self {
+        StoreFs {
+            view,
+            options,
+            passthrough: AtomicBool::new(false),
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers `fd` with the kernel for passthrough; on failure turns passthrough off for
+    /// good (the cause, such as missing CAP_SYS_ADMIN, will not go away) and says so once.
+    fn backing(&self, reply: &ReplyOpen, fd: &OwnedFd) -> Option<BackingId> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        match reply.open_backing(fd) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("FUSE passthrough unavailable, reading through the daemon: {e}");
+                }
+                None
+            }
+        }
+    }
+}
+
+fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_i32(e.raw_os_error())
+}
+
+fn system_time(t: view::Time) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsecs)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nsecs.into())
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Directory => FileType::Directory,
+        Kind::RegularFile => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.mtime),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+impl Filesystem for StoreFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each capability is optional: an older kernel just serves without it.
+        for flag in [
+            InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_ASYNC_READ,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        if self.options.passthrough {
+            // Depth 1: the backing files may not be on a stacked filesystem, and the mount
+            // can itself still be the lower layer of an overlay.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Relaxed);
+            } else {
+                tracing::info!(
+                    "kernel does not offer FUSE passthrough; reading through the daemon"
+                );
+            }
+        }
+        let _ = config
+            .set_max_readahead(u32::MAX)
+            .or_else(|max| config.set_max_readahead(max));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.view.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.view.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.view.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.view.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let fd = match self.view.open(ino.0, write) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let fh = self.handle();
+        match self.backing(&reply, &fd) {
+            Some(id) => {
+                // Registered before the reply: the RELEASE may come as soon as it is sent.
+                // The kernel holds the file through the backing id; our descriptor can go.
+                self.files.insert(fh, OpenFile::Passthrough(id));
+                let file = self.files.get(&fh);
+                let Some(OpenFile::Passthrough(id)) = file.as_deref() else {
+                    unreachable!("handle {fh} was just inserted");
+                };
+                // No FOPEN_KEEP_CACHE here: the page cache is the backing file's own, and
+                // the kernel refuses a passthrough open that asks for caching (EIO).
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
+            }
+            None => {
+                self.files.insert(fh, OpenFile::Daemon(fd));
+                // Keep the page cache across opens: the file cannot change under the view.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                );
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = self.files.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let OpenFile::Daemon(fd) = &*file else {
+            // The kernel reads passthrough files itself; a read here would be its bug.
+            return reply.error(Errno::EIO);
+        };
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            buf.resize(size as usize, 0);
+            let mut filled = 0;
+            // Short reads from the host are retried so the kernel sees a short read only at
+            // the end of the file.
+            while filled < buf.len() {
+                match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return reply.error(errno(e)),
+                }
+            }
+            reply.data(&buf[..filled]);
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.view.list(ino.0) {
+            Ok(listing) => {
+                let fh = self.handle();
+                self.dirs.insert(fh, listing);
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                );
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(listing) = self.dirs.get(&fh.0).map(|l| l.clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        // Offsets: 0 is the start, n means "after the n-th entry" counting `.` and `..`.
+        let parent = match self.view.parent_of(ino.0) {
+            Ok(p) => p,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let dots = [(ino.0, "."), (parent, "..")];
+        let mut index = offset as usize;
+        while index < listing.len() + 2 {
+            let full = if index < 2 {
+                reply.add(
+                    INodeNo(dots[index].0),
+                    index as u64 + 1,
+                    FileType::Directory,
+                    dots[index].1,
+                )
+            } else {
+                let e = &listing[index - 2];
+                reply.add(INodeNo(e.ino), index as u64 + 1, file_type(e.kind), &e.name)
+            };
+            if full {
+                break;
+            }
+            index += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(listing) = self.dirs.get(&fh.0).map(|l| l.clone()) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut index = offset as usize;
+        while index < listing.len() + 2 {
+            if index < 2 {
+                // The kernel takes no reference for `.` and `..`: no lookup is counted.
+                let id = if index == 0 {
+                    Ok(ino.0)
+                } else {
+                    self.view.parent_of(ino.0)
+                };
+                let attr = match id.and_then(|id| self.view.getattr(id)) {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                let name = if index == 0 { "." } else { ".." };
+                if reply.add(
+                    INodeNo(attr.ino),
+                    index as u64 + 1,
+                    name,
+                    &TTL,
+                    &file_attr(&attr),
+                    Generation(0),
+                ) {
+                    break;
+                }
+            } else {
+                let entry = &listing[index - 2];
+                // An entry that vanished from the host since the listing is left out.
+                if let Ok(attr) = self.view.lookup(ino.0, &entry.name) {
+                    if reply.add(
+                        INodeNo(attr.ino),
+                        index as u64 + 1,
+                        &entry.name,
+                        &TTL,
+                        &file_attr(&attr),
+                        Generation(0),
+                    ) {
+                        // Not sent: the reference just counted must not be kept.
+                        self.view.forget(attr.ino, 1);
+                        break;
+                    }
+                }
+            }
+            index += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.view.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                0,
+                0,
+                s.f_files,
+                0,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    // Everything below modifies the store: the view is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Whether `ROOT_ID` matches fuser's idea of the root node (checked at compile time).
+const _: () = assert!(ROOT_ID == 1);

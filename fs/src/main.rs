@@ -1,0 +1,328 @@
+//! `nixstorefs`: mounts exactly one Nix closure of the host store, read-only.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use nixstorefs::closure::Closure;
+use nixstorefs::daemon;
+use nixstorefs::fuse::{FuseOptions, StoreFs};
+use nixstorefs::options::MountOptions;
+use nixstorefs::view::{View, ViewError, ViewOptions};
+
+const EXAMPLES: &str = "\
+Examples:
+  # The closure of the running system, for a guest:
+  nix-store -qR $(readlink -f /run/current-system) > closure.txt
+  nixstorefs closure.txt /mnt/store
+
+  # A closureInfo output, from a store somewhere else, staying in the foreground:
+  nixstorefs -f --store-dir /srv/store/nix/store /nix/store/...-closure-info /mnt/store
+
+  # From standard input, readable by other users (for virtiofsd):
+  nix-store -qR ./result | nixstorefs -o allow_other - /mnt/store
+
+  # Unmount:
+  fusermount3 -u /mnt/store
+
+  # /etc/fstab:
+  /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
+
+Exit status: 0 once the mount is live; 2 for bad input (a malformed closure, closure
+paths missing from the store, bad options); 1 when mounting or serving fails.";
+
+/// Presents exactly one Nix closure of the host's store as a read-only FUSE mount.
+#[derive(Parser, Debug)]
+#[command(version, after_help = EXAMPLES)]
+struct Args {
+    /// The closure: a store-paths list (`nix-store -qR`), a closureInfo output directory, a
+    /// registration (`nix-store --dump-db`), or `-` for standard input.
+    closure: PathBuf,
+
+    /// Where to mount the view.
+    mountpoint: PathBuf,
+
+    /// The host store directory; the closure's paths must be directly below it.
+    #[arg(
+        long,
+        env = "NIX_STORE_DIR",
+        default_value = "/nix/store",
+        value_name = "DIR"
+    )]
+    store_dir: PathBuf,
+
+    /// Leave out closure paths that are missing from the store, with a warning, instead of
+    /// refusing to mount.
+    #[arg(long)]
+    allow_missing: bool,
+
+    /// Stay in the foreground instead of detaching once the mount is live.
+    #[arg(short, long)]
+    foreground: bool,
+
+    /// Mount options, comma-separated: allow_other, allow_root, default_permissions,
+    /// auto_unmount, fsname=NAME, ro, nosuid, nodev, suid, dev, exec, noexec, noatime, and
+    /// store_dir=DIR, allow_missing, no_passthrough (the flags of the same name).
+    #[arg(short = 'o', value_name = "OPT[,OPT...]")]
+    options: Vec<String>,
+
+    /// Serve reads through the daemon instead of handing files to the kernel (FUSE
+    /// passthrough, used by default when the kernel offers it and the daemon may use it).
+    #[arg(long)]
+    no_passthrough: bool,
+
+    /// Request threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+
+    /// Directory descriptors to keep open at most.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    max_cached_dirs: usize,
+
+    /// Append logs to this file (a detached daemon otherwise has nowhere to log).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// A failure and the exit status it maps to.
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+impl Failure {
+    fn input(message: impl Into<String>) -> Self {
+        Failure {
+            status: 2,
+            message: message.into(),
+        }
+    }
+
+    fn runtime(message: impl Into<String>) -> Self {
+        Failure {
+            status: 1,
+            message: message.into(),
+        }
+    }
+}
+
+fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure> {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    Failure::input(format!("cannot open log file {}: {e}", path.display()))
+                })?;
+            builder.with_ansi(false).with_writer(Arc::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// Everything that can be checked before mounting: bad input fails here, with nothing
+/// mounted.
+fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
+    let store_dir = opts
+        .store_dir
+        .clone()
+        .unwrap_or_else(|| args.store_dir.clone());
+    let store_dir = std::path::absolute(&store_dir)
+        .map_err(|e| Failure::input(format!("store directory {}: {e}", store_dir.display())))?;
+    let closure =
+        Closure::load(&args.closure, &store_dir).map_err(|e| Failure::input(e.to_string()))?;
+    let meta = std::fs::metadata(&args.mountpoint)
+        .map_err(|e| Failure::input(format!("mountpoint {}: {e}", args.mountpoint.display())))?;
+    if !meta.is_dir() {
+        return Err(Failure::input(format!(
+            "mountpoint {} is not a directory",
+            args.mountpoint.display()
+        )));
+    }
+    let allow_missing = args.allow_missing || opts.allow_missing;
+    let (view, setup) = View::new(
+        &closure,
+        allow_missing,
+        ViewOptions {
+            max_cached_dirs: args.max_cached_dirs,
+        },
+    )
+    .map_err(|e| match e {
+        ViewError::Stat { .. } => Failure::runtime(e.to_string()),
+        _ => Failure::input(e.to_string()),
+    })?;
+    if !setup.missing.is_empty() {
+        let names: Vec<&str> = setup
+            .missing
+            .iter()
+            .take(5)
+            .map(|p| p.base_name())
+            .collect();
+        tracing::warn!(
+            "leaving out {} closure path(s) missing from {}: {}{}",
+            setup.missing.len(),
+            store_dir.display(),
+            names.join(", "),
+            if setup.missing.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    // The source column of the mount table: the closure file, when it fits an option.
+    let origin = closure.origin.as_str();
+    let fsname = if origin.contains([',', ' ', '\t', '\n', '\\']) || origin.is_empty() {
+        "nixstorefs"
+    } else {
+        origin
+    };
+    opts.finish(fsname);
+    tracing::info!(
+        paths = view.path_count(),
+        store = %store_dir.display(),
+        "closure loaded from {}",
+        closure.origin
+    );
+    Ok(view)
+}
+
+/// Lets the process keep as many descriptors open as it is allowed to: the cache bounds what
+/// the view holds, but open files are held for as long as clients keep them open.
+fn raise_fd_limit() {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
+            tracing::debug!("cannot raise the descriptor limit: {e}");
+        }
+    }
+}
+
+/// Mounts and serves until unmounted. `detached` is the pipe to a waiting parent: taken and
+/// told once the mount is live, left in place when mounting fails.
+fn serve(
+    args: &Args,
+    opts: MountOptions,
+    view: View,
+    detached: &mut Option<daemon::Detached>,
+) -> Result<(), Failure> {
+    let signals = daemon::block_signals();
+    let fs = StoreFs::new(
+        Arc::new(view),
+        FuseOptions {
+            passthrough: !(args.no_passthrough || opts.no_passthrough),
+        },
+    );
+    let mut config = fuser::Config::default();
+    config.mount_options = opts.mount.clone();
+    config.acl = opts.acl;
+    config.n_threads = Some(args.threads.into());
+    config.clone_fd = true;
+
+    let mut session = fuser::Session::new(fs, &args.mountpoint, &config).map_err(|e| {
+        Failure::runtime(format!(
+            "cannot mount on {}: {e}",
+            args.mountpoint.display()
+        ))
+    })?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = args.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = signals.wait();
+            tracing::info!(signal = sig, "unmounting");
+            if let Err(e) = unmounter.unmount() {
+                // Busy: detach it instead, so the daemon can still exit cleanly; open files
+                // keep working until they are closed.
+                tracing::warn!(
+                    "unmount of {} failed ({e}); detaching it lazily",
+                    mountpoint.display()
+                );
+                if let Err(e) = daemon::detach_mount(&mountpoint) {
+                    tracing::error!("cannot detach {}: {e}", mountpoint.display());
+                    std::process::exit(1);
+                }
+            }
+        })
+        .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
+
+    if let Some(detached) = detached.take() {
+        let keep_stderr = args.log_file.is_some();
+        if let Err(e) = daemon::close_stdio(keep_stderr) {
+            tracing::warn!("cannot detach from the terminal: {e}");
+        }
+        detached.ready();
+    }
+    daemon::notify_ready();
+    session.run().map_err(|e| {
+        Failure::runtime(format!("serving {} failed: {e}", args.mountpoint.display()))
+    })?;
+    tracing::info!("unmounted; exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(f) = init_logging(args.verbose, args.log_file.as_deref()) {
+        eprintln!("nixstorefs: {}", f.message);
+        return ExitCode::from(f.status);
+    }
+    let mut opts = MountOptions::default();
+    for list in &args.options {
+        if let Err(e) = opts.add(list) {
+            eprintln!("nixstorefs: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    raise_fd_limit();
+    let view = match prepare(&args, &mut opts) {
+        Ok(view) => view,
+        Err(f) => {
+            eprintln!("nixstorefs: {}", f.message);
+            return ExitCode::from(f.status);
+        }
+    };
+    let mut detached = if args.foreground {
+        None
+    } else {
+        match daemon::detach() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("nixstorefs: cannot detach: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    match serve(&args, opts, view, &mut detached) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            tracing::error!("{}", f.message);
+            match detached {
+                // Still attached to the parent: it prints the message and exits with it.
+                Some(d) => d.failed(f.status, &f.message),
+                None => eprintln!("nixstorefs: {}", f.message),
+            }
+            ExitCode::from(f.status)
+        }
+    }
+}

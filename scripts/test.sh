@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs every test of the workspace: unit tests and the
+# end-to-end tests of the real binaries (real FUSE mounts). Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+# Mounts left by an earlier run that was killed: the tests mount below this directory.
+if [ -d /tmp/nixstorefs-tests ]; then
+  awk '$2 ~ "^/tmp/nixstorefs-tests/" {print $2}' /proc/self/mounts | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null || true; done
+fi
+
+cargo build --workspace --all-targets
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --profile ci
+  # nextest does not run doc tests.
+  cargo test --workspace --doc
+else
+  cargo test --workspace
+fi

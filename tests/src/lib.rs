@@ -1,0 +1,5 @@
+//! Test support for nixstorefs: a generator of sample Nix stores ([`sample`]) and helpers
+//! for end-to-end tests that mount the real binary ([`harness`]).
+
+pub mod harness;
+pub mod sample;

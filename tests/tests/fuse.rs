@@ -1,0 +1,1201 @@
+//! End-to-end tests: real nixstorefs mounts of a generated sample store.
+//!
+//! Each test builds its own sample under /tmp and mounts it through the harness guard, so
+//! tests can run in parallel and a failing one leaves no mount behind. They need root,
+//! /dev/fuse and a built `nixstorefs` binary (`cargo build -p nixstorefs`), and fail, not
+//! skip, without them.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixstorefs_tests::harness::{self, Mount, Mountpoint};
+use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::process::Signal;
+use tempfile::TempDir;
+
+const EROFS: i32 = libc::EROFS;
+const ENOENT: i32 = libc::ENOENT;
+
+/// Builds a sample store in a fresh directory under /tmp; keep the TempDir alive longer
+/// than any mount of it (declare it first).
+fn sample(opts: &SampleOptions) -> (TempDir, SampleStore) {
+    let dir = tempfile::Builder::new()
+        .prefix("nixstorefs-sample.")
+        .tempdir_in("/tmp")
+        .expect("create a sample directory");
+    let s = sample::build(dir.path(), opts).expect("build the sample store");
+    (dir, s)
+}
+
+fn mount(s: &SampleStore, extra: &[&str]) -> Mount {
+    Mount::foreground(&s.store_dir, &s.closure_file, extra)
+}
+
+fn sorted_names(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut v: Vec<OsString> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    v.sort();
+    Ok(v)
+}
+
+fn root_names(mnt: &Path) -> Vec<String> {
+    sorted_names(mnt)
+        .unwrap_or_else(|e| panic!("readdir of the mount root: {e}"))
+        .into_iter()
+        .map(|n| n.into_string().expect("root names are UTF-8"))
+        .collect()
+}
+
+/// Compares two files' bytes in chunks, without hashing (hashing 64 MiB is slow in debug).
+fn compare_content(host: &Path, mnt: &Path) -> Result<(), String> {
+    let mut a = File::open(host).map_err(|e| format!("open host {host:?}: {e}"))?;
+    let mut b = File::open(mnt).map_err(|e| format!("open {mnt:?}: {e}"))?;
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let na = read_full(&mut a, &mut ba).map_err(|e| format!("read host {host:?}: {e}"))?;
+        let nb = read_full(&mut b, &mut bb).map_err(|e| format!("read {mnt:?}: {e}"))?;
+        if ba[..na] != bb[..nb] {
+            let first = ba[..na]
+                .iter()
+                .zip(&bb[..nb])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Err(format!(
+                "{mnt:?}: content differs from the host at byte {} (host chunk {na} bytes, mount {nb})",
+                offset + first as u64
+            ));
+        }
+        if na == 0 {
+            return Ok(());
+        }
+        offset += na as u64;
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Walks `host` and `mnt` side by side and records every difference in `problems`.
+/// `inodes` maps host (dev, ino) to mount ino and back, so that hard links and distinct
+/// files can be checked across the whole walk.
+struct TreeCheck {
+    problems: Vec<String>,
+    host_to_mnt: HashMap<(u64, u64), u64>,
+    mnt_to_host: HashMap<u64, (u64, u64)>,
+    entries: usize,
+}
+
+impl TreeCheck {
+    fn new() -> Self {
+        TreeCheck {
+            problems: Vec::new(),
+            host_to_mnt: HashMap::new(),
+            mnt_to_host: HashMap::new(),
+            entries: 0,
+        }
+    }
+
+    fn walk(&mut self, host: &Path, mnt: &Path) {
+        self.entries += 1;
+        let h = match fs::symlink_metadata(host) {
+            Ok(m) => m,
+            Err(e) => return self.problems.push(format!("host lstat {host:?}: {e}")),
+        };
+        let m = match fs::symlink_metadata(mnt) {
+            Ok(m) => m,
+            Err(e) => return self.problems.push(format!("lstat {mnt:?}: {e}")),
+        };
+        let p = &mut self.problems;
+        if h.file_type() != m.file_type() {
+            p.push(format!(
+                "{mnt:?}: type {:?}, host has {:?}",
+                m.file_type(),
+                h.file_type()
+            ));
+            return;
+        }
+        if h.mode() & 0o7777 != m.mode() & 0o7777 {
+            p.push(format!(
+                "{mnt:?}: mode {:o}, host has {:o}",
+                m.mode() & 0o7777,
+                h.mode() & 0o7777
+            ));
+        }
+        if h.size() != m.size() {
+            p.push(format!("{mnt:?}: size {}, host has {}", m.size(), h.size()));
+        }
+        if (h.mtime(), h.mtime_nsec()) != (m.mtime(), m.mtime_nsec()) {
+            p.push(format!(
+                "{mnt:?}: mtime {}.{:09}, host has {}.{:09}",
+                m.mtime(),
+                m.mtime_nsec(),
+                h.mtime(),
+                h.mtime_nsec()
+            ));
+        }
+        if h.nlink() != m.nlink() {
+            p.push(format!(
+                "{mnt:?}: nlink {}, host has {}",
+                m.nlink(),
+                h.nlink()
+            ));
+        }
+        let key = (h.dev(), h.ino());
+        match self.host_to_mnt.get(&key) {
+            Some(&ino) if ino != m.ino() => p.push(format!(
+                "{mnt:?}: inode {} but a hard link of it showed inode {ino}",
+                m.ino()
+            )),
+            _ => {}
+        }
+        match self.mnt_to_host.get(&m.ino()) {
+            Some(&other) if other != key => p.push(format!(
+                "{mnt:?}: inode {} is shared with a different host file",
+                m.ino()
+            )),
+            _ => {}
+        }
+        self.host_to_mnt.insert(key, m.ino());
+        self.mnt_to_host.insert(m.ino(), key);
+
+        let ft = h.file_type();
+        if ft.is_file() {
+            if let Err(e) = compare_content(host, mnt) {
+                self.problems.push(e);
+            }
+        } else if ft.is_symlink() {
+            match (fs::read_link(host), fs::read_link(mnt)) {
+                (Ok(a), Ok(b)) if a == b => {}
+                (a, b) => self
+                    .problems
+                    .push(format!("{mnt:?}: readlink {b:?}, host has {a:?}")),
+            }
+        } else if ft.is_dir() {
+            self.walk_dir(host, mnt);
+        }
+    }
+
+    fn walk_dir(&mut self, host: &Path, mnt: &Path) {
+        let hn = match sorted_names(host) {
+            Ok(v) => v,
+            Err(e) => return self.problems.push(format!("host readdir {host:?}: {e}")),
+        };
+        // Read the mount's entries raw, keeping duplicates and readdir's types.
+        let entries: Vec<(OsString, io::Result<fs::FileType>)> = match fs::read_dir(mnt) {
+            Ok(rd) => match rd.collect::<io::Result<Vec<_>>>() {
+                Ok(v) => v
+                    .into_iter()
+                    .map(|e| (e.file_name(), e.file_type()))
+                    .collect(),
+                Err(e) => return self.problems.push(format!("readdir {mnt:?}: {e}")),
+            },
+            Err(e) => return self.problems.push(format!("opendir {mnt:?}: {e}")),
+        };
+        let mut mn: Vec<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
+        mn.sort();
+        if hn != mn {
+            let extra: Vec<_> = mn.iter().filter(|n| !hn.contains(n)).take(5).collect();
+            let missing: Vec<_> = hn.iter().filter(|n| !mn.contains(n)).take(5).collect();
+            self.problems.push(format!(
+                "{mnt:?}: readdir gives {} names, host has {}; extra (or duplicated) {extra:?}, missing {missing:?}",
+                mn.len(),
+                hn.len()
+            ));
+        }
+        for (name, ty) in &entries {
+            let Ok(h) = fs::symlink_metadata(host.join(name)) else {
+                continue;
+            };
+            match ty {
+                Ok(t) if *t == h.file_type() => {}
+                other => self.problems.push(format!(
+                    "{:?}: readdir type {other:?}, host has {:?}",
+                    mnt.join(name),
+                    h.file_type()
+                )),
+            }
+        }
+        for name in hn {
+            if mn.contains(&name) {
+                self.walk(&host.join(&name), &mnt.join(&name));
+            }
+        }
+    }
+
+    fn assert_clean(&self, what: &str) {
+        if !self.problems.is_empty() {
+            let shown: Vec<&str> = self.problems.iter().take(40).map(String::as_str).collect();
+            panic!(
+                "{what}: {} differences from the host (in {} entries), first ones:\n{}",
+                self.problems.len(),
+                self.entries,
+                shown.join("\n")
+            );
+        }
+    }
+}
+
+/// The root lists the closure exactly and every closure path matches the host.
+fn assert_same_tree(s: &SampleStore, mnt: &Path) {
+    assert_eq!(root_names(mnt), s.closure, "root listing");
+    let mut check = TreeCheck::new();
+    for base in &s.closure {
+        check.walk(&s.host(base), &mnt.join(base));
+    }
+    check.assert_clean("tree");
+}
+
+fn errno(r: io::Result<impl Sized>) -> Option<i32> {
+    match r {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", b"3").expect("write /proc/sys/vm/drop_caches");
+}
+
+#[test]
+fn root_lists_exactly_the_closure() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let names = root_names(m.mountpoint());
+    assert_eq!(names, s.closure);
+    for n in &s.noise {
+        assert!(!names.contains(n), "{n} listed");
+    }
+    let root = fs::symlink_metadata(m.mountpoint()).unwrap();
+    assert!(root.is_dir());
+}
+
+#[test]
+fn noise_and_other_names_are_enoent() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+    let hello = s.path_named("hello-2.12").to_string();
+    let mut names: Vec<PathBuf> = s.noise.iter().map(PathBuf::from).collect();
+    names.extend(
+        [
+            "nonexistent".to_string(),
+            hello[..32].to_string(),
+            format!("{}-", &hello[..32]),
+            hello[..20].to_string(),
+            sample::base_name("never-built-1.0"),
+            format!("{hello}.drv"),
+            format!("{hello}~"),
+            format!("{hello} "),
+            hello.to_uppercase(),
+            ".links/".to_string(),
+            "...".to_string(),
+        ]
+        .map(PathBuf::from),
+    );
+    names.push(s.secret.clone());
+    names.push(s.links_entry.clone());
+    // `..` is resolved by the kernel inside the mount, back to the root.
+    names.push(Path::new(&hello).join("..").join(&s.secret));
+    let mut problems = Vec::new();
+    for n in &names {
+        let p = mnt.join(n);
+        match fs::symlink_metadata(&p) {
+            Ok(md) => problems.push(format!("{p:?} exists ({:?})", md.file_type())),
+            Err(e) if e.raw_os_error() == Some(ENOENT) => {}
+            Err(e) => problems.push(format!("{p:?}: {e}, expected ENOENT")),
+        }
+        // A direct open must not find it either (no lookup shortcuts).
+        if let Ok(f) = File::open(&p) {
+            problems.push(format!("{p:?} opens ({:?})", f.metadata().map(|m| m.len())));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn tree_matches_host() {
+    let (_d, s) = sample(&SampleOptions::default());
+    let m = mount(&s, &[]);
+    assert_same_tree(&s, m.mountpoint());
+}
+
+#[test]
+fn hard_links_share_an_inode() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+    let a = fs::symlink_metadata(mnt.join(&s.hard_links[0])).unwrap();
+    let b = fs::symlink_metadata(mnt.join(&s.hard_links[1])).unwrap();
+    assert_eq!(a.ino(), b.ino(), "hard links across store paths");
+    assert_eq!(
+        a.nlink(),
+        3,
+        "nlink as on the host (two store paths and .links)"
+    );
+    assert_eq!(b.nlink(), 3);
+    let other = fs::symlink_metadata(mnt.join(&s.small_files[0])).unwrap();
+    assert_ne!(a.ino(), other.ino());
+    compare_content(&s.host(&s.hard_links[0]), &mnt.join(&s.hard_links[1])).unwrap();
+    // Same answer after the kernel forgot both.
+    drop_caches();
+    let b2 = fs::symlink_metadata(mnt.join(&s.hard_links[1])).unwrap();
+    let a2 = fs::symlink_metadata(mnt.join(&s.hard_links[0])).unwrap();
+    assert_eq!(a2.ino(), b2.ino(), "after drop_caches");
+}
+
+#[test]
+fn single_file_and_symlink_store_paths() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+
+    let f = fs::symlink_metadata(mnt.join(&s.single_file)).unwrap();
+    let hf = fs::symlink_metadata(s.host(&s.single_file)).unwrap();
+    assert!(f.is_file(), "{:?}", f.file_type());
+    assert_eq!(f.mode() & 0o7777, 0o444);
+    assert_eq!(f.len(), hf.len());
+    assert_eq!(f.mtime(), 1);
+    compare_content(&s.host(&s.single_file), &mnt.join(&s.single_file)).unwrap();
+
+    let l = fs::symlink_metadata(mnt.join(&s.symlink_path)).unwrap();
+    assert!(l.file_type().is_symlink(), "{:?}", l.file_type());
+    assert_eq!(l.mtime(), 1);
+    let target = fs::read_link(mnt.join(&s.symlink_path)).unwrap();
+    assert_eq!(target, fs::read_link(s.host(&s.symlink_path)).unwrap());
+    assert_eq!(target, s.store_dir.join(s.path_named("hello-2.12")));
+    assert_eq!(l.len(), target.as_os_str().len() as u64);
+}
+
+#[test]
+fn modifications_fail_with_erofs() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+    let file = mnt.join(&s.small_files[3]);
+    let dir = file.parent().unwrap().to_path_buf();
+    let hello = mnt.join(s.path_named("hello-2.12"));
+    let empty_dir = mnt.join(&s.odd_dir).join("empty-dir");
+    let cpath = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+
+    type Op<'a> = (&'a str, Box<dyn Fn() -> io::Result<()> + 'a>);
+    let ops: Vec<Op> = vec![
+        (
+            "open O_WRONLY",
+            Box::new(|| OpenOptions::new().write(true).open(&file).map(drop)),
+        ),
+        (
+            "open O_RDWR",
+            Box::new(|| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&file)
+                    .map(drop)
+            }),
+        ),
+        (
+            "open O_APPEND",
+            Box::new(|| OpenOptions::new().append(true).open(&file).map(drop)),
+        ),
+        (
+            "open O_TRUNC",
+            Box::new(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&file)
+                    .map(drop)
+            }),
+        ),
+        (
+            "create in a store path",
+            Box::new(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join("new"))
+                    .map(drop)
+            }),
+        ),
+        (
+            "create at the root",
+            Box::new(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(mnt.join("new"))
+                    .map(drop)
+            }),
+        ),
+        (
+            "mkdir in a store path",
+            Box::new(|| fs::create_dir(hello.join("newdir"))),
+        ),
+        (
+            "mkdir at the root",
+            Box::new(|| fs::create_dir(mnt.join("newdir"))),
+        ),
+        ("unlink", Box::new(|| fs::remove_file(&file))),
+        (
+            "unlink a store path",
+            Box::new(|| fs::remove_file(mnt.join(&s.single_file))),
+        ),
+        ("rmdir", Box::new(|| fs::remove_dir(&empty_dir))),
+        (
+            "rename",
+            Box::new(|| fs::rename(&file, dir.join("renamed"))),
+        ),
+        (
+            "rename a store path",
+            Box::new(|| fs::rename(&hello, mnt.join("renamed"))),
+        ),
+        (
+            "chmod",
+            Box::new(|| fs::set_permissions(&file, fs::Permissions::from_mode(0o644))),
+        ),
+        (
+            "chmod the root",
+            Box::new(|| fs::set_permissions(mnt, fs::Permissions::from_mode(0o755))),
+        ),
+        (
+            "chown",
+            Box::new(|| std::os::unix::fs::lchown(&file, Some(1), Some(1))),
+        ),
+        (
+            "symlink",
+            Box::new(|| std::os::unix::fs::symlink("x", dir.join("newlink"))),
+        ),
+        (
+            "link",
+            Box::new(|| fs::hard_link(&file, dir.join("newhardlink"))),
+        ),
+        (
+            "truncate",
+            Box::new(|| {
+                let c = cpath(&file);
+                // SAFETY: c is a valid NUL-terminated path.
+                if unsafe { libc::truncate(c.as_ptr(), 0) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            }),
+        ),
+        (
+            "utimensat",
+            Box::new(|| {
+                let t = rustix::fs::Timespec {
+                    tv_sec: 2,
+                    tv_nsec: 0,
+                };
+                let ts = rustix::fs::Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                };
+                rustix::fs::utimensat(rustix::fs::CWD, &file, &ts, rustix::fs::AtFlags::empty())
+                    .map_err(io::Error::from)
+            }),
+        ),
+        (
+            "setxattr",
+            Box::new(|| {
+                rustix::fs::setxattr(&file, "user.test", b"x", rustix::fs::XattrFlags::empty())
+                    .map_err(io::Error::from)
+            }),
+        ),
+        (
+            "mkfifo",
+            Box::new(|| {
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    dir.join("fifo"),
+                    rustix::fs::FileType::Fifo,
+                    Mode::from_raw_mode(0o644),
+                    0,
+                )
+                .map_err(io::Error::from)
+            }),
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (name, op) in &ops {
+        match errno(op()) {
+            Some(EROFS) => {}
+            None => problems.push(format!("{name}: succeeded")),
+            Some(e) => problems.push(format!(
+                "{name}: {}, expected EROFS",
+                io::Error::from_raw_os_error(e)
+            )),
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Nothing leaked through to the host either.
+    let after = fs::symlink_metadata(s.host(&s.small_files[3])).unwrap();
+    assert_eq!((after.mode() & 0o7777, after.mtime()), (0o444, 1));
+    assert!(!s.host(&s.small_files[3]).with_file_name("new").exists());
+}
+
+#[test]
+fn concurrent_readers_agree() {
+    let (_d, s) = sample(&SampleOptions::default());
+    let m = mount(&s, &[]);
+    let mut files = vec![s.big_file.clone(), s.hard_links[1].clone()];
+    files.extend(s.small_files.iter().cloned());
+    let expected: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
+        files
+            .iter()
+            .map(|f| (m.mountpoint().join(f), fs::read(s.host(f)).unwrap()))
+            .collect(),
+    );
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let expected = expected.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let n = expected.len();
+                let mut rng = PseudoRandom::new(&format!("reader-{t}"));
+                for i in 0..n {
+                    let (path, want) = &expected[(i + t) % n];
+                    let got =
+                        fs::read(path).map_err(|e| format!("thread {t}: read {path:?}: {e}"))?;
+                    if got != *want {
+                        return Err(format!(
+                            "thread {t}: {path:?}: {} bytes differ from the host's {}",
+                            got.len(),
+                            want.len()
+                        ));
+                    }
+                    // Random positioned reads too, since sequential ones get readahead.
+                    let f =
+                        File::open(path).map_err(|e| format!("thread {t}: open {path:?}: {e}"))?;
+                    let mut r = [0u8; 8];
+                    for _ in 0..16 {
+                        rng.fill(&mut r);
+                        let v = u64::from_le_bytes(r);
+                        let off = (v % (want.len() as u64 + 1)) as usize;
+                        let len = ((v >> 40) % (256 * 1024)) as usize;
+                        let mut buf = vec![0u8; len];
+                        let got = f
+                            .read_at(&mut buf, off as u64)
+                            .map_err(|e| format!("thread {t}: pread {path:?}@{off}: {e}"))?;
+                        let end = (off + len).min(want.len());
+                        if buf[..got] != want[off..end] {
+                            return Err(format!(
+                                "thread {t}: pread {path:?}@{off}+{len}: wrong bytes"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let errors: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().expect("reader thread panicked").err())
+        .collect();
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// Runs nixstorefs on a bad closure input and checks that it exits 2, says `fragments`
+/// on stderr, and mounts nothing.
+fn expect_rejected(s: &SampleStore, closure: &OsStr, stdin: Option<&[u8]>, fragments: &[String]) {
+    harness::require_fuse();
+    let mp = Mountpoint::new();
+    let mut cmd = Command::new(harness::bin("nixstorefs"));
+    cmd.arg("-f")
+        .arg("--store-dir")
+        .arg(&s.store_dir)
+        .arg(closure)
+        .arg(mp.path());
+    let stdin_file;
+    match stdin {
+        Some(data) => {
+            stdin_file = s.dir.join("stdin.txt");
+            fs::write(&stdin_file, data).unwrap();
+            cmd.stdin(File::open(&stdin_file).unwrap());
+        }
+        None => {
+            cmd.stdin(Stdio::null());
+        }
+    }
+    let out = match harness::run_bounded(&mut cmd, Duration::from_secs(20)) {
+        Ok(out) => out,
+        Err(e) => panic!(
+            "nixstorefs did not exit on a bad closure (did it mount? {}): {e:?}",
+            mp.is_mounted()
+        ),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mounted = mp.is_mounted();
+    assert!(!mounted, "a bad closure left a mount; stderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit status for a bad closure ({:?}); stderr:\n{stderr}",
+        closure
+    );
+    for f in fragments {
+        assert!(stderr.contains(f.as_str()), "stderr lacks {f:?}:\n{stderr}");
+    }
+}
+
+/// Writes a store-paths list whose third line is `bad` and checks its rejection.
+fn reject_third_line(file: &str, bad: &[u8], extra_fragments: &[&str]) {
+    let (_d, s) = sample(&SampleOptions::small());
+    let mut text = Vec::new();
+    for p in &s.closure_paths()[..2] {
+        text.extend_from_slice(p.as_os_str().as_bytes());
+        text.push(b'\n');
+    }
+    text.extend_from_slice(bad);
+    text.push(b'\n');
+    for p in &s.closure_paths()[2..] {
+        text.extend_from_slice(p.as_os_str().as_bytes());
+        text.push(b'\n');
+    }
+    let path = s.dir.join(file);
+    fs::write(&path, text).unwrap();
+    let mut fragments = vec![format!("{file}:3")];
+    fragments.extend(extra_fragments.iter().map(|f| f.to_string()));
+    expect_rejected(&s, path.as_os_str(), None, &fragments);
+}
+
+fn hello_full(s: &SampleStore) -> String {
+    s.store_dir
+        .join(s.path_named("hello-2.12"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn rejects_relative_path() {
+    let b = sample::base_name("relative-1.0");
+    reject_third_line("relative.txt", b.as_bytes(), &[&b]);
+}
+
+#[test]
+fn rejects_path_outside_store_dir() {
+    let p = format!("/elsewhere/store/{}", sample::base_name("outside-1.0"));
+    reject_third_line("outside.txt", p.as_bytes(), &[&p]);
+}
+
+#[test]
+fn rejects_path_inside_a_store_path() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let p = format!("{}/bin/hello", hello_full(&s));
+    drop(s);
+    reject_third_line("inside.txt", p.as_bytes(), &["bin/hello"]);
+}
+
+#[test]
+fn rejects_bad_hash_alphabet() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let good = s.path_named("hello-2.12");
+    // `e`, `o`, `t` and `u` are not in Nix's base-32 alphabet.
+    let bad = format!("{}/{}u{}", s.store_dir.display(), &good[..5], &good[6..]);
+    drop(s);
+    reject_third_line("alphabet.txt", bad.as_bytes(), &[&bad]);
+}
+
+#[test]
+fn rejects_short_hash() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let good = s.path_named("hello-2.12");
+    let bad = format!("{}/{}", s.store_dir.display(), &good[1..]);
+    drop(s);
+    reject_third_line("short.txt", bad.as_bytes(), &[&bad]);
+}
+
+#[test]
+fn rejects_name_starting_with_dot() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let bad = format!(
+        "{}/{}-.hidden",
+        s.store_dir.display(),
+        sample::store_hash("", ".hidden")
+    );
+    drop(s);
+    reject_third_line("dotname.txt", bad.as_bytes(), &[&bad]);
+}
+
+#[test]
+fn rejects_crlf_line() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let bad = format!("{}\r", hello_full(&s));
+    drop(s);
+    reject_third_line("crlf.txt", bad.as_bytes(), &[]);
+}
+
+#[test]
+fn rejects_nul_byte() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let full = hello_full(&s);
+    let mut bad = full.as_bytes().to_vec();
+    bad.insert(full.len() - 3, 0);
+    drop(s);
+    reject_third_line("nul.txt", &bad, &[]);
+}
+
+#[test]
+fn rejects_empty_file() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let path = s.dir.join("empty.txt");
+    fs::write(&path, b"").unwrap();
+    expect_rejected(&s, path.as_os_str(), None, &["empty.txt".to_string()]);
+}
+
+#[test]
+fn rejects_registration_with_wrong_reference_count() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let path = s.dir.join("registration-bad");
+    let glibc = s.store_dir.join(s.path_named("glibc-2.40"));
+    // Three references announced, one given, then the file ends.
+    let text = format!(
+        "{}\n{}\n1234\n\n3\n{}\n",
+        glibc.display(),
+        "0".repeat(64),
+        glibc.display()
+    );
+    fs::write(&path, text).unwrap();
+    expect_rejected(
+        &s,
+        path.as_os_str(),
+        None,
+        &["registration-bad".to_string()],
+    );
+}
+
+#[test]
+fn rejects_directory_without_store_paths() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let dir = s.dir.join("not-closure-info");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("total-nar-size"), "0\n").unwrap();
+    expect_rejected(&s, dir.as_os_str(), None, &["not-closure-info".to_string()]);
+}
+
+#[test]
+fn rejects_missing_store_path() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let missing = sample::base_name("missing-1.0");
+    let path = s.dir.join("with-missing.txt");
+    let text = format!(
+        "{}{}/{missing}\n",
+        s.store_paths_text(),
+        s.store_dir.display()
+    );
+    fs::write(&path, text).unwrap();
+    expect_rejected(&s, path.as_os_str(), None, &[missing]);
+}
+
+#[test]
+fn rejects_bad_line_on_stdin() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let text = format!("{}relative/path\n", s.store_paths_text());
+    let line = format!(":{}", s.closure.len() + 1);
+    expect_rejected(&s, OsStr::new("-"), Some(text.as_bytes()), &[line]);
+}
+
+#[test]
+fn allow_missing_mounts_without_the_missing_paths() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let missing = [
+        sample::base_name("missing-1.0"),
+        sample::base_name("gone-2.0"),
+    ];
+    let path = s.dir.join("with-missing.txt");
+    let mut text = s.store_paths_text();
+    for m in &missing {
+        text.push_str(&format!("{}/{m}\n", s.store_dir.display()));
+    }
+    fs::write(&path, text).unwrap();
+    let m = Mount::foreground(&s.store_dir, &path, &["--allow-missing"]);
+    assert_same_tree(&s, m.mountpoint());
+    for n in &missing {
+        assert_eq!(
+            errno(fs::symlink_metadata(m.mountpoint().join(n))),
+            Some(ENOENT)
+        );
+    }
+    let log = m.stderr();
+    assert!(
+        log.contains("missing-1.0"),
+        "no warning naming the missing path:\n{log}"
+    );
+}
+
+#[test]
+fn stdin_closure_mounts_the_same_tree() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = Mount::builder(&s.store_dir, "-")
+        .stdin(s.store_paths_text())
+        .start();
+    assert_same_tree(&s, m.mountpoint());
+}
+
+#[test]
+fn closure_info_directory_mounts_the_same_tree() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let ci = s.dir.join("closure-info");
+    s.write_closure_info(&ci).unwrap();
+    let m = Mount::foreground(&s.store_dir, &ci, &[]);
+    assert_same_tree(&s, m.mountpoint());
+}
+
+#[test]
+fn registration_mounts_the_same_tree() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let reg = s.dir.join("registration");
+    s.write_registration(&reg, false).unwrap();
+    let m = Mount::foreground(&s.store_dir, &reg, &[]);
+    assert_same_tree(&s, m.mountpoint());
+}
+
+#[test]
+fn registration_with_sha256_prefix_mounts_the_same_tree() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let reg = s.dir.join("registration");
+    s.write_registration(&reg, true).unwrap();
+    let m = Mount::builder(&s.store_dir, "-")
+        .stdin(fs::read(&reg).unwrap())
+        .start();
+    assert_same_tree(&s, m.mountpoint());
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_0() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let mut m = mount(&s, &[]);
+    fs::read(m.mountpoint().join(&s.small_files[0])).unwrap();
+    let status = m.signal_and_wait(Signal::TERM);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", m.stderr());
+    assert!(!m.is_mounted(), "still mounted after SIGTERM");
+}
+
+#[test]
+fn sigint_unmounts_and_exits_0() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let mut m = mount(&s, &[]);
+    let status = m.signal_and_wait(Signal::INT);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", m.stderr());
+    assert!(!m.is_mounted(), "still mounted after SIGINT");
+}
+
+#[test]
+fn daemon_mode_detaches_and_fusermount_ends_it() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = Mount::daemon(&s.store_dir, &s.closure_file, &[]);
+    assert!(m.is_mounted());
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no detached daemon process found");
+    assert!(pids.iter().all(|&p| harness::process_alive(p)));
+    assert_eq!(root_names(m.mountpoint()), s.closure);
+    compare_content(
+        &s.host(&s.small_files[2]),
+        &m.mountpoint().join(&s.small_files[2]),
+    )
+    .unwrap();
+
+    let out = harness::run(
+        Command::new("fusermount3").arg("-u").arg(m.mountpoint()),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "fusermount3 -u: {out:?}");
+    assert!(!m.is_mounted(), "still mounted after fusermount3 -u");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| harness::process_alive(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon outlived its mount by 10 s; log:\n{}",
+            m.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_big_file(extra: &[&str]) {
+    let (_d, s) = sample(&SampleOptions::default());
+    let m = mount(&s, extra);
+    let path = m.mountpoint().join(&s.big_file);
+    compare_content(&s.host(&s.big_file), &path).unwrap();
+    // The same through mmap, which passthrough serves differently from read(2).
+    let want = fs::read(s.host(&s.big_file)).unwrap();
+    let f = File::open(&path).unwrap();
+    let len = want.len();
+    // SAFETY: a fresh private read-only mapping of a file we keep open; unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        ptr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        io::Error::last_os_error()
+    );
+    // SAFETY: the mapping is `len` readable bytes and lives until munmap.
+    let mapped = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    let same = mapped == want.as_slice();
+    // SAFETY: ptr/len are the mapping made above.
+    unsafe { libc::munmap(ptr, len) };
+    assert!(same, "mmap of {path:?} differs from the host");
+}
+
+#[test]
+fn big_file_reads_right_with_passthrough() {
+    check_big_file(&[]);
+}
+
+#[test]
+fn big_file_reads_right_without_passthrough() {
+    check_big_file(&["--no-passthrough"]);
+}
+
+#[test]
+fn default_mount_is_ro_nosuid_nodev() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let info = m.info().unwrap();
+    assert!(info.fstype.starts_with("fuse"), "{info:?}");
+    for opt in ["ro", "nosuid", "nodev"] {
+        assert!(
+            info.mount_options.iter().any(|o| o == opt),
+            "{opt} missing: {info:?}"
+        );
+    }
+}
+
+#[test]
+fn fsname_option_sets_the_source() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &["-o", "fsname=sample-closure"]);
+    let info = m.info().unwrap();
+    assert_eq!(info.source, "sample-closure", "{info:?}");
+    assert!(info.mount_options.iter().any(|o| o == "ro"), "{info:?}");
+}
+
+/// Checks that `rel` through the mount shows nothing of /etc: no `passwd` entry, and no
+/// way to read /etc/passwd without following a symlink.
+fn assert_no_etc(mnt: &Path, rel: &Path, etc_passwd: &[u8], problems: &mut Vec<String>) {
+    let p = mnt.join(rel);
+    let root = File::open(mnt).unwrap();
+    match fs::symlink_metadata(&p) {
+        Ok(md) if md.file_type().is_symlink() => match fs::read_link(&p) {
+            Ok(t) if t == Path::new("/etc") => {}
+            other => problems.push(format!(
+                "{p:?}: symlink to {other:?}, expected /etc verbatim"
+            )),
+        },
+        Ok(md) if md.is_dir() => {
+            if let Ok(names) = sorted_names(&p) {
+                if names.iter().any(|n| n == "passwd") {
+                    problems.push(format!(
+                        "{p:?} lists passwd: /etc leaks through ({names:?})"
+                    ));
+                }
+            }
+        }
+        Ok(md) => problems.push(format!("{p:?}: unexpected type {:?}", md.file_type())),
+        Err(_) => {}
+    }
+    // Resolution inside the mount without symlinks: any content must not be /etc's.
+    let passwd = rel.join("passwd");
+    let how = ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_XDEV;
+    if let Ok(fd) = rustix::fs::openat2(&root, &passwd, OFlags::RDONLY, Mode::empty(), how) {
+        let mut v = Vec::new();
+        let _ = File::from(fd).read_to_end(&mut v);
+        if v == etc_passwd || v.starts_with(b"root:") {
+            problems.push(format!("{:?} reads as /etc/passwd", mnt.join(&passwd)));
+        } else {
+            problems.push(format!(
+                "{:?} exists ({} bytes)",
+                mnt.join(&passwd),
+                v.len()
+            ));
+        }
+    }
+}
+
+#[test]
+fn host_swapping_a_directory_for_a_symlink_does_not_leak() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let etc_passwd = fs::read("/etc/passwd").expect("this test needs a host /etc/passwd");
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+    let [seen, unseen] = [&s.replaceable_dirs[0], &s.replaceable_dirs[1]];
+    let file = &s.small_files[3];
+
+    // Let the kernel and the daemon know `seen` and `file` before the host changes.
+    assert!(fs::symlink_metadata(mnt.join(seen)).unwrap().is_dir());
+    assert!(!sorted_names(&mnt.join(seen)).unwrap().is_empty());
+    assert!(fs::symlink_metadata(mnt.join(file)).unwrap().is_file());
+
+    for rel in [seen, unseen] {
+        let host = s.host(rel);
+        fs::rename(&host, host.with_extension("moved")).unwrap();
+        std::os::unix::fs::symlink("/etc", &host).unwrap();
+    }
+    let host_file = s.host(file);
+    fs::rename(&host_file, host_file.with_extension("moved")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &host_file).unwrap();
+
+    let mut problems = Vec::new();
+    for round in ["cached", "after drop_caches"] {
+        if round != "cached" {
+            drop_caches();
+        }
+        for rel in [seen, unseen] {
+            let before = problems.len();
+            assert_no_etc(mnt, rel, &etc_passwd, &mut problems);
+            for p in &mut problems[before..] {
+                *p = format!("{round}: {p}");
+            }
+        }
+        // The file's cached attributes say "regular file": opening it must not follow the
+        // host's new symlink.
+        let p = mnt.join(file);
+        if let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+        {
+            let mut v = Vec::new();
+            let _ = (&f).read_to_end(&mut v);
+            if v == etc_passwd {
+                problems.push(format!("{round}: {p:?} reads as /etc/passwd"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[repr(C)]
+struct FileHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; 128],
+}
+
+fn name_to_handle(path: &Path) -> io::Result<FileHandle> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut h = FileHandle {
+        handle_bytes: 128,
+        handle_type: 0,
+        f_handle: [0; 128],
+    };
+    let mut mount_id = 0;
+    // SAFETY: FileHandle has libc::file_handle's layout with 128 bytes of room, as
+    // handle_bytes says; c is NUL-terminated.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &mut h as *mut FileHandle as *mut libc::file_handle,
+            &mut mount_id,
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(h)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn open_by_handle(mount_fd: &File, h: &mut FileHandle, flags: i32) -> io::Result<File> {
+    // SAFETY: h came from name_to_handle_at; the returned fd is ours to own.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            h as *mut FileHandle as *mut libc::file_handle,
+            flags,
+        )
+    };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+#[test]
+fn file_handles_survive_dropped_caches() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    let mnt = m.mountpoint();
+    let files = [
+        s.small_files[2].clone(),
+        s.hard_links[1].clone(),
+        s.deep_file.clone(),
+        s.wide_dir.join("entry-00099"),
+    ];
+    let deep_dir = s.deep_file.parent().unwrap().to_path_buf();
+    let mut handles: Vec<FileHandle> = files
+        .iter()
+        .map(|f| {
+            name_to_handle(&mnt.join(f)).unwrap_or_else(|e| panic!("name_to_handle_at {f:?}: {e}"))
+        })
+        .collect();
+    let mut dir_handle = name_to_handle(&mnt.join(&deep_dir))
+        .unwrap_or_else(|e| panic!("name_to_handle_at {deep_dir:?}: {e}"));
+    drop_caches();
+
+    let mount_fd = File::open(mnt).unwrap();
+    for (f, h) in files.iter().zip(&mut handles) {
+        let mut got = Vec::new();
+        open_by_handle(&mount_fd, h, libc::O_RDONLY)
+            .and_then(|mut fd| fd.read_to_end(&mut got))
+            .unwrap_or_else(|e| panic!("open_by_handle_at {f:?} after drop_caches: {e}"));
+        assert_eq!(got, fs::read(s.host(f)).unwrap(), "{f:?} via its handle");
+    }
+    // A directory handle must also lead back into the tree below it.
+    let dir = open_by_handle(
+        &mount_fd,
+        &mut dir_handle,
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    )
+    .unwrap_or_else(|e| panic!("open_by_handle_at {deep_dir:?}: {e}"));
+    let fd = rustix::fs::openat(&dir, "bottom.txt", OFlags::RDONLY, Mode::empty())
+        .expect("openat below a directory opened by handle");
+    let mut got = Vec::new();
+    File::from(fd).read_to_end(&mut got).unwrap();
+    assert_eq!(got, fs::read(s.host(&s.deep_file)).unwrap());
+    let mut got_write = open_by_handle(&mount_fd, &mut handles[0], libc::O_WRONLY);
+    if let Ok(f) = &mut got_write {
+        let _ = f.write_all(b"x");
+    }
+    assert_eq!(
+        errno(got_write),
+        Some(EROFS),
+        "open_by_handle_at for writing"
+    );
+}
