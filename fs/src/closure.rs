@@ -1080,9 +1080,8 @@ mod tests {
         );
     }
 
-    /// Run with `cargo test --release -p nixstorefs --lib -- --ignored million`.
+    /// A million lines, as a large closure list: all kept, in order, nothing lost.
     #[test]
-    #[ignore = "timing test, meaningful in release mode only"]
     fn million_lines() {
         let mut text = String::new();
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
@@ -1096,13 +1095,8 @@ mod tests {
             }
             let _ = writeln!(text, "-package-{i}-1.0");
         }
-        let start = std::time::Instant::now();
         let closure = parse(&text).unwrap();
-        let elapsed = start.elapsed();
         assert_eq!(closure.paths.len(), 1_000_000);
-        eprintln!("parsed a million lines in {elapsed:?}");
-        if !cfg!(debug_assertions) {
-            assert!(elapsed < std::time::Duration::from_secs(1), "{elapsed:?}");
-        }
+        assert!(closure.paths.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -5,7 +5,7 @@
 //! watchdog that tears the mount down if the test holding it outlives its deadline.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -315,7 +315,9 @@ impl Mountpoint {
             .tempdir()
             .expect("create a mountpoint directory");
         // Removed by hand: remove_dir_all on a live mount could walk into it.
-        let path = dir.keep();
+        let kept = dir.keep();
+        // mountinfo shows resolved paths; a symlinked TMPDIR must still compare equal.
+        let path = kept.canonicalize().unwrap_or(kept);
         Mountpoint { path }
     }
 
@@ -768,18 +770,4 @@ impl Drop for Mount {
             );
         }
     }
-}
-
-/// A bytes-to-bytes view of `path`'s raw name, for messages about odd names.
-pub fn show(path: &Path) -> String {
-    format!("{:?}", path.as_os_str())
-}
-
-/// Reads the whole file at `path` through `File`, with the error naming the path.
-pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut v))
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", show(path))))?;
-    Ok(v)
 }

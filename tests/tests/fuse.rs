@@ -1095,6 +1095,49 @@ fn host_swapping_a_directory_for_a_symlink_does_not_leak() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Errors above are fine, but only if the rest of the mount still works.
+    compare_content(&s.host(&s.small_files[2]), &mnt.join(&s.small_files[2])).unwrap();
+    assert_eq!(root_names(mnt), s.closure);
+}
+
+#[test]
+fn watchdog_tears_down_an_overdue_mount() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = Mount::builder(&s.store_dir, &s.closure_file)
+        .deadline(Duration::from_secs(2))
+        .start();
+    let pid = m.pid().unwrap();
+    assert!(m.is_mounted());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while m.is_mounted() || harness::process_alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watchdog did not unmount and kill the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn watchdog_rescues_a_request_stuck_on_a_stopped_daemon() {
+    let (_d, s) = sample(&SampleOptions::small());
+    let m = Mount::builder(&s.store_dir, &s.closure_file)
+        .deadline(Duration::from_secs(3))
+        .start();
+    let pid = rustix::process::Pid::from_raw(m.pid().unwrap()).unwrap();
+    rustix::process::kill_process(pid, Signal::STOP).unwrap();
+    // Nothing has looked this up yet, so it must reach the (stopped) daemon and block.
+    let r = fs::symlink_metadata(m.mountpoint().join(&s.deep_file));
+    assert!(r.is_err(), "a stopped daemon answered: {r:?}");
+    // The abort unblocks us before the watchdog has finished unmounting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while m.is_mounted() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watchdog left the mount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[repr(C)]
