@@ -30,7 +30,7 @@ grep " $mnt " /proc/self/mounts
 echo "== the view shows exactly the closure:"
 ls -la "$mnt"
 echo "== a program from the closure runs from the mount:"
-hello=$(ls -d "$mnt"/*-hello-*)
+hello=$(ls -d "$mnt"/*-hello-2.12)
 "$hello/bin/hello"
 echo "== host files outside the closure are not there:"
 for name in .links $(ls -A "$store" | grep -E '\.lock$' | head -2); do

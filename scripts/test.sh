@@ -6,11 +6,10 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
-# Mounts left by an earlier run that was killed: the tests mount below this directory.
-if [ -d /tmp/nixstorefs-tests ]; then
-  awk '$2 ~ "^/tmp/nixstorefs-tests/" {print $2}' /proc/self/mounts | sort -r |
-    while read -r m; do umount -l "$m" 2>/dev/null || true; done
-fi
+# Mounts left by an earlier run that was killed before its guards ran: the tests mount
+# on /tmp/nixstorefs-mnt.* only.
+awk '$2 ~ "^/tmp/nixstorefs-mnt\\." {print $2}' /proc/self/mounts | sort -r |
+  while read -r m; do umount -l "$m" 2>/dev/null || true; done
 
 cargo build --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then

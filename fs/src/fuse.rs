@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -19,7 +19,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::view::{self, Attr, DirEntry, Kind, View, ROOT_ID};
+use crate::view::{self, Attr, DirEntry, Kind, NodeId, View, ROOT_ID};
 
 /// How long the kernel may trust entries and attributes: the store is immutable, so as
 /// long as it likes. (The kernel clamps what it cannot represent.)
@@ -41,7 +41,7 @@ impl Default for FuseOptions {
 /// An open regular file.
 enum OpenFile {
     /// Reads go to the kernel's backing file; the id keeps it registered until release.
-    Passthrough(#[allow(dead_code)] BackingId),
+    Passthrough(#[allow(dead_code)] Arc<BackingId>),
     /// Reads come to the daemon and are served with `pread`.
     Daemon(OwnedFd),
 }
@@ -53,6 +53,10 @@ pub struct StoreFs {
     /// Set at INIT: whether the kernel accepted passthrough.
     passthrough: AtomicBool,
     files: DashMap<u64, OpenFile>,
+    /// The backing file registered for each node open in passthrough mode. The kernel
+    /// refuses a second, different backing file for an inode that is open (EIO), so
+    /// concurrent opens of one node share one.
+    backings: DashMap<NodeId, Weak<BackingId>>,
     /// Directory listings as they were at opendir, so offsets stay valid for the handle's
     /// whole life whatever other readers do.
     dirs: DashMap<u64, Arc<[DirEntry]>>,
@@ -67,6 +71,7 @@ impl StoreFs {
             options,
             passthrough: AtomicBool::new(false),
             files: DashMap::new(),
+            backings: DashMap::new(),
             dirs: DashMap::new(),
             next_handle: AtomicU64::new(1),
         }
@@ -76,15 +81,27 @@ impl StoreFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `fd` with the kernel for passthrough; on failure turns passthrough off for
-    /// good (the cause, such as missing CAP_SYS_ADMIN, will not go away) and says so once.
-    fn backing(&self, reply: &ReplyOpen, fd: &OwnedFd) -> Option<BackingId> {
+    /// The backing id for node `id`, shared with its other open handles or registered from
+    /// `fd`. On failure passthrough is turned off for good (the cause, such as missing
+    /// CAP_SYS_ADMIN, will not go away), said once.
+    fn backing(&self, reply: &ReplyOpen, id: NodeId, fd: &OwnedFd) -> Option<Arc<BackingId>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
+        // The entry stays locked while registering, so two opens cannot both register.
+        let mut slot = self.backings.entry(id).or_default();
+        if let Some(backing) = slot.upgrade() {
+            return Some(backing);
+        }
         match reply.open_backing(fd) {
-            Ok(id) => Some(id),
+            Ok(backing) => {
+                let backing = Arc::new(backing);
+                *slot = Arc::downgrade(&backing);
+                Some(backing)
+            }
             Err(e) => {
+                drop(slot);
+                self.backings.remove(&id);
                 if self.passthrough.swap(false, Ordering::Relaxed) {
                     tracing::warn!("FUSE passthrough unavailable, reading through the daemon: {e}");
                 }
@@ -176,7 +193,10 @@ impl Filesystem for StoreFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.view.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => {
+                tracing::debug!(parent = parent.0, ?name, "lookup: {e}");
+                reply.error(errno(e))
+            }
         }
     }
 
@@ -205,7 +225,7 @@ impl Filesystem for StoreFs {
             Err(e) => return reply.error(errno(e)),
         };
         let fh = self.handle();
-        match self.backing(&reply, &fd) {
+        match self.backing(&reply, ino.0, &fd) {
             Some(id) => {
                 // Registered before the reply: the RELEASE may come as soon as it is sent.
                 // The kernel holds the file through the backing id; our descriptor can go.
@@ -270,14 +290,19 @@ impl Filesystem for StoreFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.remove(&fh.0);
+        if let Some((_, OpenFile::Passthrough(backing))) = self.files.remove(&fh.0) {
+            drop(backing);
+            // The last handle of the node closes the backing id (on drop); forget the slot.
+            self.backings
+                .remove_if(&ino.0, |_, weak| weak.strong_count() == 0);
+        }
         reply.ok();
     }
 

@@ -26,8 +26,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -183,20 +182,28 @@ impl InodeMap {
     }
 }
 
-/// A node the kernel (or another client) holds a reference to.
+/// What the view remembers of every object it has handed out: enough to find it again from
+/// the store directory, and nothing that costs a descriptor.
+///
+/// This outlives FORGET on purpose. A re-exporting server (virtiofsd with file handles,
+/// NFS) may hand the kernel a node number long after the kernel forgot the node; the kernel
+/// then asks for `.` in that node, and the view must still know where it is. The cost is a
+/// few dozen bytes per object ever looked up.
 #[derive(Debug)]
-struct Node {
-    id: NodeId,
-    /// `None` for a store path: its parent is the store directory itself.
-    parent: Option<Arc<Node>>,
+struct Known {
+    /// [`ROOT_ID`] for a store path: its host parent is the store directory.
+    parent: NodeId,
     name: OsString,
     kind: Kind,
-    dev: u64,
-    ino: u64,
-    /// How many times this node was handed out and not yet forgotten.
-    lookups: AtomicU64,
+}
+
+/// State that lives only while clients hold references to a node.
+#[derive(Debug, Default)]
+struct Live {
+    /// How many times the node was handed out and not yet forgotten.
+    lookups: u64,
     /// The directory listing, read once: the store is immutable.
-    listing: OnceLock<Arc<[DirEntry]>>,
+    listing: Option<Arc<[DirEntry]>>,
 }
 
 /// Tuning for a [`View`].
@@ -290,7 +297,8 @@ pub struct View {
     /// The root listing, in the closure's (sorted) order.
     root_listing: Arc<[DirEntry]>,
     root_attr: Attr,
-    nodes: DashMap<NodeId, Arc<Node>>,
+    known: DashMap<NodeId, Arc<Known>>,
+    live: DashMap<NodeId, Live>,
     dirs: FdCache,
 }
 
@@ -299,7 +307,7 @@ impl std::fmt::Debug for View {
         f.debug_struct("View")
             .field("store_dir", &self.store_dir)
             .field("paths", &self.top.len())
-            .field("nodes", &self.nodes.len())
+            .field("live", &self.live.len())
             .finish()
     }
 }
@@ -405,7 +413,8 @@ impl View {
             top,
             root_listing: root_listing.into(),
             root_attr,
-            nodes: DashMap::new(),
+            known: DashMap::new(),
+            live: DashMap::new(),
             dirs: FdCache::new(options.max_cached_dirs),
         };
         Ok((view, setup))
@@ -423,7 +432,7 @@ impl View {
 
     /// How many nodes are currently referenced by clients.
     pub fn node_count(&self) -> usize {
-        self.nodes.len()
+        self.live.len()
     }
 
     /// How many directory descriptors are cached.
@@ -431,8 +440,8 @@ impl View {
         self.dirs.len()
     }
 
-    fn node(&self, id: NodeId) -> Result<Arc<Node>> {
-        self.nodes.get(&id).map(|n| n.clone()).ok_or(Errno::STALE)
+    fn known(&self, id: NodeId) -> Result<Arc<Known>> {
+        self.known.get(&id).map(|k| k.clone()).ok_or(Errno::STALE)
     }
 
     fn attr_from_stat(&self, st: &Stat) -> Attr {
@@ -460,74 +469,80 @@ impl View {
     /// Runs `f` with the directory that holds `node` on the host.
     fn with_parent_fd<T>(
         &self,
-        node: &Node,
+        node: &Known,
         f: impl FnOnce(BorrowedFd<'_>) -> Result<T>,
     ) -> Result<T> {
-        match &node.parent {
-            None => f(self.store.as_fd()),
-            Some(parent) => {
-                let fd = self.dir_fd(parent)?;
-                f(fd.as_fd())
-            }
+        if node.parent == ROOT_ID {
+            f(self.store.as_fd())
+        } else {
+            let fd = self.dir_fd(node.parent)?;
+            f(fd.as_fd())
         }
     }
 
-    /// A verified `O_PATH` descriptor of directory `node`, from the cache or opened one
+    /// A verified `O_PATH` descriptor of directory `id`, from the cache or opened one
     /// component at a time from the nearest cached ancestor.
-    fn dir_fd(&self, node: &Arc<Node>) -> Result<Arc<OwnedFd>> {
-        if let Some(fd) = self.dirs.get(node.id) {
+    fn dir_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.dirs.get(id) {
             return Ok(fd);
         }
         // Collect the uncached chain up to the store directory or a cached ancestor; deep
         // trees are walked iteratively so no request recurses on the host's depth.
-        let mut chain = vec![node.clone()];
+        let mut chain = vec![(id, self.known(id)?)];
         let mut base = self.store.clone();
-        while let Some(parent) = chain.last().and_then(|n| n.parent.clone()) {
-            if let Some(fd) = self.dirs.get(parent.id) {
+        loop {
+            let parent = chain.last().map_or(ROOT_ID, |(_, k)| k.parent);
+            if parent == ROOT_ID {
+                break;
+            }
+            if let Some(fd) = self.dirs.get(parent) {
                 base = fd;
                 break;
             }
-            chain.push(parent);
+            chain.push((parent, self.known(parent)?));
         }
-        for n in chain.iter().rev() {
-            if n.kind != Kind::Directory {
+        for (id, node) in chain.iter().rev() {
+            if node.kind != Kind::Directory {
                 return Err(Errno::NOTDIR);
             }
             let fd = rustix::fs::openat(
                 base.as_fd(),
-                n.name.as_os_str(),
+                node.name.as_os_str(),
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(|e| gone(e, n, &self.store_dir))?;
-            check_identity(&fd, n, &self.store_dir)?;
+            .map_err(|e| gone(e, node, &self.store_dir))?;
+            self.check_identity(&fd, *id, node)?;
             let fd = Arc::new(fd);
-            self.dirs.insert(n.id, fd.clone());
+            self.dirs.insert(*id, fd.clone());
             base = fd;
         }
         Ok(base)
     }
 
+    /// Checks that `fd` is the host object recorded as node `id`.
+    fn check_identity(&self, fd: &OwnedFd, id: NodeId, node: &Known) -> Result<()> {
+        let st = rustix::fs::fstat(fd)?;
+        if self.inodes.node_id(st.st_dev, st.st_ino) != id || kind_of(&st) != node.kind {
+            return Err(replaced(node, &self.store_dir));
+        }
+        Ok(())
+    }
+
     /// Registers one more reference to the host object `st`, found as `name` in `parent`.
-    fn hand_out(&self, parent: Option<&Arc<Node>>, name: &OsStr, st: &Stat) -> Attr {
+    fn hand_out(&self, parent: NodeId, name: &OsStr, st: &Stat) -> Attr {
         let attr = self.attr_from_stat(st);
-        match self.nodes.entry(attr.ino) {
-            Entry::Occupied(e) => {
-                e.get().lookups.fetch_add(1, Ordering::Relaxed);
-            }
-            Entry::Vacant(e) => {
-                e.insert(Arc::new(Node {
-                    id: attr.ino,
-                    parent: parent.cloned(),
+        if !self.known.contains_key(&attr.ino) {
+            // A hard link keeps the first name it was found under: any will do.
+            self.known.entry(attr.ino).or_insert_with(|| {
+                Arc::new(Known {
+                    parent,
                     name: name.to_owned(),
                     kind: attr.kind,
-                    dev: st.st_dev,
-                    ino: st.st_ino,
-                    lookups: AtomicU64::new(1),
-                    listing: OnceLock::new(),
-                }));
-            }
+                })
+            });
         }
+        self.live.entry(attr.ino).or_default().lookups += 1;
         attr
     }
 
@@ -546,33 +561,34 @@ impl View {
                     tracing::warn!(path = %self.store_dir.join(name).display(), "store path vanished: {e}");
                     Errno::NOENT
                 })?;
-            return Ok(self.hand_out(None, name, &st));
+            return Ok(self.hand_out(ROOT_ID, name, &st));
         }
-        let dir = self.node(parent)?;
+        let dir = self.known(parent)?;
+        if name == "." {
+            // How the kernel finds a node it has forgotten, from a file handle: `parent` is
+            // then the node itself, of any kind.
+            let st = self.stat_node(parent, &dir)?;
+            return Ok(self.hand_out(dir.parent, &dir.name, &st));
+        }
         if dir.kind != Kind::Directory {
             return Err(Errno::NOTDIR);
-        }
-        if name == "." {
-            let st = self.stat_node(&dir)?;
-            return Ok(self.hand_out(dir.parent.as_ref(), &dir.name, &st));
         }
         if name == ".." {
             // Needed for re-export (FUSE_EXPORT_SUPPORT): the kernel asks for a
             // directory's parent when it reconnects a file handle.
-            return match &dir.parent {
-                None => Ok(self.root_attr),
-                Some(p) => {
-                    let st = self.stat_node(p)?;
-                    Ok(self.hand_out(p.parent.as_ref(), &p.name, &st))
-                }
-            };
+            if dir.parent == ROOT_ID {
+                return Ok(self.root_attr);
+            }
+            let grandparent = self.known(dir.parent)?;
+            let st = self.stat_node(dir.parent, &grandparent)?;
+            return Ok(self.hand_out(grandparent.parent, &grandparent.name, &st));
         }
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
         }
-        let fd = self.dir_fd(&dir)?;
+        let fd = self.dir_fd(parent)?;
         let st = rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)?;
-        Ok(self.hand_out(Some(&dir), name, &st))
+        Ok(self.hand_out(parent, name, &st))
     }
 
     /// Releases `count` references to node `id`; the node's state goes once none are left.
@@ -581,14 +597,13 @@ impl View {
             return;
         }
         // Increments happen under the same shard lock (in `hand_out`), so the count read
-        // here cannot change before the node is removed.
-        if let Entry::Occupied(e) = self.nodes.entry(id) {
-            let left = e.get().lookups.load(Ordering::Relaxed);
-            if left <= count {
+        // here cannot change before the entry is removed.
+        if let Entry::Occupied(mut e) = self.live.entry(id) {
+            if e.get().lookups <= count {
                 e.remove();
                 self.dirs.remove(id);
             } else {
-                e.get().lookups.store(left - count, Ordering::Relaxed);
+                e.get_mut().lookups -= count;
             }
         }
     }
@@ -598,16 +613,16 @@ impl View {
         if id == ROOT_ID {
             return Ok(ROOT_ID);
         }
-        Ok(self.node(id)?.parent.as_ref().map_or(ROOT_ID, |p| p.id))
+        Ok(self.known(id)?.parent)
     }
 
-    /// The host's current `stat` of `node`, checked to still be the same object.
-    fn stat_node(&self, node: &Node) -> Result<Stat> {
+    /// The host's current `stat` of node `id`, checked to still be the same object.
+    fn stat_node(&self, id: NodeId, node: &Known) -> Result<Stat> {
         let st = self.with_parent_fd(node, |dir| {
             rustix::fs::statat(dir, node.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| gone(e, node, &self.store_dir))
         })?;
-        if st.st_dev != node.dev || st.st_ino != node.ino {
+        if self.inodes.node_id(st.st_dev, st.st_ino) != id || kind_of(&st) != node.kind {
             return Err(replaced(node, &self.store_dir));
         }
         Ok(st)
@@ -618,13 +633,13 @@ impl View {
         if id == ROOT_ID {
             return Ok(self.root_attr);
         }
-        let node = self.node(id)?;
-        Ok(self.attr_from_stat(&self.stat_node(&node)?))
+        let node = self.known(id)?;
+        Ok(self.attr_from_stat(&self.stat_node(id, &node)?))
     }
 
     /// The target of symlink `id`, verbatim.
     pub fn readlink(&self, id: NodeId) -> Result<Vec<u8>> {
-        let node = self.node(id)?;
+        let node = self.known(id)?;
         if node.kind != Kind::Symlink {
             return Err(Errno::INVAL);
         }
@@ -639,7 +654,7 @@ impl View {
             )
             .map_err(|e| gone(e, &node, &self.store_dir))
         })?;
-        check_identity(&fd, &node, &self.store_dir)?;
+        self.check_identity(&fd, id, &node)?;
         let target = rustix::fs::readlinkat(&fd, "", Vec::new())?;
         Ok(target.into_bytes())
     }
@@ -652,7 +667,7 @@ impl View {
         if write {
             return Err(Errno::ROFS);
         }
-        let node = self.node(id)?;
+        let node = self.known(id)?;
         match node.kind {
             Kind::RegularFile => {}
             Kind::Directory => return Err(Errno::ISDIR),
@@ -674,7 +689,7 @@ impl View {
             )
             .map_err(|e| gone(e, &node, &self.store_dir))
         })?;
-        check_identity(&fd, &node, &self.store_dir)?;
+        self.check_identity(&fd, id, &node)?;
         Ok(fd)
     }
 
@@ -683,19 +698,24 @@ impl View {
         if id == ROOT_ID {
             return Ok(self.root_listing.clone());
         }
-        let node = self.node(id)?;
+        let node = self.known(id)?;
         if node.kind != Kind::Directory {
             return Err(Errno::NOTDIR);
         }
-        if let Some(listing) = node.listing.get() {
-            return Ok(listing.clone());
+        if let Some(listing) = self.live.get(&id).and_then(|l| l.listing.clone()) {
+            return Ok(listing);
         }
-        let listing = self.read_listing(&node)?;
-        Ok(node.listing.get_or_init(|| listing).clone())
+        let listing = self.read_listing(id)?;
+        // Kept while the node is live; a node nobody holds is not worth the memory.
+        if let Some(mut live) = self.live.get_mut(&id) {
+            live.listing.get_or_insert_with(|| listing.clone());
+        }
+        Ok(listing)
     }
 
-    fn read_listing(&self, node: &Arc<Node>) -> Result<Arc<[DirEntry]>> {
-        let dir = self.dir_fd(node)?;
+    fn read_listing(&self, id: NodeId) -> Result<Arc<[DirEntry]>> {
+        let dir = self.dir_fd(id)?;
+        let dev = rustix::fs::fstat(&dir)?.st_dev;
         // The cached descriptor is O_PATH; reading entries needs a real open of the same
         // directory, reached through it so that it is the verified one.
         let fd = rustix::fs::openat(
@@ -723,7 +743,7 @@ impl View {
             };
             entries.push(DirEntry {
                 name: name.to_owned(),
-                ino: self.inodes.node_id(node.dev, entry.ino()),
+                ino: self.inodes.node_id(dev, entry.ino()),
                 kind,
             });
         }
@@ -737,7 +757,7 @@ impl View {
 }
 
 /// Maps a failure to reach `node` on the host to what the client sees: the object is gone.
-fn gone(e: Errno, node: &Node, store_dir: &Path) -> Errno {
+fn gone(e: Errno, node: &Known, store_dir: &Path) -> Errno {
     match e {
         Errno::NOENT | Errno::NOTDIR | Errno::LOOP => {
             tracing::debug!(name = ?node.name, store = %store_dir.display(), "host object gone or replaced: {e}");
@@ -747,15 +767,7 @@ fn gone(e: Errno, node: &Node, store_dir: &Path) -> Errno {
     }
 }
 
-fn replaced(node: &Node, store_dir: &Path) -> Errno {
+fn replaced(node: &Known, store_dir: &Path) -> Errno {
     tracing::warn!(name = ?node.name, store = %store_dir.display(), "host object replaced while mounted; refusing it");
     Errno::NOENT
-}
-
-fn check_identity(fd: &OwnedFd, node: &Node, store_dir: &Path) -> Result<()> {
-    let st = rustix::fs::fstat(fd)?;
-    if st.st_dev != node.dev || st.st_ino != node.ino || kind_of(&st) != node.kind {
-        return Err(replaced(node, store_dir));
-    }
-    Ok(())
 }

@@ -528,9 +528,10 @@ pub fn build(dir: &Path, opts: &SampleOptions) -> io::Result<SampleStore> {
     fs::hard_link(w.path(&hard_a), w.path(&links_entry))?;
 
     // hello: the usual layout, symlinks of every kind, and the wide directory.
+    // A real program (a script for the host's /bin/sh), so the demo can run it from the mount.
     w.file(
         format!("{hello}/bin/hello"),
-        &PseudoRandom::bytes("hello", 37_777),
+        b"#!/bin/sh\necho 'Hello, world!'\n",
         true,
     )?;
     w.link("hello", format!("{hello}/bin/greet"))?;

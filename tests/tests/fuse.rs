@@ -1199,7 +1199,8 @@ fn file_handles_survive_dropped_caches() {
         s.small_files[2].clone(),
         s.hard_links[1].clone(),
         s.deep_file.clone(),
-        s.wide_dir.join("entry-00099"),
+        // 100 % 97 == 3: a regular file with content (see the sample generator).
+        s.wide_dir.join("entry-00100"),
     ];
     let deep_dir = s.deep_file.parent().unwrap().to_path_buf();
     let mut handles: Vec<FileHandle> = files
