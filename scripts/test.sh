@@ -14,8 +14,6 @@ awk '$2 ~ "^/tmp/nixstorefs-mnt\\." {print $2}' /proc/self/mounts | sort -r |
 cargo build --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --profile ci
-  # nextest does not run doc tests.
-  cargo test --workspace --doc
 else
   cargo test --workspace
 fi

@@ -252,11 +252,7 @@ impl std::fmt::Display for ViewError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ViewError::StoreDir { path, source } => {
-                write!(
-                    f,
-                    "cannot open store directory {}: {source}",
-                    path.display()
-                )
+                write!(f, "cannot open directory {}: {source}", path.display())
             }
             ViewError::Missing { store_dir, paths } => {
                 const SHOWN: usize = 5;
@@ -339,37 +335,18 @@ impl View {
         options: ViewOptions,
     ) -> std::result::Result<(View, Setup), ViewError> {
         let store_dir = closure.store_dir.clone();
-        let store = rustix::fs::open(
-            &store_dir,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ViewError::StoreDir {
-            path: store_dir.clone(),
-            source: io_err(e),
-        })?;
-        let store_stat = rustix::fs::fstat(&store).map_err(|e| ViewError::StoreDir {
-            path: store_dir.clone(),
-            source: io_err(e),
-        })?;
+        let (store, store_stat) = open_dir(&store_dir)?;
         let inodes = InodeMap::new(store_stat.st_dev);
-
-        let mut top = HashSet::with_capacity(closure.paths.len());
         let mut root_listing = Vec::with_capacity(closure.paths.len());
         let mut setup = Setup::default();
         for path in &closure.paths {
             let name = OsStr::new(path.base_name());
             match rustix::fs::statat(&store, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => {
-                    let kind = kind_of(&st);
-                    let ino = inodes.node_id(st.st_dev, st.st_ino);
-                    top.insert(name.to_owned());
-                    root_listing.push(DirEntry {
-                        name: name.to_owned(),
-                        ino,
-                        kind,
-                    });
-                }
+                Ok(st) => root_listing.push(DirEntry {
+                    name: name.to_owned(),
+                    ino: inodes.node_id(st.st_dev, st.st_ino),
+                    kind: kind_of(&st),
+                }),
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => setup.missing.push(path.clone()),
                 Err(e) => {
                     return Err(ViewError::Stat {
@@ -385,7 +362,42 @@ impl View {
                 paths: setup.missing,
             });
         }
+        let view = View::assemble(store_dir, store, &store_stat, inodes, root_listing, options);
+        Ok((view, setup))
+    }
 
+    /// A view of everything in directory `dir`: its root lists all of `dir`'s entries. For
+    /// trees that are already what should be served, such as a mounted view.
+    pub fn whole_directory(
+        dir: &Path,
+        options: ViewOptions,
+    ) -> std::result::Result<View, ViewError> {
+        let (fd, st) = open_dir(dir)?;
+        let inodes = InodeMap::new(st.st_dev);
+        let mut root_listing =
+            read_entries(fd.as_fd(), &inodes).map_err(|e| ViewError::StoreDir {
+                path: dir.to_owned(),
+                source: io_err(e),
+            })?;
+        root_listing.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(View::assemble(
+            dir.to_owned(),
+            fd,
+            &st,
+            inodes,
+            root_listing,
+            options,
+        ))
+    }
+
+    fn assemble(
+        store_dir: PathBuf,
+        store: OwnedFd,
+        store_stat: &Stat,
+        inodes: InodeMap,
+        root_listing: Vec<DirEntry>,
+        options: ViewOptions,
+    ) -> View {
         let root_attr = Attr {
             ino: ROOT_ID,
             kind: Kind::Directory,
@@ -405,19 +417,17 @@ impl View {
             mtime: Time { secs: 1, nsecs: 0 },
             ctime: Time { secs: 1, nsecs: 0 },
         };
-
-        let view = View {
+        View {
             store_dir,
             store: Arc::new(store),
             inodes,
-            top,
+            top: root_listing.iter().map(|e| e.name.clone()).collect(),
             root_listing: root_listing.into(),
             root_attr,
             known: DashMap::new(),
             live: DashMap::new(),
             dirs: FdCache::new(options.max_cached_dirs),
-        };
-        Ok((view, setup))
+        }
     }
 
     /// The host directory the view serves from.
@@ -714,46 +724,62 @@ impl View {
     }
 
     fn read_listing(&self, id: NodeId) -> Result<Arc<[DirEntry]>> {
-        let dir = self.dir_fd(id)?;
-        let dev = rustix::fs::fstat(&dir)?.st_dev;
-        // The cached descriptor is O_PATH; reading entries needs a real open of the same
-        // directory, reached through it so that it is the verified one.
-        let fd = rustix::fs::openat(
-            dir.as_fd(),
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut entries = Vec::new();
-        let mut reader = rustix::fs::Dir::new(fd)?;
-        while let Some(entry) = reader.read() {
-            let entry = entry?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let name = OsStr::from_bytes(name);
-            let kind = match Kind::from_file_type(entry.file_type()) {
-                Some(kind) => kind,
-                None => kind_of(&rustix::fs::statat(
-                    dir.as_fd(),
-                    name,
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?),
-            };
-            entries.push(DirEntry {
-                name: name.to_owned(),
-                ino: self.inodes.node_id(dev, entry.ino()),
-                kind,
-            });
-        }
-        Ok(entries.into())
+        Ok(read_entries(self.dir_fd(id)?.as_fd(), &self.inodes)?.into())
     }
 
     /// Statistics of the host filesystem holding the store.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(self.store.as_fd())
     }
+}
+
+/// Opens directory `path` (`O_PATH`) as the base every resolution starts from.
+fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Stat), ViewError> {
+    let err = |e: Errno| ViewError::StoreDir {
+        path: path.to_owned(),
+        source: io_err(e),
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(err)?;
+    let st = rustix::fs::fstat(&fd).map_err(err)?;
+    Ok((fd, st))
+}
+
+/// The entries of the directory `dir` (an `O_PATH` descriptor), without `.` and `..`.
+fn read_entries(dir: BorrowedFd<'_>, inodes: &InodeMap) -> Result<Vec<DirEntry>> {
+    let dev = rustix::fs::fstat(dir)?.st_dev;
+    // Reading entries needs a real open of the directory, reached through the verified
+    // descriptor so that it is the same one.
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut entries = Vec::new();
+    let mut reader = rustix::fs::Dir::new(fd)?;
+    while let Some(entry) = reader.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let name = OsStr::from_bytes(name);
+        let kind = match Kind::from_file_type(entry.file_type()) {
+            Some(kind) => kind,
+            None => kind_of(&rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?),
+        };
+        entries.push(DirEntry {
+            name: name.to_owned(),
+            ino: inodes.node_id(dev, entry.ino()),
+            kind,
+        });
+    }
+    Ok(entries)
 }
 
 /// Maps a failure to reach `node` on the host to what the client sees: the object is gone.
