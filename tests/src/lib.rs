@@ -1,5 +1,7 @@
 //! Test support for nixstorefs: a generator of sample Nix stores ([`sample`]) and helpers
-//! for end-to-end tests that mount the real binary ([`harness`]).
+//! for end-to-end tests that mount the real binary ([`harness`]), and tree comparison
+//! ([`compare`]).
 
+pub mod compare;
 pub mod harness;
 pub mod sample;
