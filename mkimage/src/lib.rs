@@ -1,1 +1,11 @@
-//! Reproducible erofs images of a Nix closure (work in progress: see the issue tracker).
+//! Reproducible erofs images of a Nix closure, written natively.
+//!
+//! * [`snapshot`] walks a [`nixstorefs::view::View`] (a closure, or a whole directory) into
+//!   a tree of inodes, with the same safe traversal the FUSE daemon uses.
+//! * [`erofs`] lays that tree out as an uncompressed erofs image.
+//! * [`output`] makes OUTPUT appear only when the image is complete.
+
+pub mod erofs;
+pub mod output;
+pub mod snapshot;
+pub mod uuid;

@@ -771,3 +771,54 @@ impl Drop for Mount {
         }
     }
 }
+
+/// An erofs image mounted read-only by the kernel, unmounted (lazily, if need be) on drop.
+#[derive(Debug)]
+pub struct ImageMount {
+    mountpoint: Mountpoint,
+}
+
+impl ImageMount {
+    /// Mounts `image`: file-backed where the kernel can (6.12 and later), else through a
+    /// loop device. Panics with mount's message when neither works.
+    pub fn new(image: &Path) -> ImageMount {
+        let mountpoint = Mountpoint::new();
+        let mut errors = Vec::new();
+        for options in ["ro", "ro,loop"] {
+            let out = run(
+                Command::new("mount")
+                    .args(["-t", "erofs", "-o", options])
+                    .arg(image)
+                    .arg(mountpoint.path()),
+                Duration::from_secs(30),
+            );
+            if out.status.success() {
+                return ImageMount { mountpoint };
+            }
+            errors.push(format!(
+                "-o {options}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        panic!(
+            "the kernel does not mount {} as erofs: {}",
+            image.display(),
+            errors.join("; ")
+        );
+    }
+
+    /// Where the image is mounted.
+    pub fn path(&self) -> &Path {
+        self.mountpoint.path()
+    }
+}
+
+impl Drop for ImageMount {
+    fn drop(&mut self) {
+        let _ = run_bounded(
+            Command::new("umount").arg(self.mountpoint.path()),
+            Duration::from_secs(30),
+        );
+        // Mountpoint's own drop detaches whatever is still there.
+    }
+}

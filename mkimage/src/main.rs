@@ -1,0 +1,267 @@
+//! `mkimage`: writes a reproducible erofs image of a Nix closure, or of any directory tree.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use mkimage::erofs::{self, ImageOptions};
+use mkimage::output::AtomicOutput;
+use mkimage::snapshot::{self, SnapshotOptions};
+use mkimage::uuid::parse_uuid;
+use nixstorefs::closure::Closure;
+use nixstorefs::view::{View, ViewOptions};
+
+/// The UUID images get unless told otherwise: fixed, so that images are reproducible.
+const DEFAULT_UUID: &str = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
+
+const EXAMPLES: &str = "\
+Examples:
+  # The closure of a system, for a VM that boots from a block device:
+  nix-store -qR $(readlink -f ./result) > closure.txt
+  mkimage closure.txt store.img
+
+  # A closureInfo output: its registration goes into the image as nix-path-registration:
+  mkimage /nix/store/...-closure-info store.img
+
+  # Snapshot a directory tree, for instance a mounted nixstorefs view:
+  mkimage --dir /mnt/store store.img
+
+  # In the guest:
+  mount -t erofs -o ro /dev/vdb /nix/.ro-store
+
+Exit status: 0 when the image is written; 2 for bad input (a malformed closure, closure
+paths missing from the store, bad options); 1 when writing fails. OUTPUT is replaced only
+by a complete image; on failure nothing is left behind.";
+
+/// Writes a reproducible erofs image of a Nix closure (or of a directory with --dir).
+#[derive(Parser, Debug)]
+#[command(version, after_help = EXAMPLES)]
+struct Args {
+    /// CLOSURE OUTPUT, or just OUTPUT with --dir. CLOSURE is a store-paths list, a
+    /// closureInfo directory, a registration, or `-` for standard input.
+    #[arg(value_name = "CLOSURE|OUTPUT", num_args = 1..=2, required = true)]
+    paths: Vec<PathBuf>,
+
+    /// Snapshot this directory tree instead of a closure.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+
+    /// The host store directory; the closure's paths must be directly below it.
+    #[arg(
+        long,
+        env = "NIX_STORE_DIR",
+        default_value = "/nix/store",
+        value_name = "DIR"
+    )]
+    store_dir: PathBuf,
+
+    /// Leave out closure paths missing from the store, with a warning.
+    #[arg(long)]
+    allow_missing: bool,
+
+    /// Owner of every file in the image.
+    #[arg(long, default_value_t = 0, value_name = "UID")]
+    force_uid: u32,
+
+    /// Group of every file in the image.
+    #[arg(long, default_value_t = 0, value_name = "GID")]
+    force_gid: u32,
+
+    /// Timestamp of the image and of every file in it (seconds since the epoch).
+    #[arg(short = 'T', default_value_t = 0, value_name = "SECONDS")]
+    timestamp: u64,
+
+    /// Keep the host's modification times instead of -T.
+    #[arg(long)]
+    preserve_mtime: bool,
+
+    /// Volume label (at most 15 bytes), for mounting by LABEL=.
+    #[arg(short = 'L', default_value = "nix-store", value_name = "LABEL")]
+    label: String,
+
+    /// Volume UUID.
+    #[arg(short = 'U', default_value = DEFAULT_UUID, value_name = "UUID")]
+    uuid: String,
+
+    /// Keep hard links as one inode (by default they are separate files, so optimised and
+    /// unoptimised stores give the same image).
+    #[arg(long)]
+    preserve_hardlinks: bool,
+
+    /// Write this registration (nix-store --dump-db format) at the image root as
+    /// nix-path-registration. A closureInfo or registration input provides its own.
+    #[arg(long, value_name = "FILE")]
+    registration: Option<PathBuf>,
+
+    /// Do not write nix-path-registration, even when the input provides one.
+    #[arg(long, conflicts_with = "registration")]
+    no_registration: bool,
+
+    /// Drop the ~nix~case~hack~N suffixes of names from macOS stores.
+    #[arg(long)]
+    strip_case_hack: bool,
+
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// A failure and the exit status it maps to.
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+fn input(message: impl Into<String>) -> Failure {
+    Failure {
+        status: 2,
+        message: message.into(),
+    }
+}
+
+fn runtime(message: impl Into<String>) -> Failure {
+    Failure {
+        status: 1,
+        message: message.into(),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The view to snapshot, and the registration that comes with the input, if any.
+fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8>>), Failure> {
+    let options = ViewOptions::default();
+    if let Some(dir) = &args.dir {
+        let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
+        return Ok((view, None));
+    }
+    let closure_path = closure.expect("checked by the caller");
+    let store_dir = std::path::absolute(&args.store_dir)
+        .map_err(|e| input(format!("store directory {}: {e}", args.store_dir.display())))?;
+    let closure = Closure::load(closure_path, &store_dir).map_err(|e| input(e.to_string()))?;
+    let (view, setup) =
+        View::new(&closure, args.allow_missing, options).map_err(|e| input(e.to_string()))?;
+    if !setup.missing.is_empty() {
+        tracing::warn!(
+            "leaving out {} closure path(s) missing from {}",
+            setup.missing.len(),
+            store_dir.display()
+        );
+    }
+    Ok((view, closure.registration))
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let started = Instant::now();
+    let (closure, output) = match (&args.dir, args.paths.as_slice()) {
+        (Some(_), [output]) => (None, output),
+        (None, [closure, output]) => (Some(closure.as_path()), output),
+        (Some(_), _) => return Err(input("with --dir, give only OUTPUT")),
+        (None, _) => return Err(input("give CLOSURE and OUTPUT (or --dir DIR OUTPUT)")),
+    };
+    let uuid = parse_uuid(&args.uuid).map_err(|e| input(format!("-U {}: {e}", args.uuid)))?;
+    if args.label.len() > 15 {
+        return Err(input(format!(
+            "-L {:?}: a label has at most 15 bytes, this one has {}",
+            args.label,
+            args.label.len()
+        )));
+    }
+    let registration = match &args.registration {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| input(format!("registration {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+
+    let (view, own_registration) = open_view(args, closure)?;
+    let registration = if args.no_registration {
+        None
+    } else {
+        registration.or(own_registration)
+    };
+    let view = Arc::new(view);
+    let snapshot_options = SnapshotOptions {
+        uid: args.force_uid,
+        gid: args.force_gid,
+        mtime: (!args.preserve_mtime).then_some(args.timestamp as i64),
+        preserve_hardlinks: args.preserve_hardlinks,
+        strip_case_hack: args.strip_case_hack,
+        extra_root_files: registration
+            .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
+            .unwrap_or_default(),
+    };
+    let snap = snapshot::snapshot(&view, &snapshot_options)
+        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
+
+    let out = AtomicOutput::create(output).map_err(|e| {
+        runtime(format!(
+            "cannot create a file beside {}: {e}",
+            output.display()
+        ))
+    })?;
+    let image_options = ImageOptions {
+        uuid,
+        label: args.label.clone(),
+        build_time: args.timestamp,
+        block_size_bits: 12,
+    };
+    let stats =
+        erofs::write_image(&snap.inodes, &image_options, out.file()).map_err(|e| {
+            match e.inode.and_then(|i| snap.paths.get(i)) {
+                Some(path) => runtime(format!(
+                    "writing {} failed at {}: {}",
+                    output.display(),
+                    view.store_dir().join(path).display(),
+                    e.cause
+                )),
+                None => runtime(format!("writing {} failed: {e}", output.display())),
+            }
+        })?;
+    out.commit()
+        .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    if !args.quiet {
+        eprintln!(
+            "mkimage: wrote {}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
+            output.display(),
+            stats.files,
+            stats.directories,
+            stats.symlinks,
+            stats.data_bytes,
+            stats.image_bytes,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("mkimage: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}

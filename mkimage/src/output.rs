@@ -1,0 +1,110 @@
+//! Writing OUTPUT so that it is either the complete image or untouched.
+//!
+//! The image is written to a temporary file beside OUTPUT and renamed over it only once it
+//! is complete and on disk. Any failure drops the temporary file; SIGINT and SIGTERM remove
+//! it before the process exits, since a signal would otherwise skip every destructor.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use tempfile::NamedTempFile;
+
+/// The temporary file to remove if a signal ends the process.
+static PENDING: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// A temporary file that becomes OUTPUT on [`AtomicOutput::commit`].
+pub struct AtomicOutput {
+    temp: NamedTempFile,
+    target: PathBuf,
+    _watched: Watched,
+}
+
+/// Registers a temporary file for removal on a signal while it exists.
+struct Watched(PathBuf);
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // The NamedTempFile removes itself (unless persisted); stop watching its name.
+        let mut pending = PENDING.lock();
+        if pending.as_deref() == Some(self.0.as_path()) {
+            *pending = None;
+        }
+    }
+}
+
+impl AtomicOutput {
+    /// Creates the temporary file beside `target` (same filesystem, so the final rename is
+    /// atomic) and arranges for signals to remove it.
+    pub fn create(target: &Path) -> io::Result<Self> {
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".");
+        let temp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        watch_signals();
+        *PENDING.lock() = Some(temp.path().to_owned());
+        Ok(AtomicOutput {
+            _watched: Watched(temp.path().to_owned()),
+            temp,
+            target: target.to_owned(),
+        })
+    }
+
+    /// The file to write the image into.
+    pub fn file(&self) -> &File {
+        self.temp.as_file()
+    }
+
+    /// Flushes the image to disk and renames it to OUTPUT.
+    pub fn commit(self) -> io::Result<()> {
+        let file = self.temp.as_file();
+        // Readable like any other output of a tool run with the usual umask.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        file.sync_all()?;
+        // Still watched during the rename: a signal before it removes the temporary file, a
+        // signal after it finds that name gone.
+        let AtomicOutput {
+            temp,
+            target,
+            _watched,
+        } = self;
+        temp.persist(&target).map(drop).map_err(|e| e.error)
+    }
+}
+
+/// Starts, once, a thread that takes SIGINT and SIGTERM: it removes the pending temporary
+/// file and exits with the conventional status (128 + signal).
+fn watch_signals() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let signals = nixstorefs::daemon::block_signals();
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = signals.wait();
+                if let Some(path) = PENDING.lock().take() {
+                    let _ = std::fs::remove_file(&path);
+                    eprintln!(
+                        "mkimage: interrupted; removed the partial image {}",
+                        path.display()
+                    );
+                }
+                std::process::exit(128 + sig);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot watch for signals: {e}");
+        }
+    });
+}

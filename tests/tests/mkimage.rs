@@ -1,0 +1,329 @@
+//! End-to-end tests of `mkimage`: images of the sample store, checked by `fsck.erofs` and
+//! mounted by the kernel, compared byte for byte with the host tree.
+//!
+//! Needs root (the kernel mounts the images), erofs-utils, and the built binaries
+//! (`cargo build --workspace`).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nixstorefs_tests::compare::{root_names, Expect, Links, TreeCheck};
+use nixstorefs_tests::harness::{self, ImageMount, Mount, Mountpoint};
+use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn sample(opts: &SampleOptions) -> (TempDir, SampleStore) {
+    let dir = tempfile::Builder::new()
+        .prefix("nixstorefs-sample.")
+        .tempdir_in("/tmp")
+        .expect("create a sample directory");
+    let s = sample::build(dir.path(), opts).expect("build the sample store");
+    (dir, s)
+}
+
+/// Runs mkimage with `args`; returns its output (not checked).
+fn mkimage(args: &[&std::ffi::OsStr]) -> Output {
+    harness::run(
+        Command::new(harness::bin("mkimage"))
+            .args(args)
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    )
+}
+
+/// mkimage of the sample's closure into `out`, with `extra` options; must succeed.
+fn image_of(s: &SampleStore, out: &Path, extra: &[&str]) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(s.closure_file.as_os_str());
+    args.push(out.as_os_str());
+    let o = mkimage(&args);
+    assert!(
+        o.status.success(),
+        "mkimage {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn fsck(image: &Path) {
+    let o = harness::run(Command::new("fsck.erofs").arg(image), TIMEOUT);
+    assert!(
+        o.status.success(),
+        "fsck.erofs {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn sha256(path: &Path) -> Vec<u8> {
+    Sha256::digest(fs::read(path).unwrap()).to_vec()
+}
+
+/// The files in `dir` whose names start with a dot: where mkimage's temporary files go.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect()
+}
+
+fn check_tree(s: &SampleStore, root: &Path, expect: Expect) {
+    assert_eq!(root_names(root), s.closure, "image root");
+    let mut check = TreeCheck::with(expect);
+    for base in &s.closure {
+        check.walk(&s.host(base), &root.join(base));
+    }
+    check.assert_clean("image");
+}
+
+#[test]
+fn image_of_the_sample_mounts_as_the_host_tree() {
+    let (d, s) = sample(&SampleOptions::default());
+    let img = d.path().join("store.img");
+    image_of(&s, &img, &[]);
+    fsck(&img);
+    let m = ImageMount::new(&img);
+    // Defaults: every mtime is -T (0), hard links are separate files, owner root.
+    check_tree(
+        &s,
+        m.path(),
+        Expect {
+            mtime: Some((0, 0)),
+            links: Links::Separate,
+            dir_sizes: false,
+        },
+    );
+    let root = fs::symlink_metadata(m.path()).unwrap();
+    assert_eq!((root.uid(), root.gid()), (0, 0));
+    assert!(
+        !m.path().join("nix-path-registration").exists(),
+        "a store-paths list carries no registration"
+    );
+}
+
+#[test]
+fn preserved_hard_links_and_mtimes() {
+    let (d, s) = sample(&SampleOptions::small());
+    let img = d.path().join("store.img");
+    image_of(&s, &img, &["--preserve-hardlinks", "--preserve-mtime"]);
+    fsck(&img);
+    let m = ImageMount::new(&img);
+    check_tree(
+        &s,
+        m.path(),
+        Expect {
+            mtime: None,
+            links: Links::Shared,
+            dir_sizes: false,
+        },
+    );
+    let a = fs::symlink_metadata(m.path().join(&s.hard_links[0])).unwrap();
+    let b = fs::symlink_metadata(m.path().join(&s.hard_links[1])).unwrap();
+    assert_eq!(
+        a.ino(),
+        b.ino(),
+        "hard links across store paths share an inode"
+    );
+    // Two entries in the image: .links, which shares the inode on the host, is not in it.
+    assert_eq!(a.nlink(), 2);
+}
+
+#[test]
+fn images_are_reproducible_whatever_the_hard_link_layout() {
+    let (d, s) = sample(&SampleOptions::small());
+    let first = d.path().join("a.img");
+    let second = d.path().join("b.img");
+    image_of(&s, &first, &[]);
+    image_of(&s, &second, &[]);
+    assert_eq!(sha256(&first), sha256(&second), "two runs, same bytes");
+
+    // Undo the "optimisation": the second link becomes a copy of its own, with the same
+    // content, mode and mtime. The default image must not change.
+    let linked = s.host(&s.hard_links[1]);
+    let meta = fs::symlink_metadata(&linked).unwrap();
+    let content = fs::read(&linked).unwrap();
+    fs::remove_file(&linked).unwrap();
+    fs::write(&linked, content).unwrap();
+    fs::set_permissions(&linked, meta.permissions()).unwrap();
+    let third = d.path().join("c.img");
+    image_of(&s, &third, &[]);
+    assert_eq!(
+        sha256(&first),
+        sha256(&third),
+        "optimised and unoptimised stores give the same image"
+    );
+}
+
+#[test]
+fn uuid_label_and_registration() {
+    let (d, s) = sample(&SampleOptions::small());
+    let info = d.path().join("closure-info");
+    s.write_closure_info(&info).unwrap();
+    let img = d.path().join("store.img");
+    let uuid = "0123abcd-4567-89ef-0123-456789abcdef";
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        "-U".as_ref(),
+        uuid.as_ref(),
+        "-L".as_ref(),
+        "test-label".as_ref(),
+        info.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fsck(&img);
+    let dump = harness::run(Command::new("dump.erofs").arg("-s").arg(&img), TIMEOUT);
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let line = dump
+        .lines()
+        .find(|l| l.starts_with("Filesystem UUID:"))
+        .unwrap_or_else(|| panic!("no UUID in dump.erofs output:\n{dump}"));
+    assert!(line.ends_with(uuid), "{line}");
+    // blkid is what finds the image for `mount LABEL=...` and udev's by-label links.
+    let blkid = harness::run(
+        Command::new("blkid").args(["-p", "-o", "export"]).arg(&img),
+        TIMEOUT,
+    );
+    let blkid = String::from_utf8_lossy(&blkid.stdout);
+    assert!(blkid.lines().any(|l| l == "LABEL=test-label"), "{blkid}");
+    assert!(
+        blkid.lines().any(|l| l == format!("UUID={uuid}")),
+        "{blkid}"
+    );
+    assert!(blkid.lines().any(|l| l == "TYPE=erofs"), "{blkid}");
+
+    // A closureInfo input puts its registration at the image root, for nix-store --load-db.
+    let m = ImageMount::new(&img);
+    let registration = fs::read(m.path().join("nix-path-registration")).unwrap();
+    assert_eq!(registration, fs::read(info.join("registration")).unwrap());
+    let mut names = root_names(m.path());
+    names.retain(|n| n != "nix-path-registration");
+    assert_eq!(names, s.closure);
+}
+
+#[test]
+fn snapshot_of_a_mounted_view_equals_the_image_of_the_closure() {
+    let (d, s) = sample(&SampleOptions::small());
+    let direct = d.path().join("direct.img");
+    image_of(&s, &direct, &[]);
+    let view = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
+    let through = d.path().join("through.img");
+    let o = mkimage(&[
+        "--dir".as_ref(),
+        view.mountpoint().as_os_str(),
+        through.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        sha256(&direct),
+        sha256(&through),
+        "mkimage --dir over the mount gives the image mkimage writes from the closure"
+    );
+}
+
+#[test]
+fn bad_input_writes_nothing() {
+    let (d, s) = sample(&SampleOptions::small());
+    let bad = d.path().join("bad.txt");
+    fs::write(
+        &bad,
+        format!("{}/not-a-store-path\n", s.store_dir.display()),
+    )
+    .unwrap();
+    let out_dir = d.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let img = out_dir.join("store.img");
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        bad.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("bad.txt:1"), "{stderr}");
+    assert!(!img.exists());
+    assert!(leftovers(&out_dir).is_empty(), "{:?}", leftovers(&out_dir));
+}
+
+#[test]
+fn full_disk_leaves_the_old_output_alone_and_no_temporary_file() {
+    let (d, s) = sample(&SampleOptions::default());
+    let small = Mountpoint::new();
+    let o = harness::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(small.path()),
+        TIMEOUT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = small.path().join("store.img");
+    fs::write(&img, b"the previous image").unwrap();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+    args.push(s.closure_file.as_os_str());
+    args.push(img.as_os_str());
+    let o = mkimage(&args);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("store.img") && stderr.contains("No space left on device"),
+        "the message names the output and the cause: {stderr}"
+    );
+    assert_eq!(fs::read(&img).unwrap(), b"the previous image");
+    assert!(
+        leftovers(small.path()).is_empty(),
+        "{:?}",
+        leftovers(small.path())
+    );
+    drop(d);
+}
+
+#[test]
+fn interrupted_run_leaves_no_temporary_file() {
+    let (d, s) = sample(&SampleOptions::default());
+    let out_dir = d.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let img = out_dir.join("store.img");
+    let mut child = Command::new(harness::bin("mkimage"))
+        .arg("--store-dir")
+        .arg(&s.store_dir)
+        .arg(&s.closure_file)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the temporary file exists, then interrupt.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while leftovers(&out_dir).is_empty() && !img.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mkimage never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = harness::wait_bounded(&mut child, TIMEOUT).expect("mkimage ends on SIGINT");
+    assert!(leftovers(&out_dir).is_empty(), "{:?}", leftovers(&out_dir));
+    if status.success() {
+        // It finished before the signal arrived: then the image must be whole.
+        fsck(&img);
+    } else {
+        assert_eq!(status.code(), Some(130), "{status:?}");
+        assert!(!img.exists(), "no partial image at OUTPUT");
+    }
+}
