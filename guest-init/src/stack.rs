@@ -1,0 +1,380 @@
+//! The store's mount stack, as nixpkgs lays it out:
+//!
+//! * `/nix/.ro-store`: the store itself (virtiofs share or erofs image), read-only;
+//! * `/nix/.rw-store`: a tmpfs holding the overlay's upper and work directories, when
+//!   writable;
+//! * `/nix/store`: an overlay of the two when writable, else a read-only bind mount of
+//!   `/nix/.ro-store`.
+//!
+//! A running system replaces the stack by building the new one at a private temporary
+//! mount and moving each piece into place, /nix/store last, so that no process ever sees a
+//! missing or half-built store.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::CWD;
+use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags};
+
+use crate::config::{Config, Device, StoreSource, Writable};
+use crate::modules::Modules;
+use crate::probe;
+
+/// Relative to a root (`/` or the real root being prepared).
+const RO_STORE: &str = "nix/.ro-store";
+const RW_STORE: &str = "nix/.rw-store";
+const STORE: &str = "nix/store";
+
+/// How often to look again for a device or tag that is not there yet.
+const POLL: Duration = Duration::from_millis(50);
+
+fn mkdir_p(path: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MountFlags,
+    data: Option<&str>,
+) -> rustix::io::Result<()> {
+    let data = data.map(|d| CString::new(d).expect("mount data has no NUL"));
+    rustix::mount::mount(source, target, fstype, flags, data.as_deref())
+}
+
+/// Loads what the store's filesystem and device need. Failures are reported by the mount
+/// that follows, which names the filesystem; here they are only worth a line.
+pub fn load_modules(modules: &mut Modules, source: &StoreSource, writable: Writable) {
+    let mut wanted = vec!["virtio_pci"];
+    match source {
+        StoreSource::Virtiofs(_) => wanted.push("virtiofs"),
+        StoreSource::Erofs(_) => {
+            // libcrc32c asks the crypto API for crc32c, which would call modprobe.
+            wanted.extend(["virtio_blk", "crc32c_intel", "crc32c_generic", "erofs"])
+        }
+    }
+    if writable == Writable::Tmpfs {
+        wanted.push("overlay");
+    }
+    for name in wanted {
+        if let Err(e) = modules.load(name) {
+            println!("guest-init: {e}");
+        }
+    }
+}
+
+/// Mounts the store read-only at `target`, waiting up to `timeout` for its device or tag.
+/// Returns the mount's source (device node or tag) for the log.
+pub fn mount_source(
+    source: &StoreSource,
+    target: &Path,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    loop {
+        let why: String = match source {
+            StoreSource::Virtiofs(tag) => match mount(tag, target, "virtiofs", ro, None) {
+                Ok(()) => return Ok(tag.clone()),
+                // The device may not have been probed yet: the tag is unknown until then.
+                Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => {
+                    format!("no virtiofs share with tag `{tag}` (mount: {e})")
+                }
+                Err(rustix::io::Errno::NODEV) => {
+                    return Err("the kernel has no virtiofs filesystem (module missing?)".into())
+                }
+                Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
+            },
+            StoreSource::Erofs(device) => match probe::find(device) {
+                Ok(node) => {
+                    let node_str = node.to_string_lossy().into_owned();
+                    return match mount(&node_str, target, "erofs", ro, None) {
+                        Ok(()) => Ok(node_str),
+                        Err(rustix::io::Errno::NODEV) => {
+                            Err("the kernel has no erofs filesystem (module missing?)".into())
+                        }
+                        Err(e) => Err(format!(
+                            "{} ({device}) does not mount as erofs: {e}; {}",
+                            node.display(),
+                            probe::probe(node.clone())
+                        )),
+                    };
+                }
+                Err(found) => format!("no erofs image with {device}; found {found}"),
+            },
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "expected {source} within {:.1} s: {why}",
+                timeout.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Mounts the whole stack below `root` (which already has the mount points' parents).
+pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
+    let ro_store = root.join(RO_STORE);
+    let store = root.join(STORE);
+    mkdir_p(&ro_store)?;
+    mkdir_p(&store)?;
+    let from = mount_source(&config.store, &ro_store, config.timeout)?;
+    match config.writable {
+        Writable::Tmpfs => {
+            let rw = root.join(RW_STORE);
+            mkdir_p(&rw)?;
+            overlay(&ro_store, &rw, &store)?;
+        }
+        Writable::None => read_only_bind(&ro_store, &store)?,
+    }
+    Ok(from)
+}
+
+/// A tmpfs at `rw` holding upper and work directories, and the overlay at `target`.
+fn overlay(lower: &Path, rw: &Path, target: &Path) -> Result<(), String> {
+    mount(
+        "tmpfs",
+        rw,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mounting a tmpfs at {}: {e}", rw.display()))?;
+    let upper = rw.join("store");
+    let work = rw.join("work");
+    mkdir_p(&upper)?;
+    mkdir_p(&work)?;
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
+        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
+}
+
+fn read_only_bind(from: &Path, to: &Path) -> Result<(), String> {
+    rustix::mount::mount_bind(from, to)
+        .map_err(|e| format!("bind-mounting {} at {}: {e}", from.display(), to.display()))?;
+    // A bind mount starts writable whatever its source: make this one read-only too.
+    rustix::mount::mount_remount(
+        to,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    )
+    .map_err(|e| format!("making {} read-only: {e}", to.display()))
+}
+
+/// One line of /proc/self/mountinfo, as far as needed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MountEntry {
+    mount_point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn mountinfo() -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                fstype: fields.get(dash + 1)?.to_string(),
+                source: unescape(fields.get(dash + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The top-most mount at `path` (mounts stacked on one point are listed in order).
+fn top_mount(mounts: &[MountEntry], path: &Path) -> Option<MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path).cloned()
+}
+
+/// Whether `/nix` already holds the stack `config` asks for.
+fn already_mounted(config: &Config, source: &str) -> bool {
+    let mounts = mountinfo();
+    let want_fs = match config.store {
+        StoreSource::Virtiofs(_) => "virtiofs",
+        StoreSource::Erofs(_) => "erofs",
+    };
+    let Some(ro) = top_mount(&mounts, Path::new("/nix/.ro-store")) else {
+        return false;
+    };
+    if ro.fstype != want_fs || ro.source != source {
+        return false;
+    }
+    match (config.writable, top_mount(&mounts, Path::new("/nix/store"))) {
+        (Writable::Tmpfs, Some(store)) => store.fstype == "overlay",
+        (Writable::None, Some(store)) => store.fstype == want_fs && store.source == source,
+        (_, None) => false,
+    }
+}
+
+/// Resolves the store's source to what mountinfo will show for it.
+fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, String> {
+    match source {
+        StoreSource::Virtiofs(tag) => Ok(tag.clone()),
+        StoreSource::Erofs(Device::Path(p)) => Ok(p.to_string_lossy().into_owned()),
+        StoreSource::Erofs(device) => {
+            let deadline = Instant::now() + timeout;
+            loop {
+                match probe::find(device) {
+                    Ok(node) => return Ok(node.to_string_lossy().into_owned()),
+                    Err(found) if Instant::now() >= deadline => {
+                        return Err(format!(
+                            "expected an erofs image with {device} within {:.1} s; found {found}",
+                            timeout.as_secs_f64()
+                        ))
+                    }
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        }
+    }
+}
+
+/// Moves the mount at `from` onto `to`. When something is mounted there already, the new
+/// mount goes beneath it and the old one is detached (Linux 6.5); older kernels stack the
+/// new mount on top, which is just as atomic for path lookups but leaves the old one
+/// mounted, hidden, until reboot.
+fn replace_mount(from: &Path, to: &Path, occupied: bool) -> Result<(), String> {
+    if occupied {
+        match rustix::mount::move_mount(CWD, from, CWD, to, MoveMountFlags::MOVE_MOUNT_BENEATH) {
+            Ok(()) => {
+                return rustix::mount::unmount(to, UnmountFlags::DETACH)
+                    .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()))
+            }
+            Err(rustix::io::Errno::INVAL) => println!(
+                "guest-init: this kernel cannot put a mount beneath another (Linux 6.5); \
+                 the previous {} stays mounted underneath until reboot",
+                to.display()
+            ),
+            Err(e) => {
+                return Err(format!(
+                    "moving {} beneath {}: {e}",
+                    from.display(),
+                    to.display()
+                ))
+            }
+        }
+    }
+    rustix::mount::mount_move(from, to)
+        .map_err(|e| format!("moving {} to {}: {e}", from.display(), to.display()))
+}
+
+/// `guest-init mount-store`: establishes the stack on a running system, or replaces the
+/// one there atomically. Returns what it did, for the log.
+pub fn mount_store(config: &Config) -> Result<String, String> {
+    let mut modules = Modules::open();
+    load_modules(&mut modules, &config.store, config.writable);
+    let source = resolved_source(&config.store, config.timeout)?;
+    if already_mounted(config, &source) {
+        return Ok(format!("already mounted ({} from {source})", config.store));
+    }
+    for dir in ["/nix/.ro-store", "/nix/store"] {
+        mkdir_p(Path::new(dir))?;
+    }
+    if config.writable == Writable::Tmpfs {
+        mkdir_p(Path::new("/nix/.rw-store"))?;
+    }
+
+    // A private scratch mount: nothing built here propagates anywhere before it is moved.
+    let scratch = PathBuf::from(format!("/run/guest-init.{}", std::process::id()));
+    mkdir_p(&scratch)?;
+    let result = (|| {
+        mount(
+            "tmpfs",
+            &scratch,
+            "tmpfs",
+            MountFlags::empty(),
+            Some("mode=0700"),
+        )
+        .map_err(|e| format!("mounting a scratch tmpfs at {}: {e}", scratch.display()))?;
+        rustix::mount::mount_change(&scratch, MountPropagationFlags::PRIVATE)
+            .map_err(|e| format!("making {} private: {e}", scratch.display()))?;
+        let from = mount_stack(&scratch, config)?;
+        let mounts = mountinfo();
+        let occupied = |p: &str| top_mount(&mounts, Path::new(p)).is_some();
+        if config.writable == Writable::Tmpfs {
+            replace_mount(
+                &scratch.join(RW_STORE),
+                Path::new("/nix/.rw-store"),
+                occupied("/nix/.rw-store"),
+            )?;
+        }
+        replace_mount(
+            &scratch.join(RO_STORE),
+            Path::new("/nix/.ro-store"),
+            occupied("/nix/.ro-store"),
+        )?;
+        replace_mount(
+            &scratch.join(STORE),
+            Path::new("/nix/store"),
+            occupied("/nix/store"),
+        )?;
+        Ok(format!(
+            "mounted {} from {from} at /nix/store",
+            config.store
+        ))
+    })();
+    let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(&scratch);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape(r"plain"), "plain");
+        assert_eq!(unescape(r"tail\"), r"tail\");
+    }
+
+    #[test]
+    fn top_mount_is_the_last_listed() {
+        let m = |p: &str, fs: &str, src: &str| MountEntry {
+            mount_point: p.into(),
+            fstype: fs.into(),
+            source: src.into(),
+        };
+        let mounts = vec![
+            m("/nix/store", "erofs", "/dev/vdb"),
+            m("/nix/.ro-store", "erofs", "/dev/vdb"),
+            m("/nix/store", "erofs", "/dev/vdc"),
+        ];
+        assert_eq!(
+            top_mount(&mounts, Path::new("/nix/store")).unwrap().source,
+            "/dev/vdc"
+        );
+        assert!(top_mount(&mounts, Path::new("/nix")).is_none());
+    }
+}
