@@ -8,7 +8,7 @@ if ! command -v cargo >/dev/null; then
   echo "demo: cargo is missing; install a Rust toolchain first (https://rustup.rs)" >&2
   exit 1
 fi
-scripts/install-deps.sh
+scripts/install-deps.sh --runtime
 
 cargo build --release --workspace --bins
 bin=target/release

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Installs the Debian packages nixstorefs and its tests need. Idempotent; run as root.
-#   fuse3            fusermount3 and mount.fuse3, /dev/fuse permissions
-#   erofs-utils      fsck.erofs and dump.erofs, to check the images mkimage writes
-#   busybox-static   a static shell for test guests
+# Installs what nixstorefs and its tests need. Idempotent; run as root.
+# With --runtime, only what the nixstorefs daemon itself needs (fuse3).
+#   fuse3              fusermount3 and mount.fuse3, /dev/fuse permissions
+#   erofs-utils        fsck.erofs and dump.erofs, to check the images mkimage writes
+#   busybox-static     a static shell for test guests
+#   qemu-system-x86    the test guests (TCG: no KVM needed)
+#   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
+#   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
+#   virtiofsd          (cargo install) serves a nixstorefs mount to guests
 set -euo pipefail
 
-packages=(fuse3 erofs-utils busybox-static)
+runtime_only=false
+[ "${1:-}" = "--runtime" ] && runtime_only=true
+
+packages=(fuse3)
+$runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
+  libcap-ng-dev libseccomp-dev pkg-config)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -29,3 +39,10 @@ if [ ! -e /dev/fuse ]; then
   echo "install-deps: /dev/fuse is missing and the fuse module cannot be loaded" >&2
   exit 1
 fi
+
+# virtiofsd is not packaged for Debian 12; crates.io has it. 1.14 builds with the
+# toolchain here.
+if ! $runtime_only && ! command -v virtiofsd >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" ]; then
+  cargo install --locked virtiofsd --version 1.14.0
+fi
+

@@ -11,7 +11,11 @@ scripts/install-deps.sh
 awk '$2 ~ "^/tmp/nixstorefs-mnt\\." {print $2}' /proc/self/mounts | sort -r |
   while read -r m; do umount -l "$m" 2>/dev/null || true; done
 
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 cargo build --workspace --all-targets
+# guest-init runs as the /init of test guests: statically linked.
+RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build -p guest-init --target x86_64-unknown-linux-gnu
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --profile ci
 else
