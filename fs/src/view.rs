@@ -362,7 +362,8 @@ impl View {
                 paths: setup.missing,
             });
         }
-        let view = View::assemble(store_dir, store, &store_stat, inodes, root_listing, options);
+        let root_attr = View::closure_root(&store_stat, &root_listing);
+        let view = View::assemble(store_dir, store, root_attr, inodes, root_listing, options);
         Ok((view, setup))
     }
 
@@ -380,25 +381,22 @@ impl View {
                 source: io_err(e),
             })?;
         root_listing.sort_by(|a, b| a.name.cmp(&b.name));
+        // The directory's own attributes: the snapshot of a tree keeps its root as it is.
+        let root_attr = attr_of(&st, ROOT_ID);
         Ok(View::assemble(
             dir.to_owned(),
             fd,
-            &st,
+            root_attr,
             inodes,
             root_listing,
             options,
         ))
     }
 
-    fn assemble(
-        store_dir: PathBuf,
-        store: OwnedFd,
-        store_stat: &Stat,
-        inodes: InodeMap,
-        root_listing: Vec<DirEntry>,
-        options: ViewOptions,
-    ) -> View {
-        let root_attr = Attr {
+    /// The root of a closure view: a directory of its own, read-only and timeless like the
+    /// store paths in it, owned like the store directory.
+    fn closure_root(store_stat: &Stat, root_listing: &[DirEntry]) -> Attr {
+        Attr {
             ino: ROOT_ID,
             kind: Kind::Directory,
             perm: 0o555,
@@ -416,7 +414,17 @@ impl View {
             atime: Time { secs: 1, nsecs: 0 },
             mtime: Time { secs: 1, nsecs: 0 },
             ctime: Time { secs: 1, nsecs: 0 },
-        };
+        }
+    }
+
+    fn assemble(
+        store_dir: PathBuf,
+        store: OwnedFd,
+        root_attr: Attr,
+        inodes: InodeMap,
+        root_listing: Vec<DirEntry>,
+        options: ViewOptions,
+    ) -> View {
         View {
             store_dir,
             store: Arc::new(store),
@@ -455,25 +463,7 @@ impl View {
     }
 
     fn attr_from_stat(&self, st: &Stat) -> Attr {
-        let t = |secs: i64, nsecs: u64| Time {
-            secs,
-            nsecs: nsecs as u32,
-        };
-        Attr {
-            ino: self.inodes.node_id(st.st_dev, st.st_ino),
-            kind: kind_of(st),
-            perm: (st.st_mode & 0o7777) as u16,
-            nlink: st.st_nlink as u32,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            blksize: st.st_blksize as u32,
-            rdev: st.st_rdev,
-            atime: t(st.st_atime, st.st_atime_nsec),
-            mtime: t(st.st_mtime, st.st_mtime_nsec),
-            ctime: t(st.st_ctime, st.st_ctime_nsec),
-        }
+        attr_of(st, self.inodes.node_id(st.st_dev, st.st_ino))
     }
 
     /// Runs `f` with the directory that holds `node` on the host.
@@ -730,6 +720,29 @@ impl View {
     /// Statistics of the host filesystem holding the store.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(self.store.as_fd())
+    }
+}
+
+/// The attributes of the host object `st`, reported as node `ino`.
+fn attr_of(st: &Stat, ino: NodeId) -> Attr {
+    let t = |secs: i64, nsecs: u64| Time {
+        secs,
+        nsecs: nsecs as u32,
+    };
+    Attr {
+        ino,
+        kind: kind_of(st),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        blksize: st.st_blksize as u32,
+        rdev: st.st_rdev,
+        atime: t(st.st_atime, st.st_atime_nsec),
+        mtime: t(st.st_mtime, st.st_mtime_nsec),
+        ctime: t(st.st_ctime, st.st_ctime_nsec),
     }
 }
 

@@ -225,18 +225,30 @@ fn run(args: &Args) -> Result<(), Failure> {
         build_time: args.timestamp,
         block_size_bits: 12,
     };
-    let stats =
-        erofs::write_image(&snap.inodes, &image_options, out.file()).map_err(|e| {
-            match e.inode.and_then(|i| snap.paths.get(i)) {
-                Some(path) => runtime(format!(
-                    "writing {} failed at {}: {}",
-                    output.display(),
-                    view.store_dir().join(path).display(),
-                    e.cause
-                )),
-                None => runtime(format!("writing {} failed: {e}", output.display())),
-            }
-        })?;
+    let bar = progress_bar(args.quiet, &snap);
+    let mut on_progress = |stats: &erofs::ImageStats| {
+        if let Some(bar) = &bar {
+            bar.set_position(stats.data_bytes);
+        }
+    };
+    let written = erofs::write_image_with_progress(
+        &snap.inodes,
+        &image_options,
+        out.file(),
+        &mut on_progress,
+    );
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let stats = written.map_err(|e| match e.inode.and_then(|i| snap.paths.get(i)) {
+        Some(path) => runtime(format!(
+            "writing {} failed at {}: {}",
+            output.display(),
+            view.store_dir().join(path).display(),
+            e.cause
+        )),
+        None => runtime(format!("writing {} failed: {e}", output.display())),
+    })?;
     out.commit()
         .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
     if !args.quiet {
@@ -252,6 +264,30 @@ fn run(args: &Args) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// A progress bar over the file bytes to write, on a terminal only (quiet otherwise).
+fn progress_bar(quiet: bool, snap: &snapshot::Snapshot) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let total: u64 = snap
+        .inodes
+        .iter()
+        .map(|i| match &i.kind {
+            erofs::InodeKind::RegularFile { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template"),
+    );
+    Some(bar)
 }
 
 fn main() -> ExitCode {

@@ -111,7 +111,10 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
         path: PathBuf::from("."),
         cause: e.into(),
     })?;
-    snap.push(dir_inode(&root_attr, options, 0o755), PathBuf::new());
+    snap.push(
+        dir_inode(&root_attr, options, root_attr.perm),
+        PathBuf::new(),
+    );
     // Host node -> arena index, for hard links (only filled when they are preserved).
     let mut linked: HashMap<NodeId, usize> = HashMap::new();
     // Directories still to list: (arena index, view node).

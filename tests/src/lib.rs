@@ -4,4 +4,5 @@
 
 pub mod compare;
 pub mod harness;
+pub mod random_tree;
 pub mod sample;

@@ -236,13 +236,19 @@ impl PseudoRandom {
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
+    /// The next 64 bits of the sequence.
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
         self.0 = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (n > 0); slightly biased, which does not matter for test data.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
     }
 
     /// `len` bytes of the sequence seeded from `seed`.

@@ -14,4 +14,4 @@ pub mod writer;
 mod tests;
 
 pub use tree::{FileSource, ImageOptions, Inode, InodeKind, OpenFile};
-pub use writer::{write_image, ImageStats, WriteError};
+pub use writer::{write_image, write_image_with_progress, ImageStats, WriteError};

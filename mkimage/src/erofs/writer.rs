@@ -108,6 +108,17 @@ pub fn write_image(
     options: &ImageOptions,
     out: &File,
 ) -> Result<ImageStats, WriteError> {
+    write_image_with_progress(tree, options, out, &mut |_| {})
+}
+
+/// [`write_image`], calling `progress` with the counts so far after each inode is written
+/// (for a progress bar).
+pub fn write_image_with_progress(
+    tree: &[Inode],
+    options: &ImageOptions,
+    out: &File,
+    progress: &mut dyn FnMut(&ImageStats),
+) -> Result<ImageStats, WriteError> {
     let volume_name = check_options(options).map_err(image_error)?;
     check_output(out).map_err(image_error)?;
     let walk = Walk::new(tree)?;
@@ -132,6 +143,7 @@ pub fn write_image(
             InodeKind::Symlink { .. } => stats.symlinks += 1,
             _ => {}
         }
+        progress(&stats);
     }
 
     let superblock = SuperBlock {
