@@ -482,12 +482,20 @@ pub struct MountBuilder {
     store: PathBuf,
     closure: OsString,
     args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     stdin: Option<Vec<u8>>,
     foreground: bool,
     deadline: Duration,
 }
 
 impl MountBuilder {
+    /// An environment variable for the daemon.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self
+    }
+
     /// Extra command-line arguments, placed before the closure and mountpoint.
     pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
         self.args
@@ -538,7 +546,10 @@ impl MountBuilder {
         if self.foreground {
             cmd.arg("-f");
         }
-        cmd.arg("--store-dir").arg(&self.store).args(&self.args);
+        cmd.arg("--store-dir")
+            .arg(&self.store)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         // Lets a whole run use e.g. `-vv` or `--no-passthrough` without editing tests.
         if let Some(extra) = std::env::var_os(EXTRA_ARGS_ENV) {
             cmd.args(extra.to_string_lossy().split_whitespace());
@@ -596,6 +607,7 @@ impl Mount {
             store: store.to_path_buf(),
             closure: closure.as_ref().to_os_string(),
             args: Vec::new(),
+            env: Vec::new(),
             stdin: None,
             foreground: true,
             deadline: DEFAULT_DEADLINE,

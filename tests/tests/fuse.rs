@@ -1028,3 +1028,71 @@ fn file_handles_survive_dropped_caches() {
         "open_by_handle_at for writing"
     );
 }
+
+#[test]
+fn foreground_daemon_tells_systemd_it_is_ready() {
+    let (d, s) = sample(&SampleOptions::small());
+    let socket_path = d.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let m = Mount::builder(&s.store_dir, &s.closure_file)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .start();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("a notification within 20 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Sent once the mount is live, not before.
+    assert!(m.is_mounted());
+}
+
+/// With passthrough the kernel reads the host file itself: no READ reaches the daemon.
+/// Without, every read does. The daemon's debug log shows the requests it gets.
+#[test]
+fn passthrough_keeps_reads_away_from_the_daemon() {
+    let (_d, s) = sample(&SampleOptions::small());
+    for (args, reads_expected) in [
+        (&["-vv"][..], false),
+        (&["-vv", "--no-passthrough"][..], true),
+    ] {
+        let m = mount(&s, args);
+        compare_content(&s.host(&s.big_file), &m.mountpoint().join(&s.big_file)).unwrap();
+        let log = m.stderr();
+        let reads = log.lines().filter(|l| l.contains(" READ ")).count();
+        assert_eq!(
+            reads > 0,
+            reads_expected,
+            "{args:?}: {reads} READ requests reached the daemon"
+        );
+        assert!(log.contains("OPEN"), "the log shows requests at -vv");
+    }
+}
+
+/// Directory offsets come from a listing taken at opendir, so readers that interleave
+/// their readdir calls on one large directory each see every entry exactly once.
+#[test]
+fn concurrent_directory_readers_see_every_entry_once() {
+    let (_d, s) = sample(&SampleOptions::default());
+    let m = mount(&s, &[]);
+    let dir = m.mountpoint().join(&s.wide_dir);
+    let expected = sorted_names(&s.host(&s.wide_dir)).unwrap();
+    let results: Vec<Vec<std::ffi::OsString>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut names: Vec<_> = fs::read_dir(&dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().file_name())
+                        .collect();
+                    names.sort();
+                    names
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for names in results {
+        assert_eq!(names, expected);
+    }
+}
