@@ -483,6 +483,7 @@ pub struct MountBuilder {
     closure: OsString,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    nofile: Option<u64>,
     stdin: Option<Vec<u8>>,
     foreground: bool,
     deadline: Duration,
@@ -500,6 +501,12 @@ impl MountBuilder {
     pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
         self.args
             .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Caps the daemon's descriptors (soft and hard RLIMIT_NOFILE) at `n`.
+    pub fn limit_descriptors(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -559,6 +566,20 @@ impl MountBuilder {
             .stdin(stdin)
             .stdout(log.reopen().expect("reopen the log"))
             .stderr(log.reopen().expect("reopen the log"));
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit.clone())
+                        .map_err(io::Error::from)
+                });
+            }
+        }
         let command = format!("{cmd:?}");
         let child = cmd
             .spawn()
@@ -608,6 +629,7 @@ impl Mount {
             closure: closure.as_ref().to_os_string(),
             args: Vec::new(),
             env: Vec::new(),
+            nofile: None,
             stdin: None,
             foreground: true,
             deadline: DEFAULT_DEADLINE,
