@@ -575,7 +575,7 @@ impl MountBuilder {
             // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
             unsafe {
                 cmd.pre_exec(move || {
-                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit.clone())
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
                         .map_err(io::Error::from)
                 });
             }
