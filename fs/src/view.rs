@@ -234,6 +234,8 @@ pub enum ViewError {
     },
     /// Closure paths absent from the host store.
     Missing {
+        /// Where the closure came from (file name or `<stdin>`).
+        origin: String,
         /// The store directory.
         store_dir: PathBuf,
         /// The missing paths (all of them).
@@ -254,11 +256,15 @@ impl std::fmt::Display for ViewError {
             ViewError::StoreDir { path, source } => {
                 write!(f, "cannot open directory {}: {source}", path.display())
             }
-            ViewError::Missing { store_dir, paths } => {
+            ViewError::Missing {
+                origin,
+                store_dir,
+                paths,
+            } => {
                 const SHOWN: usize = 5;
                 write!(
                     f,
-                    "{} closure path{} missing from {}: ",
+                    "{origin}: {} closure path{} missing from {}: ",
                     paths.len(),
                     if paths.len() == 1 { " is" } else { "s are" },
                     store_dir.display()
@@ -358,6 +364,7 @@ impl View {
         }
         if !setup.missing.is_empty() && !allow_missing {
             return Err(ViewError::Missing {
+                origin: closure.origin.clone(),
                 store_dir,
                 paths: setup.missing,
             });

@@ -1,0 +1,1183 @@
+//! Booting a real Linux kernel under qemu (TCG) with an initramfs built here, to test
+//! `guest-init` and the store it mounts: nixstorefs shared with virtiofsd, or erofs images
+//! as virtio disks.
+//!
+//! Every boot is bounded ([`BOOT_TIMEOUT`] unless told otherwise) and owns its processes
+//! and files: qemu and virtiofsd are killed and temporary files removed before
+//! [`Guest::boot`] returns, and both die with the test thread if the test is killed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::harness;
+use crate::sample::{base_name, SampleStore};
+
+/// Default hard limit on one boot, after which qemu and virtiofsd are killed.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Guest memory in MiB (and the size of the shared memory backend virtiofs needs).
+pub const MEMORY_MIB: u32 = 512;
+/// Environment variable naming the guest-init binary to put in initramfs images.
+pub const GUEST_INIT_ENV: &str = "GUEST_INIT_BIN";
+/// Set to anything to copy every guest's console to stderr as it comes.
+pub const ECHO_ENV: &str = "NIXSTOREFS_VM_ECHO";
+/// Printed by guest-init when it gives up.
+pub const GUEST_INIT_ERROR: &str = "guest-init: error";
+/// The Rust target guest-init is built for, statically.
+pub const GUEST_INIT_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Modules guest-init needs to mount a store from a virtio disk or virtiofs.
+pub const STORE_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtiofs",
+    "fuse",
+    "erofs",
+    "libcrc32c",
+    "crc32c_generic",
+    "overlay",
+];
+/// Modules included when the kernel has them (crc32c-intel needs SSE 4.2 to load).
+pub const OPTIONAL_STORE_MODULES: &[&str] = &["crc32c_intel"];
+/// The `modules.*` files copied unchanged into initramfs images, when the host has them.
+pub const MODULE_INDEX_FILES: &[&str] = &[
+    "modules.dep",
+    "modules.softdep",
+    "modules.alias",
+    "modules.builtin",
+];
+
+/// Whether this is a CI run (`CI=true`), where nothing may be skipped.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The first executable called `name` in `$PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// qemu-system-x86_64, or `None` (after printing why) when it is missing outside CI: the
+/// one tool whose absence lets a VM test return early. In CI a missing qemu panics.
+pub fn qemu_or_skip() -> Option<PathBuf> {
+    match which("qemu-system-x86_64") {
+        Some(q) => Some(q),
+        None if in_ci() => panic!(
+            "qemu-system-x86_64 is not in PATH: VM tests cannot run \
+             (apt-get install qemu-system-x86)"
+        ),
+        None => {
+            println!(
+                "not run: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+            );
+            None
+        }
+    }
+}
+
+/// qemu-system-x86_64; panics if it is missing.
+pub fn qemu() -> PathBuf {
+    which("qemu-system-x86_64").expect(
+        "qemu-system-x86_64 is not in PATH: VM tests cannot run (apt-get install qemu-system-x86)",
+    )
+}
+
+/// The virtiofsd binary: from `$PATH`, `~/.cargo/bin` or Debian's `/usr/libexec`.
+/// Panics if there is none.
+pub fn virtiofsd() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Some(p) = which("virtiofsd") {
+        candidates.push(p);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cargo/bin/virtiofsd"));
+    }
+    candidates.push(PathBuf::from("/usr/libexec/virtiofsd"));
+    candidates.into_iter().find(|p| is_executable(p)).expect(
+        "virtiofsd not found in PATH, ~/.cargo/bin or /usr/libexec: \
+             VM tests with virtiofs need it (cargo install virtiofsd)",
+    )
+}
+
+/// The workspace's target directory, as seen from this test executable.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot find the test executable");
+    let mut dir = exe
+        .parent()
+        .expect("the test executable has no directory")
+        .to_path_buf();
+    // target/<profile>/deps/<test>, or target/<profile>/<bin>.
+    if dir.file_name() == Some("deps".as_ref()) {
+        dir.pop();
+    }
+    dir.pop();
+    dir
+}
+
+/// The static guest-init binary: `$GUEST_INIT_BIN`, else
+/// `target/x86_64-unknown-linux-gnu/<profile>/guest-init`. Panics, saying how to build it,
+/// when it is missing.
+pub fn guest_init_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os(GUEST_INIT_ENV) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "{GUEST_INIT_ENV}={} is not a file",
+            p.display()
+        );
+        return p;
+    }
+    let exe = std::env::current_exe().expect("cannot find the test executable");
+    let profile = exe
+        .ancestors()
+        .skip(1)
+        .find(|d| d.file_name() != Some("deps".as_ref()))
+        .and_then(|d| d.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let p = target_dir()
+        .join(GUEST_INIT_TARGET)
+        .join(&profile)
+        .join("guest-init");
+    if !p.is_file() {
+        let release = if profile == "release" {
+            " --release"
+        } else {
+            ""
+        };
+        panic!(
+            "guest-init not found at {}: build it with\n  \
+             RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p guest-init \
+             --target {GUEST_INIT_TARGET}{release}\nor set {GUEST_INIT_ENV}",
+            p.display()
+        );
+    }
+    p
+}
+
+/// A guest kernel and its modules.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// Its release (`uname -r` in the guest), e.g. `6.1.0-56-amd64`.
+    pub version: String,
+    /// The bootable image, `/boot/vmlinuz-<version>`.
+    pub image: PathBuf,
+    /// `/lib/modules/<version>`.
+    pub modules_dir: PathBuf,
+}
+
+/// Orders kernel releases by their numbers, so that 6.10 comes after 6.9.
+fn version_key(v: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut rest = v;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (num, tail) = rest.split_at(digits);
+        let text_len = tail.len() - tail.trim_start_matches(|c: char| !c.is_ascii_digit()).len();
+        let (text, tail) = tail.split_at(text_len);
+        key.push((num.parse().unwrap_or(0), text.to_string()));
+        rest = tail;
+    }
+    key
+}
+
+impl Kernel {
+    /// The newest `/boot/vmlinuz-*` whose `/lib/modules/<version>` exists.
+    pub fn find() -> Kernel {
+        Kernel::find_in(Path::new("/boot"), Path::new("/lib/modules")).unwrap_or_else(|e| {
+            panic!(
+                "no guest kernel: {e}; VM tests need Debian's kernel \
+                 (apt-get install linux-image-amd64)"
+            )
+        })
+    }
+
+    /// Like [`Kernel::find`] with other directories; says what is missing on failure.
+    pub fn find_in(boot: &Path, modules: &Path) -> Result<Kernel, String> {
+        let entries =
+            fs::read_dir(boot).map_err(|e| format!("cannot list {}: {e}", boot.display()))?;
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(version) = name.to_str().and_then(|n| n.strip_prefix("vmlinuz-")) else {
+                continue;
+            };
+            let modules_dir = modules.join(version);
+            if modules_dir.join("modules.dep").is_file() {
+                found.push(Kernel {
+                    version: version.to_string(),
+                    image: e.path(),
+                    modules_dir,
+                });
+            }
+        }
+        found
+            .into_iter()
+            .max_by_key(|k| version_key(&k.version))
+            .ok_or_else(|| {
+                format!(
+                    "no {}/vmlinuz-<version> with a {}/<version>/modules.dep",
+                    boot.display(),
+                    modules.display()
+                )
+            })
+    }
+
+    /// Paths, relative to [`Kernel::modules_dir`], of the module files needed to load
+    /// `required` and, if the kernel has them, `optional`, with everything they depend on
+    /// (modules.dep) and their soft dependencies (modules.softdep, through modules.alias).
+    /// Built-in modules need no file. Fails if a required module is unknown.
+    pub fn module_files(&self, required: &[&str], optional: &[&str]) -> io::Result<Vec<String>> {
+        ModuleIndex::load(&self.modules_dir)?.resolve(required, optional)
+    }
+}
+
+/// Module names compare with `-` and `_` alike, as modprobe does.
+fn module_name(s: &str) -> String {
+    let file = s.rsplit('/').next().unwrap_or(s);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+struct ModuleIndex {
+    /// Module name to its file and the files it depends on.
+    deps: HashMap<String, (String, Vec<String>)>,
+    builtin: BTreeSet<String>,
+    /// Soft dependencies to load before (`pre:`) and after (`post:`) a module.
+    softdeps: HashMap<String, (Vec<String>, Vec<String>)>,
+    /// Exact (wildcard-free) aliases to module names.
+    aliases: HashMap<String, Vec<String>>,
+}
+
+impl ModuleIndex {
+    fn load(dir: &Path) -> io::Result<ModuleIndex> {
+        let read = |name: &str| -> io::Result<String> {
+            match fs::read_to_string(dir.join(name)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && name != "modules.dep" => {
+                    Ok(String::new())
+                }
+                r => r,
+            }
+        };
+        let mut deps = HashMap::new();
+        for line in read("modules.dep")?.lines() {
+            let Some((file, rest)) = line.split_once(':') else {
+                continue;
+            };
+            let list = rest.split_whitespace().map(str::to_string).collect();
+            deps.insert(module_name(file), (file.to_string(), list));
+        }
+        let builtin = read("modules.builtin")?.lines().map(module_name).collect();
+        let mut softdeps: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
+        for line in read("modules.softdep")?.lines() {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("softdep") {
+                continue;
+            }
+            let Some(m) = words.next() else { continue };
+            let entry = softdeps.entry(module_name(m)).or_default();
+            let mut post = false;
+            for w in words {
+                match w {
+                    "pre:" => post = false,
+                    "post:" => post = true,
+                    _ if post => entry.1.push(w.to_string()),
+                    _ => entry.0.push(w.to_string()),
+                }
+            }
+        }
+        let mut aliases: HashMap<String, Vec<String>> = HashMap::new();
+        for line in read("modules.alias")?.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(a), Some(m)) = (words.next(), words.next(), words.next()) {
+                if !a.contains(['*', '?', '[']) {
+                    aliases
+                        .entry(module_name(a))
+                        .or_default()
+                        .push(module_name(m));
+                }
+            }
+        }
+        Ok(ModuleIndex {
+            deps,
+            builtin,
+            softdeps,
+            aliases,
+        })
+    }
+
+    /// The files for `required` and `optional`, in an order they can be loaded in.
+    fn resolve(&self, required: &[&str], optional: &[&str]) -> io::Result<Vec<String>> {
+        let mut files = Vec::new();
+        let mut seen = BTreeSet::new();
+        for m in required {
+            self.visit(&module_name(m), true, &mut seen, &mut files)?;
+        }
+        for m in optional {
+            self.visit(&module_name(m), false, &mut seen, &mut files)?;
+        }
+        Ok(files)
+    }
+
+    fn visit(
+        &self,
+        name: &str,
+        needed: bool,
+        seen: &mut BTreeSet<String>,
+        files: &mut Vec<String>,
+    ) -> io::Result<()> {
+        if !seen.insert(name.to_string()) {
+            return Ok(());
+        }
+        if let Some((file, deps)) = self.deps.get(name) {
+            let (pre, post) = self.softdeps.get(name).cloned().unwrap_or_default();
+            for s in &pre {
+                self.visit(&module_name(s), false, seen, files)?;
+            }
+            // modules.dep lists the deepest dependencies last.
+            for d in deps.iter().rev() {
+                self.visit(&module_name(d), true, seen, files)?;
+            }
+            files.push(file.clone());
+            for s in &post {
+                self.visit(&module_name(s), false, seen, files)?;
+            }
+        } else if self.builtin.contains(name) {
+        } else if let Some(targets) = self.aliases.get(name) {
+            // Soft dependencies name aliases too (libcrc32c's "crc32c").
+            for t in targets {
+                self.visit(t, false, seen, files)?;
+            }
+        } else if needed {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("kernel module {name} is neither in modules.dep nor built in"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+enum Source {
+    Bytes(Vec<u8>),
+    Host(PathBuf),
+}
+
+enum Node {
+    Dir,
+    File { mode: u32, source: Source },
+    Symlink(String),
+    CharDev { mode: u32, major: u32, minor: u32 },
+}
+
+/// An initramfs: an uncompressed newc cpio archive, built in memory (host files are only
+/// read when it is written).
+pub struct Initramfs {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Default for Initramfs {
+    fn default() -> Self {
+        Initramfs::new()
+    }
+}
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFLNK: u32 = 0o120000;
+const S_IFCHR: u32 = 0o020000;
+
+fn archive_name(path: &str) -> String {
+    path.trim_matches('/').to_string()
+}
+
+impl Initramfs {
+    /// The skeleton: `/proc /sys /dev /run /nix /tmp /etc`, and `/dev/console`, which the
+    /// kernel opens for init's stdio before anything can mount devtmpfs.
+    pub fn new() -> Initramfs {
+        let mut i = Initramfs {
+            nodes: BTreeMap::new(),
+        };
+        for d in ["/proc", "/sys", "/dev", "/run", "/nix", "/tmp", "/etc"] {
+            i.dir(d);
+        }
+        i.char_device("/dev/console", 0o600, 5, 1);
+        i
+    }
+
+    /// What guest-init needs as `/init`: the skeleton, guest-init, the store modules of
+    /// `kernel` with the module index, and busybox at `/bin` (for debugging and rescue).
+    pub fn for_guest_init(kernel: &Kernel) -> Initramfs {
+        let mut i = Initramfs::new();
+        i.copy("/init", guest_init_bin(), 0o755);
+        i.modules(kernel, STORE_MODULES, OPTIONAL_STORE_MODULES)
+            .unwrap_or_else(|e| panic!("kernel {}: {e}", kernel.version));
+        i.busybox();
+        i
+    }
+
+    fn parents(&mut self, name: &str) {
+        let mut at = 0;
+        while let Some(i) = name[at..].find('/') {
+            let parent = &name[..at + i];
+            self.nodes.entry(parent.to_string()).or_insert(Node::Dir);
+            at += i + 1;
+        }
+    }
+
+    fn put(&mut self, path: &str, node: Node) -> &mut Self {
+        let name = archive_name(path);
+        assert!(!name.is_empty(), "the root is implicit");
+        self.parents(&name);
+        self.nodes.insert(name, node);
+        self
+    }
+
+    /// A directory (parents are added as needed for every entry).
+    pub fn dir(&mut self, path: &str) -> &mut Self {
+        self.put(path, Node::Dir)
+    }
+
+    /// A file with `data`.
+    pub fn file(&mut self, path: &str, data: impl Into<Vec<u8>>, mode: u32) -> &mut Self {
+        self.put(
+            path,
+            Node::File {
+                mode,
+                source: Source::Bytes(data.into()),
+            },
+        )
+    }
+
+    /// A file copied from `host` when the archive is written.
+    pub fn copy(&mut self, path: &str, host: impl Into<PathBuf>, mode: u32) -> &mut Self {
+        self.put(
+            path,
+            Node::File {
+                mode,
+                source: Source::Host(host.into()),
+            },
+        )
+    }
+
+    /// A symbolic link to `target`.
+    pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        self.put(path, Node::Symlink(target.to_string()))
+    }
+
+    /// A character device node.
+    pub fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
+        self.put(path, Node::CharDev { mode, major, minor })
+    }
+
+    /// Static busybox (the host's `/bin/busybox`) at `/bin/busybox`, with `/bin/sh` and a
+    /// few other applets linked to it. Panics if the host has none.
+    pub fn busybox(&mut self) -> &mut Self {
+        let bb = host_busybox();
+        self.copy("/bin/busybox", bb, 0o755);
+        for applet in ["sh", "ls", "cat", "mount", "umount", "dmesg", "poweroff"] {
+            self.symlink(&format!("/bin/{applet}"), "busybox");
+        }
+        self
+    }
+
+    /// The module files of `kernel` for `required` and `optional` modules (see
+    /// [`Kernel::module_files`]) under `/lib/modules/<version>/`, and the module index
+    /// files ([`MODULE_INDEX_FILES`]) unchanged. Returns the module files added.
+    pub fn modules(
+        &mut self,
+        kernel: &Kernel,
+        required: &[&str],
+        optional: &[&str],
+    ) -> io::Result<Vec<String>> {
+        let files = kernel.module_files(required, optional)?;
+        let base = format!("/lib/modules/{}", kernel.version);
+        for f in &files {
+            self.copy(&format!("{base}/{f}"), kernel.modules_dir.join(f), 0o644);
+        }
+        for index in MODULE_INDEX_FILES {
+            let host = kernel.modules_dir.join(index);
+            if host.is_file() {
+                self.copy(&format!("{base}/{index}"), host, 0o644);
+            }
+        }
+        Ok(files)
+    }
+
+    /// Whether the archive has an entry at `path`.
+    pub fn contains(&self, path: &str) -> bool {
+        self.nodes.contains_key(&archive_name(path))
+    }
+
+    /// Writes the archive to `out`.
+    pub fn write(&self, out: &Path) -> io::Result<()> {
+        let mut w = BufWriter::new(File::create(out)?);
+        // Sorted names put every directory before what it holds, as the kernel needs.
+        for (ino, (name, node)) in self.nodes.iter().enumerate() {
+            let ino = ino as u32 + 1;
+            match node {
+                Node::Dir => cpio_entry(&mut w, ino, S_IFDIR | 0o755, 2, (0, 0), name, &[])?,
+                Node::Symlink(t) => {
+                    cpio_entry(&mut w, ino, S_IFLNK | 0o777, 1, (0, 0), name, t.as_bytes())?
+                }
+                Node::CharDev { mode, major, minor } => {
+                    cpio_entry(&mut w, ino, S_IFCHR | mode, 1, (*major, *minor), name, &[])?
+                }
+                Node::File { mode, source } => {
+                    let data = match source {
+                        Source::Bytes(b) => std::borrow::Cow::Borrowed(b),
+                        Source::Host(p) => std::borrow::Cow::Owned(fs::read(p).map_err(|e| {
+                            io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+                        })?),
+                    };
+                    cpio_entry(&mut w, ino, S_IFREG | mode, 1, (0, 0), name, &data)?
+                }
+            }
+        }
+        cpio_entry(&mut w, 0, 0, 1, (0, 0), "TRAILER!!!", &[])?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+}
+
+/// One newc record: the 110-byte ASCII header, the name, the data, each padded to 4 bytes.
+fn cpio_entry(
+    w: &mut impl Write,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    rdev: (u32, u32),
+    name: &str,
+    data: &[u8],
+) -> io::Result<()> {
+    let size = u32::try_from(data.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too big for cpio"))?;
+    let namesize = name.len() as u32 + 1;
+    // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
+    let header = format!(
+        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+        0, 0, 0, 0, 0, rdev.0, rdev.1, 0
+    );
+    w.write_all(header.as_bytes())?;
+    w.write_all(name.as_bytes())?;
+    w.write_all(&[0])?;
+    let pad = |n: usize| (4 - n % 4) % 4;
+    w.write_all(&[0; 4][..pad(header.len() + namesize as usize)])?;
+    w.write_all(data)?;
+    w.write_all(&[0; 4][..pad(data.len())])?;
+    Ok(())
+}
+
+/// The host's static busybox; panics if there is none.
+pub fn host_busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))
+        .expect("no /bin/busybox: VM tests need a static busybox (apt-get install busybox-static)")
+}
+
+/// A program for a guest to run, living in a store path of a sample store.
+#[derive(Clone, Debug)]
+pub struct GuestProgram {
+    /// Base name of its store path.
+    pub base: String,
+}
+
+impl GuestProgram {
+    /// The script's path inside the guest, whose store is always at `/nix/store`.
+    pub fn run_path(&self) -> String {
+        format!("/nix/store/{}/bin/run", self.base)
+    }
+
+    /// The kernel command-line word that makes guest-init run it.
+    pub fn init_arg(&self) -> String {
+        format!("init={}", self.run_path())
+    }
+}
+
+/// Adds a store path `<hash>-<name>` to `s` holding `bin/busybox` (a copy of the host's
+/// static busybox), a link to it for each of its applets, and `bin/run`: a busybox shell
+/// script with `body`, with `PATH` set to that `bin`, that ends by powering the VM off.
+/// The path is appended to the closure file and to `s.closure`.
+pub fn add_guest_program(s: &mut SampleStore, name: &str, body: &str) -> io::Result<GuestProgram> {
+    let base = base_name(name);
+    let root = s.store_dir.join(&base);
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin)?;
+    let bb = host_busybox();
+    fs::copy(&bb, bin.join("busybox"))?;
+    let list = harness::run(
+        Command::new(&bb).arg("--list").stdin(Stdio::null()),
+        Duration::from_secs(10),
+    );
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" && !applet.contains('/') && applet != "run" {
+            symlink("busybox", bin.join(applet))?;
+        }
+    }
+    let dir = format!("/nix/store/{base}/bin");
+    let script = format!(
+        "#!{dir}/busybox sh\n\
+         # Guest test program written by nixstorefs_tests::vm.\n\
+         export PATH={dir}\n\
+         {body}\n\
+         sync\n\
+         busybox poweroff -f\n"
+    );
+    fs::write(bin.join("run"), script)?;
+    fs::set_permissions(bin.join("run"), fs::Permissions::from_mode(0o555))?;
+    fs::set_permissions(bin.join("busybox"), fs::Permissions::from_mode(0o555))?;
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o555))?;
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o555))?;
+    append_to_closure(s, &base)?;
+    Ok(GuestProgram { base })
+}
+
+/// Writes a store path `<hash>-<name>` into `s`'s store directory with `files` (relative
+/// path, content) in it, without adding it to any closure; returns its base name.
+pub fn add_store_path(s: &SampleStore, name: &str, files: &[(&str, &[u8])]) -> io::Result<String> {
+    let base = base_name(name);
+    let root = s.store_dir.join(&base);
+    fs::create_dir(&root)?;
+    for (rel, data) in files {
+        let p = root.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&p, data)?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o444))?;
+    }
+    Ok(base)
+}
+
+/// Appends `<store_dir>/<base>` to `s`'s closure file and adds `base` to `s.closure`.
+pub fn append_to_closure(s: &mut SampleStore, base: &str) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().append(true).open(&s.closure_file)?;
+    writeln!(f, "{}", s.store_dir.join(base).display())?;
+    s.closure.push(base.to_string());
+    s.closure.sort();
+    Ok(())
+}
+
+/// Escapes a value for a qemu `-opt key=value,...` list.
+fn qemu_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Makes a child die with the thread that started it, so that a test killed by its runner
+/// leaves no qemu or virtiofsd behind.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child killed and reaped on drop.
+struct Reaped {
+    child: Option<Child>,
+}
+
+impl Reaped {
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads a pipe to the end in a thread, optionally echoing it to stderr.
+struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start<R: Read + Send + 'static>(pipe: Option<R>, echo: bool) -> Capture {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let thread = pipe.map(|mut pipe| {
+            thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    if echo {
+                        let _ = io::stderr().write_all(&chunk[..n]);
+                    }
+                    b.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        Capture { buf, thread }
+    }
+
+    /// What was read; waits (briefly) for the reader to see the end of the pipe.
+    fn finish(mut self) -> String {
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let b = self.buf.lock().unwrap();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+}
+
+struct Share {
+    tag: String,
+    dir: PathBuf,
+    readonly: bool,
+}
+
+struct Disk {
+    image: PathBuf,
+    readonly: bool,
+}
+
+/// A VM to boot: kernel, initramfs, command line, virtiofs shares and virtio disks.
+pub struct Guest {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    cmdline: Vec<String>,
+    shares: Vec<Share>,
+    disks: Vec<Disk>,
+    timeout: Duration,
+}
+
+impl Guest {
+    /// A guest booting `kernel` with `initramfs` (written by [`Initramfs::write`]).
+    pub fn new(kernel: &Kernel, initramfs: impl Into<PathBuf>) -> Guest {
+        Guest {
+            kernel: kernel.image.clone(),
+            initramfs: initramfs.into(),
+            cmdline: Vec::new(),
+            shares: Vec::new(),
+            disks: Vec::new(),
+            timeout: BOOT_TIMEOUT,
+        }
+    }
+
+    /// Adds words to the kernel command line (after `console=ttyS0 panic=-1`).
+    pub fn cmdline(mut self, words: &str) -> Guest {
+        self.cmdline
+            .extend(words.split_whitespace().map(str::to_string));
+        self
+    }
+
+    /// Shares `dir` read-only through virtiofsd under `tag`.
+    pub fn virtiofs(mut self, tag: &str, dir: impl Into<PathBuf>) -> Guest {
+        self.shares.push(Share {
+            tag: tag.to_string(),
+            dir: dir.into(),
+            readonly: true,
+        });
+        self
+    }
+
+    /// Shares `dir` writable through virtiofsd under `tag`.
+    pub fn virtiofs_writable(mut self, tag: &str, dir: impl Into<PathBuf>) -> Guest {
+        self.shares.push(Share {
+            tag: tag.to_string(),
+            dir: dir.into(),
+            readonly: false,
+        });
+        self
+    }
+
+    /// Attaches a raw image as a read-only virtio disk (`/dev/vda`, then `vdb`, ...).
+    pub fn disk(mut self, image: impl Into<PathBuf>) -> Guest {
+        self.disks.push(Disk {
+            image: image.into(),
+            readonly: true,
+        });
+        self
+    }
+
+    /// Attaches a raw image as a writable virtio disk.
+    pub fn writable_disk(mut self, image: impl Into<PathBuf>) -> Guest {
+        self.disks.push(Disk {
+            image: image.into(),
+            readonly: false,
+        });
+        self
+    }
+
+    /// Sets the hard limit on the boot.
+    pub fn timeout(mut self, timeout: Duration) -> Guest {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The full kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
+        words.extend(self.cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    /// Boots the guest and waits until qemu exits or the timeout kills it. Everything
+    /// started here is stopped, and its temporary files removed, before it returns.
+    pub fn boot(&self) -> Boot {
+        let qemu = qemu();
+        let tmp = tempfile::Builder::new()
+            .prefix("nixstorefs-vm.")
+            .tempdir()
+            .expect("create the VM's temporary directory");
+        let echo = std::env::var_os(ECHO_ENV).is_some();
+        let started = Instant::now();
+
+        let mut daemons = Vec::new();
+        let mut daemon_logs = Vec::new();
+        let mut cmd = Command::new(&qemu);
+        cmd.args(["-accel", "tcg", "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initramfs)
+            .arg("-append")
+            .arg(self.kernel_cmdline());
+        if !self.shares.is_empty() {
+            // vhost-user needs guest memory the daemon can map.
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"
+                ))
+                .args(["-numa", "node,memdev=mem"]);
+            let virtiofsd = virtiofsd();
+            for (i, share) in self.shares.iter().enumerate() {
+                let sock = tmp.path().join(format!("vfs{i}.sock"));
+                let log = tmp.path().join(format!("virtiofsd{i}.log"));
+                let out = File::create(&log).expect("create virtiofsd's log");
+                let err = out.try_clone().expect("duplicate virtiofsd's log");
+                let mut v = Command::new(&virtiofsd);
+                v.arg("--socket-path")
+                    .arg(&sock)
+                    .arg("--shared-dir")
+                    .arg(&share.dir)
+                    .args(["--sandbox", "none", "--cache", "auto"])
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err);
+                if share.readonly {
+                    v.arg("--readonly");
+                }
+                let child = die_with_parent(&mut v)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", virtiofsd.display()));
+                let mut d = Reaped { child: Some(child) };
+                wait_for_socket(&mut d, &sock, &log);
+                daemons.push(d);
+                daemon_logs.push((share.tag.clone(), log));
+                cmd.arg("-chardev")
+                    .arg(format!("socket,id=vfs{i},path={}", qemu_value(&sock)))
+                    .arg("-device")
+                    .arg(format!(
+                        "vhost-user-fs-pci,chardev=vfs{i},tag={}",
+                        share.tag
+                    ));
+            }
+        }
+        for disk in &self.disks {
+            let ro = if disk.readonly { ",readonly=on" } else { "" };
+            cmd.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio{ro}",
+                qemu_value(&disk.image)
+            ));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let command = format!("{cmd:?}");
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
+        let mut q = Reaped { child: Some(child) };
+        let console = Capture::start(q.child().stdout.take(), echo);
+        let stderr = Capture::start(q.child().stderr.take(), false);
+        let status = harness::wait_bounded(q.child(), self.timeout);
+        let timed_out = status.is_none();
+        drop(q);
+        let elapsed = started.elapsed();
+        drop(daemons);
+        let mut virtiofsd_log = String::new();
+        for (tag, log) in daemon_logs {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            virtiofsd_log.push_str(&format!("--- virtiofsd for tag {tag}:\n{text}"));
+        }
+        let boot = Boot {
+            console: console.finish(),
+            qemu_stderr: stderr.finish(),
+            virtiofsd_log,
+            status,
+            timed_out,
+            elapsed,
+            command,
+        };
+        println!(
+            "vm: qemu ran {:.1} s ({})",
+            elapsed.as_secs_f64(),
+            boot.status_text()
+        );
+        boot
+    }
+}
+
+/// Waits (at most 10 s) for virtiofsd to listen on `sock`; panics with its log if it dies.
+fn wait_for_socket(d: &mut Reaped, sock: &Path, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        let exited = d.child().try_wait().expect("wait for virtiofsd");
+        if exited.is_some() || Instant::now() >= deadline {
+            let why = match exited {
+                Some(s) => format!("exited ({s})"),
+                None => "did not create its socket within 10 s".to_string(),
+            };
+            panic!(
+                "virtiofsd {why}:\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a boot printed and how it ended. When a test panics while holding it, the console
+/// and the logs are printed.
+pub struct Boot {
+    /// The serial console (kernel and guest output), as received.
+    pub console: String,
+    /// qemu's own stderr.
+    pub qemu_stderr: String,
+    /// The virtiofsd logs, one section per share.
+    pub virtiofsd_log: String,
+    /// qemu's exit status; `None` if it was killed at the timeout.
+    pub status: Option<ExitStatus>,
+    /// Whether the timeout killed qemu.
+    pub timed_out: bool,
+    /// How long qemu ran.
+    pub elapsed: Duration,
+    /// The qemu command line.
+    pub command: String,
+}
+
+impl Boot {
+    /// Console lines, without the serial line's carriage returns.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.console.lines().map(|l| l.trim_end_matches('\r'))
+    }
+
+    /// The first line containing `needle`.
+    pub fn line_with(&self, needle: &str) -> Option<&str> {
+        self.lines().find(|l| l.contains(needle))
+    }
+
+    /// What follows `prefix` on the first line that starts with it, trimmed.
+    pub fn value(&self, prefix: &str) -> Option<&str> {
+        self.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    }
+
+    /// Like [`Boot::value`]; panics if no line starts with `prefix`.
+    pub fn expect_value(&self, prefix: &str) -> &str {
+        self.value(prefix)
+            .unwrap_or_else(|| panic!("no console line starts with {prefix:?}"))
+    }
+
+    /// Panics unless the guest stopped by itself (powered off, or panicked with
+    /// `panic=-1` and `-no-reboot`) with qemu exiting 0.
+    pub fn assert_stopped(&self) {
+        assert!(
+            !self.timed_out,
+            "the guest was still running after {:.0} s and was killed",
+            self.elapsed.as_secs_f64()
+        );
+        let s = self.status.expect("qemu has an exit status");
+        assert!(s.success(), "qemu failed: {s}");
+    }
+
+    /// Panics unless a console line contains `marker`; returns the line.
+    pub fn assert_marker(&self, marker: &str) -> &str {
+        self.line_with(marker)
+            .unwrap_or_else(|| panic!("no console line contains {marker:?}"))
+    }
+
+    /// Panics if a console line contains `marker`.
+    pub fn assert_no_marker(&self, marker: &str) {
+        if let Some(l) = self.line_with(marker) {
+            panic!("unexpected console line: {l:?}");
+        }
+    }
+
+    /// Panics unless the markers appear in this order, each on a line after the previous.
+    pub fn assert_in_order(&self, markers: &[&str]) {
+        let mut lines = self.lines();
+        for m in markers {
+            assert!(
+                lines.any(|l| l.contains(m)),
+                "{m:?} does not appear on the console after {markers:?}'s earlier markers"
+            );
+        }
+    }
+
+    /// Panics if guest-init reported an error.
+    pub fn assert_no_error(&self) {
+        self.assert_no_marker(GUEST_INIT_ERROR);
+    }
+
+    /// Panics unless guest-init reported an error whose line contains each of `needles`;
+    /// returns that line.
+    pub fn assert_error(&self, needles: &[&str]) -> &str {
+        let line = self.assert_marker(GUEST_INIT_ERROR);
+        for n in needles {
+            assert!(
+                line.contains(n),
+                "guest-init's error does not name {n:?}: {line:?}"
+            );
+        }
+        line
+    }
+
+    /// How qemu ended, in words.
+    pub fn status_text(&self) -> String {
+        match self.status {
+            Some(s) => s.to_string(),
+            None => "killed at the timeout".to_string(),
+        }
+    }
+
+    /// Everything about the boot, for a failure report.
+    pub fn report(&self) -> String {
+        format!(
+            "qemu command: {}\nstatus: {}\nran for: {:.1} s\n\
+             ===== console =====\n{}\n===== qemu stderr =====\n{}\n{}",
+            self.command,
+            self.status_text(),
+            self.elapsed.as_secs_f64(),
+            self.console.replace('\r', ""),
+            self.qemu_stderr,
+            self.virtiofsd_log
+        )
+    }
+}
+
+impl Drop for Boot {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("vm: the test failed; the boot was:\n{}", self.report());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        assert!(version_key("6.10.0-1-amd64") > version_key("6.9.0-1-amd64"));
+        assert!(version_key("6.1.0-56-amd64") > version_key("6.1.0-9-amd64"));
+    }
+
+    #[test]
+    fn module_names_normalise() {
+        assert_eq!(
+            module_name("kernel/arch/x86/crypto/crc32c-intel.ko"),
+            "crc32c_intel"
+        );
+        assert_eq!(module_name("kernel/fs/erofs/erofs.ko.xz"), "erofs");
+    }
+
+    #[test]
+    fn resolves_dependencies_softdeps_and_aliases() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/a.ko: kernel/b.ko kernel/c.ko\nkernel/b.ko: kernel/c.ko\nkernel/c.ko:\n\
+             kernel/d-gen.ko:\nkernel/e.ko:\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("modules.softdep"),
+            "softdep c pre: dalias post: e\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("modules.alias"),
+            "alias dalias d_gen\nalias pci:v*d* e\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("modules.builtin"), "kernel/x.ko\n").unwrap();
+        let idx = ModuleIndex::load(dir.path()).unwrap();
+        let files = idx.resolve(&["a", "x"], &["nope"]).unwrap();
+        assert_eq!(
+            files,
+            [
+                "kernel/d-gen.ko",
+                "kernel/c.ko",
+                "kernel/e.ko",
+                "kernel/b.ko",
+                "kernel/a.ko"
+            ]
+        );
+        assert!(idx.resolve(&["nope"], &[]).is_err());
+    }
+
+    #[test]
+    fn cpio_records_are_aligned() {
+        let mut out = Vec::new();
+        cpio_entry(&mut out, 1, S_IFREG | 0o644, 1, (0, 0), "init", b"hello").unwrap();
+        assert_eq!(out.len() % 4, 0);
+        assert!(out.starts_with(b"070701"));
+        // 110-byte header, "init\0" padded to 116, then 5 bytes of data padded to 8.
+        assert_eq!(out.len(), 116 + 8);
+        assert_eq!(&out[116..121], b"hello");
+    }
+
+    #[test]
+    fn initramfs_lists_parents_first() {
+        let mut i = Initramfs::new();
+        i.file("/lib/modules/v/kernel/fs/x.ko", b"x".to_vec(), 0o644);
+        let names: Vec<&String> = i.nodes.keys().collect();
+        let pos = |n: &str| names.iter().position(|k| *k == n).unwrap();
+        assert!(pos("lib") < pos("lib/modules"));
+        assert!(pos("lib/modules/v/kernel/fs") < pos("lib/modules/v/kernel/fs/x.ko"));
+        assert!(i.contains("/dev/console"));
+    }
+}

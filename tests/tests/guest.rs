@@ -1,0 +1,358 @@
+//! End-to-end tests of guest-init: real boots of the host's Debian kernel under qemu (TCG),
+//! with guest-init as the initramfs's /init mounting a sample closure from a virtiofs share
+//! of a nixstorefs mount, or from erofs images written by mkimage.
+//!
+//! The guest's init is a busybox script in the sample store ([`vm::add_guest_program`]);
+//! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
+//! the guest kernel and the built binaries, including the static guest-init
+//! (`RUSTFLAGS="-C target-feature=+crt-static" cargo build -p guest-init --target
+//! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nixstorefs_tests::harness::{self, Mount};
+use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
+use nixstorefs_tests::vm::{self, Boot, Guest, GuestProgram, Initramfs, Kernel};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+/// Warnings and errors only: info messages printed while the script runs could split its
+/// marker lines on the shared serial console.
+const KERNEL_LOGLEVEL: &str = "loglevel=5";
+const TAG: &str = "nix-store";
+const MKIMAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A sample store with a guest program in its closure, and an initramfs to boot it with.
+/// Fields drop in order: the sample directory goes last.
+struct Setup {
+    s: SampleStore,
+    prog: GuestProgram,
+    kernel: Kernel,
+    initramfs: PathBuf,
+    dir: TempDir,
+}
+
+impl Setup {
+    /// `None` only when qemu is missing outside CI (the message is printed).
+    fn new(body: impl FnOnce(&SampleStore) -> String) -> Option<Setup> {
+        vm::qemu_or_skip()?;
+        let kernel = Kernel::find();
+        let dir = tempfile::Builder::new()
+            .prefix("nixstorefs-sample.")
+            .tempdir_in("/tmp")
+            .expect("create a sample directory");
+        let mut s = sample::build(dir.path(), &SampleOptions::small()).expect("build the sample");
+        let script = body(&s);
+        let prog = vm::add_guest_program(&mut s, "guest-test", &script)
+            .expect("add the guest program to the sample");
+        let initramfs = dir.path().join("initramfs.cpio");
+        Initramfs::for_guest_init(&kernel)
+            .write(&initramfs)
+            .expect("write the initramfs");
+        Some(Setup {
+            s,
+            prog,
+            kernel,
+            initramfs,
+            dir,
+        })
+    }
+
+    /// A guest running the program as init, with `store` (words for the command line).
+    fn guest(&self, store: &str) -> Guest {
+        Guest::new(&self.kernel, &self.initramfs)
+            .cmdline(KERNEL_LOGLEVEL)
+            .cmdline(store)
+            .cmdline(&self.prog.init_arg())
+    }
+
+    /// An erofs image of the closure listed in `closure_file`, with `extra` mkimage options.
+    fn image(&self, closure_file: &Path, name: &str, extra: &[&str]) -> PathBuf {
+        let out = self.dir.path().join(name);
+        let o = harness::run(
+            Command::new(harness::bin("mkimage"))
+                .arg("--store-dir")
+                .arg(&self.s.store_dir)
+                .args(extra)
+                .arg(closure_file)
+                .arg(&out)
+                .stdin(Stdio::null()),
+            MKIMAGE_TIMEOUT,
+        );
+        assert!(
+            o.status.success(),
+            "mkimage failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    }
+
+    /// A nixstorefs mount of the closure, to share with virtiofsd.
+    fn mount(&self) -> Mount {
+        Mount::foreground(&self.s.store_dir, &self.s.closure_file, &[])
+    }
+}
+
+fn sha256_hex(path: &Path) -> String {
+    sample::hex(&Sha256::digest(
+        fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    ))
+}
+
+fn store_listing(s: &SampleStore) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(&s.store_dir)
+        .expect("list the store")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Shell words quoted for the guest script; store names have no single quotes.
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Script lines checking the store seen by the guest: every path of `s`'s closure there, no
+/// noise, how many entries, the big file's digest, and whether /nix/store takes writes.
+fn store_checks(s: &SampleStore) -> String {
+    format!(
+        "echo GUEST-START\n\
+         for p in {noise}; do\n\
+           if [ -e \"/nix/store/$p\" ] || [ -L \"/nix/store/$p\" ]; then echo \"PRESENT $p\"; fi\n\
+         done\n\
+         for p in {closure}; do\n\
+           if [ ! -e \"/nix/store/$p\" ] && [ ! -L \"/nix/store/$p\" ]; then echo \"ABSENT $p\"; fi\n\
+         done\n\
+         echo \"ENTRIES $(ls -A /nix/store | wc -l)\"\n\
+         set -- $(sha256sum /nix/store/{big})\n\
+         echo \"SHA256 $1\"\n\
+         if touch /nix/store/probe 2>/dev/null; then echo STORE-WRITABLE; else echo STORE-READ-ONLY; fi\n\
+         grep ' /nix/store ' /proc/self/mountinfo | sed 's/^/MOUNT /'\n",
+        noise = quoted(&s.noise),
+        closure = quoted(&s.closure),
+        big = s.big_file.display(),
+    )
+}
+
+/// The console checks matching [`store_checks`], for a read-only store of `s`'s closure,
+/// which by now includes the program.
+fn assert_store_seen(boot: &Boot, s: &SampleStore) {
+    boot.assert_no_marker("PRESENT ");
+    boot.assert_no_marker("ABSENT ");
+    assert_eq!(
+        boot.expect_value("ENTRIES "),
+        s.closure.len().to_string(),
+        "entries of /nix/store in the guest"
+    );
+    assert_eq!(
+        boot.expect_value("SHA256 "),
+        sha256_hex(&s.host(&s.big_file)),
+        "digest of the big file in the guest"
+    );
+    boot.assert_marker("STORE-READ-ONLY");
+}
+
+fn assert_booted_ok(boot: &Boot) {
+    boot.assert_stopped();
+    boot.assert_no_error();
+    boot.assert_in_order(&["guest-init: store mounted", "GUEST-START", "GUEST-OK"]);
+}
+
+#[test]
+fn virtiofs_share_of_a_nixstorefs_mount() {
+    let Some(t) = Setup::new(|s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+        return;
+    };
+    let m = t.mount();
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .virtiofs(TAG, m.mountpoint())
+        .boot();
+    assert_booted_ok(&boot);
+    assert_store_seen(&boot, &t.s);
+}
+
+#[test]
+fn erofs_image_found_by_label() {
+    let Some(t) = Setup::new(|s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let boot = t.guest("nixstore=erofs:LABEL=nix-store").disk(&img).boot();
+    assert_booted_ok(&boot);
+    assert_store_seen(&boot, &t.s);
+}
+
+#[test]
+fn writable_overlay_keeps_image_and_host_store_unchanged() {
+    let mut readme = PathBuf::new();
+    let made = sample::base_name("made-in-guest");
+    let Some(t) = Setup::new(|s| {
+        readme = PathBuf::from(format!(
+            "{}/share/doc/hello/README",
+            s.path_named("hello-2.12")
+        ));
+        format!(
+            "echo GUEST-START\n\
+             echo written-in-guest > /nix/store/new-file && echo \"READBACK $(cat /nix/store/new-file)\"\n\
+             echo appended-in-guest >> /nix/store/{readme} && echo \"COPYUP $(tail -n 1 /nix/store/{readme})\"\n\
+             mkdir /nix/store/{made} && echo made > /nix/store/{made}/f && echo \"NEWPATH $(cat /nix/store/{made}/f)\"\n\
+             set -- $(sha256sum /nix/store/{big})\n\
+             echo \"SHA256 $1\"\n\
+             grep ' /nix/store ' /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
+             echo GUEST-OK\n",
+            readme = readme.display(),
+            big = s.big_file.display(),
+        )
+    }) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let image_before = sha256_hex(&img);
+    let store_before = store_listing(&t.s);
+    let readme_before = fs::read(t.s.host(&readme)).unwrap();
+    // Writable at the qemu level, so that only guest-init's read-only mount protects it.
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store nixstore.writable=tmpfs")
+        .writable_disk(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_eq!(boot.expect_value("READBACK "), "written-in-guest");
+    assert_eq!(boot.expect_value("COPYUP "), "appended-in-guest");
+    assert_eq!(boot.expect_value("NEWPATH "), "made");
+    assert_eq!(
+        boot.expect_value("SHA256 "),
+        sha256_hex(&t.s.host(&t.s.big_file))
+    );
+    assert_eq!(sha256_hex(&img), image_before, "the image changed");
+    assert_eq!(store_listing(&t.s), store_before, "the host store changed");
+    assert_eq!(
+        fs::read(t.s.host(&readme)).unwrap(),
+        readme_before,
+        "a host file changed"
+    );
+}
+
+#[test]
+fn mount_store_twice_changes_nothing() {
+    let Some(t) = Setup::new(|_| {
+        "echo GUEST-START\n\
+         /init mount-store --store erofs:LABEL=nix-store >/tmp/first.out 2>&1\n\
+         echo \"FIRST-STATUS $?\"\n\
+         sed 's/^/FIRST: /' /tmp/first.out\n\
+         cat /proc/self/mountinfo > /tmp/mountinfo.before\n\
+         /init mount-store --store erofs:LABEL=nix-store >/tmp/second.out 2>&1\n\
+         echo \"SECOND-STATUS $?\"\n\
+         sed 's/^/SECOND: /' /tmp/second.out\n\
+         cat /proc/self/mountinfo > /tmp/mountinfo.after\n\
+         echo \"LINES-BEFORE $(wc -l < /tmp/mountinfo.before)\"\n\
+         echo \"LINES-AFTER $(wc -l < /tmp/mountinfo.after)\"\n\
+         if cmp -s /tmp/mountinfo.before /tmp/mountinfo.after; then echo MOUNTINFO-SAME; \
+         else echo MOUNTINFO-CHANGED; diff /tmp/mountinfo.before /tmp/mountinfo.after; fi\n\
+         echo GUEST-OK\n"
+            .to_string()
+    }) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let boot = t.guest("nixstore=erofs:LABEL=nix-store").disk(&img).boot();
+    assert_booted_ok(&boot);
+    assert_eq!(boot.expect_value("FIRST-STATUS "), "0");
+    assert_eq!(boot.expect_value("SECOND-STATUS "), "0");
+    let second = boot.assert_marker("SECOND: ");
+    assert!(
+        boot.lines()
+            .any(|l| l.starts_with("SECOND: ") && l.contains("already mounted")),
+        "the second mount-store did not say it was already mounted: {second:?}"
+    );
+    assert_eq!(
+        boot.expect_value("LINES-BEFORE "),
+        boot.expect_value("LINES-AFTER "),
+        "mountinfo line count"
+    );
+    boot.assert_marker("MOUNTINFO-SAME");
+}
+
+#[test]
+fn mount_store_switches_closures_atomically() {
+    let mut both = String::new();
+    let extra = sample::base_name("only-in-second");
+    let Some(t) = Setup::new(|s| {
+        both = format!("{}/lib/libc.so.6", s.path_named("glibc-2.40"));
+        format!(
+            "echo GUEST-START\n\
+             if [ -e /nix/store/{extra} ]; then echo EXTRA-TOO-EARLY; fi\n\
+             while true; do\n\
+               [ -e /nix/store/{both} ] || echo MISSING\n\
+               [ -e /tmp/loop-alive ] || : > /tmp/loop-alive\n\
+             done &\n\
+             loop=$!\n\
+             while [ ! -e /tmp/loop-alive ]; do sleep 0.05; done\n\
+             echo LOOP-STARTED\n\
+             /init mount-store --store erofs:LABEL=second >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             rm /tmp/loop-alive\n\
+             n=0\n\
+             while [ ! -e /tmp/loop-alive ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n + 1)); done\n\
+             if [ -e /tmp/loop-alive ]; then echo LOOP-SURVIVED; fi\n\
+             kill $loop\n\
+             wait $loop 2>/dev/null\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             grep ' /nix/store ' /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
+             echo GUEST-OK\n"
+        )
+    }) else {
+        return;
+    };
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let added = vm::add_store_path(&t.s, "only-in-second", &[("data", b"second closure\n")])
+        .expect("add the extra store path");
+    assert_eq!(added, extra);
+    let closure2 = t.dir.path().join("closure2.txt");
+    fs::copy(&t.s.closure_file, &closure2).unwrap();
+    let mut s2 = t.s.clone();
+    s2.closure_file = closure2.clone();
+    vm::append_to_closure(&mut s2, &extra).unwrap();
+    let second = t.image(&closure2, "second.img", &["-L", "second"]);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store")
+        .disk(&first)
+        .disk(&second)
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_no_marker("EXTRA-TOO-EARLY");
+    // The reader ran before and after the switch, so it raced it.
+    boot.assert_in_order(&["LOOP-STARTED", "SWITCH-STATUS ", "LOOP-SURVIVED"]);
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
+    boot.assert_no_marker("MISSING");
+}
+
+#[test]
+fn wrong_virtiofs_tag_fails_and_powers_off() {
+    let Some(t) = Setup::new(|_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
+        return;
+    };
+    let m = t.mount();
+    let boot = t
+        .guest("nixstore=virtiofs:wrong-tag nixstore.timeout=3")
+        .virtiofs(TAG, m.mountpoint())
+        .boot();
+    boot.assert_stopped();
+    // What was expected, and what was found: the one share there is (its tag is not shown
+    // by the 6.1 guest kernel).
+    let line = boot.assert_error(&["wrong-tag", "found 1 virtio-fs device"]);
+    println!("guest-init said: {line}");
+    boot.assert_in_order(&[vm::GUEST_INIT_ERROR, "powering off"]);
+    boot.assert_no_marker("GUEST-START");
+}
