@@ -16,6 +16,10 @@ cargo build --workspace --all-targets
 # guest-init runs as the /init of test guests: statically linked.
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build -p guest-init --target x86_64-unknown-linux-gnu
+# Fuzzing first, bounded (FUZZ_SECONDS per target, default 30), so that the test
+# runner's summary is the last thing printed.
+scripts/fuzz.sh
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --profile ci
 else
