@@ -159,6 +159,11 @@ fn swapping_directories_for_symlinks_never_leaks() {
         }
         let swaps = attacker.join().unwrap();
         assert!(swaps > 20, "only {swaps} swaps happened");
+        println!(
+            "figures: {swaps} swaps, {} reads served, {} leaked",
+            reads.load(Ordering::Relaxed),
+            leaks.load(Ordering::Relaxed)
+        );
     });
     assert_eq!(
         leaks.load(Ordering::Relaxed),
@@ -371,6 +376,9 @@ fn few_descriptors_are_enough() {
         .unwrap()
         .count();
     assert!(fds <= 64, "the daemon holds {fds} descriptors");
+    println!(
+        "figures: {files} files read with a 64-descriptor limit; {fds} descriptors open after"
+    );
 }
 
 /// 16 threads of mixed lookups, stats, directory reads and reads at random offsets,
@@ -447,6 +455,9 @@ fn mixed_load_no_errors_no_growth() {
         drop_caches();
         rss_after.push(rss());
     }
+    println!(
+        "figures: 3 rounds x 16 threads x 400 operations, 0 errors, 0 mismatches, VmRSS after each round {rss_after:?} kB"
+    );
     // The first round warms caches and allocators; later rounds must not keep growing.
     assert!(
         rss_after[2] <= rss_after[1] + rss_after[1] / 10 + 1024,
