@@ -3,9 +3,11 @@
 //! * [`snapshot`] walks a [`nixstorefs::view::View`] (a closure, or a whole directory) into
 //!   a tree of inodes, with the same safe traversal the FUSE daemon uses.
 //! * [`erofs`] lays that tree out as an uncompressed erofs image.
+//! * [`prefetch`] reads ahead of the writer in parallel.
 //! * [`output`] makes OUTPUT appear only when the image is complete.
 
 pub mod erofs;
 pub mod output;
+pub mod prefetch;
 pub mod snapshot;
 pub mod uuid;

@@ -103,6 +103,10 @@ struct Args {
     #[arg(long)]
     strip_case_hack: bool,
 
+    /// Threads reading file contents ahead of the writer (0: none).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    read_threads: usize,
+
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
@@ -226,7 +230,9 @@ fn run(args: &Args) -> Result<(), Failure> {
         block_size_bits: 12,
     };
     let bar = progress_bar(args.quiet, &snap);
+    let prefetch = mkimage::prefetch::Prefetch::start(&snap.inodes, args.read_threads);
     let mut on_progress = |stats: &erofs::ImageStats| {
+        prefetch.written(stats.data_bytes);
         if let Some(bar) = &bar {
             bar.set_position(stats.data_bytes);
         }
@@ -237,6 +243,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         out.file(),
         &mut on_progress,
     );
+    drop(prefetch);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
