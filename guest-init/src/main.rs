@@ -264,7 +264,15 @@ fn stage1() -> ! {
         let mut modules = modules::Modules::open();
         stack::load_modules(&mut modules, &config.store, config.writable);
         let root = match &config.root {
-            Some(root) => mount_root(root, config.timeout)?,
+            Some(root) => {
+                // The root's filesystem may be a module too (ext4 is, in Debian's kernel).
+                if let Some(fstype) = &root.fstype {
+                    if let Err(e) = modules.load(fstype) {
+                        say(&e);
+                    }
+                }
+                mount_root(root, config.timeout)?
+            }
             None => PathBuf::from("/"),
         };
         let from = stack::mount_stack(&root, &config)?;

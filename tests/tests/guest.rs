@@ -192,6 +192,56 @@ fn erofs_image_found_by_label() {
     assert_store_seen(&boot, &t.s);
 }
 
+/// With a real root (`root=`), guest-init mounts it, puts the store below it and switches
+/// into it before executing init: the script sees the root disk's own files at /, with the
+/// store at /nix/store.
+#[test]
+fn real_root_is_switched_into() {
+    let Some(t) = Setup::new(|s| {
+        format!(
+            "echo GUEST-START\n\
+             echo \"ROOTFS $(awk '$2 == \"/\" {{print $3}}' /proc/mounts | tail -n 1)\"\n\
+             echo \"MARKER $(cat /root-marker)\"\n\
+             [ -e /nix/store/{hello} ] && echo STORE-OK\n\
+             echo GUEST-OK\n",
+            hello = s.path_named("hello-2.12")
+        )
+    }) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    // A root filesystem of its own: ext4, with a marker file and an empty /nix.
+    let tree = t.dir.path().join("root-tree");
+    fs::create_dir_all(tree.join("nix")).unwrap();
+    fs::write(tree.join("root-marker"), "the real root\n").unwrap();
+    let root_img = t.dir.path().join("root.img");
+    let o = harness::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(&tree)
+            .arg(&root_img)
+            .arg("32M"),
+        MKIMAGE_TIMEOUT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // ext4 is a module in Debian's kernel: the initramfs needs it for this root.
+    let initramfs = t.dir.path().join("initramfs-ext4.cpio");
+    let mut i = Initramfs::for_guest_init(&t.kernel);
+    i.modules(&t.kernel, &["ext4"], &[]).unwrap();
+    i.write(&initramfs).unwrap();
+    let boot = Guest::new(&t.kernel, &initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=/dev/vdb rootfstype=ext4")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&root_img)
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_marker("ROOTFS ext4");
+    boot.assert_marker("MARKER the real root");
+    boot.assert_marker("STORE-OK");
+}
+
 #[test]
 fn writable_overlay_keeps_image_and_host_store_unchanged() {
     let mut readme = PathBuf::new();
