@@ -8,6 +8,7 @@
 //!   all resolved relative to descriptors it holds.
 //! * [`fuse`] serves a [`view::View`] over FUSE; the callbacks are thin.
 
+pub mod cli;
 pub mod closure;
 pub mod fuse;
 pub mod store_path;

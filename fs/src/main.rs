@@ -1,11 +1,11 @@
 //! `nixstorefs`: mounts exactly one Nix closure of the host store, read-only.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nixstorefs::closure::Closure;
+use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::daemon;
 use nixstorefs::fuse::{FuseOptions, StoreFs};
 use nixstorefs::options::MountOptions;
@@ -43,19 +43,8 @@ struct Args {
     /// Where to mount the view.
     mountpoint: PathBuf,
 
-    /// The host store directory; the closure's paths must be directly below it.
-    #[arg(
-        long,
-        env = "NIX_STORE_DIR",
-        default_value = "/nix/store",
-        value_name = "DIR"
-    )]
-    store_dir: PathBuf,
-
-    /// Leave out closure paths that are missing from the store, with a warning, instead of
-    /// refusing to mount.
-    #[arg(long)]
-    allow_missing: bool,
+    #[command(flatten)]
+    closure_options: ClosureOptions,
 
     /// Stay in the foreground instead of detaching once the mount is live.
     #[arg(short, long)]
@@ -89,65 +78,15 @@ struct Args {
     verbose: u8,
 }
 
-/// A failure and the exit status it maps to.
-struct Failure {
-    status: u8,
-    message: String,
-}
-
-impl Failure {
-    fn input(message: impl Into<String>) -> Self {
-        Failure {
-            status: 2,
-            message: message.into(),
-        }
-    }
-
-    fn runtime(message: impl Into<String>) -> Self {
-        Failure {
-            status: 1,
-            message: message.into(),
-        }
-    }
-}
-
-fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure> {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match log_file {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| {
-                    Failure::input(format!("cannot open log file {}: {e}", path.display()))
-                })?;
-            builder.with_ansi(false).with_writer(Arc::new(file)).init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-    Ok(())
-}
-
 /// Everything that can be checked before mounting: bad input fails here, with nothing
 /// mounted.
 fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
     let store_dir = opts
         .store_dir
         .clone()
-        .unwrap_or_else(|| args.store_dir.clone());
-    let store_dir = std::path::absolute(&store_dir)
-        .map_err(|e| Failure::input(format!("store directory {}: {e}", store_dir.display())))?;
-    let closure =
-        Closure::load(&args.closure, &store_dir).map_err(|e| Failure::input(e.to_string()))?;
+        .unwrap_or_else(|| args.closure_options.store_dir.clone());
+    let closure = load_closure(&args.closure, &store_dir)?;
+    let store_dir = closure.store_dir.clone();
     let meta = std::fs::metadata(&args.mountpoint)
         .map_err(|e| Failure::input(format!("mountpoint {}: {e}", args.mountpoint.display())))?;
     if !meta.is_dir() {
@@ -156,7 +95,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
             args.mountpoint.display()
         )));
     }
-    let allow_missing = args.allow_missing || opts.allow_missing;
+    let allow_missing = args.closure_options.allow_missing || opts.allow_missing;
     let (view, setup) = View::new(
         &closure,
         allow_missing,

@@ -10,7 +10,7 @@ use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
 use mkimage::uuid::parse_uuid;
-use nixstorefs::closure::Closure;
+use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::view::{View, ViewOptions};
 
 /// The UUID images get unless told otherwise: fixed, so that images are reproducible.
@@ -48,18 +48,8 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
-    /// The host store directory; the closure's paths must be directly below it.
-    #[arg(
-        long,
-        env = "NIX_STORE_DIR",
-        default_value = "/nix/store",
-        value_name = "DIR"
-    )]
-    store_dir: PathBuf,
-
-    /// Leave out closure paths missing from the store, with a warning.
-    #[arg(long)]
-    allow_missing: bool,
+    #[command(flatten)]
+    closure_options: ClosureOptions,
 
     /// Owner of every file in the image.
     #[arg(long, default_value_t = 0, value_name = "UID")]
@@ -116,38 +106,12 @@ struct Args {
     verbose: u8,
 }
 
-/// A failure and the exit status it maps to.
-struct Failure {
-    status: u8,
-    message: String,
-}
-
 fn input(message: impl Into<String>) -> Failure {
-    Failure {
-        status: 2,
-        message: message.into(),
-    }
+    Failure::input(message)
 }
 
 fn runtime(message: impl Into<String>) -> Failure {
-    Failure {
-        status: 1,
-        message: message.into(),
-    }
-}
-
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    Failure::runtime(message)
 }
 
 /// The view to snapshot, and the registration that comes with the input, if any.
@@ -158,11 +122,10 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8
         return Ok((view, None));
     }
     let closure_path = closure.expect("checked by the caller");
-    let store_dir = std::path::absolute(&args.store_dir)
-        .map_err(|e| input(format!("store directory {}: {e}", args.store_dir.display())))?;
-    let closure = Closure::load(closure_path, &store_dir).map_err(|e| input(e.to_string()))?;
-    let (view, setup) =
-        View::new(&closure, args.allow_missing, options).map_err(|e| input(e.to_string()))?;
+    let closure = load_closure(closure_path, &args.closure_options.store_dir)?;
+    let store_dir = closure.store_dir.clone();
+    let (view, setup) = View::new(&closure, args.closure_options.allow_missing, options)
+        .map_err(|e| input(e.to_string()))?;
     if !setup.missing.is_empty() {
         tracing::warn!(
             "leaving out {} closure path(s) missing from {}",
@@ -299,7 +262,10 @@ fn progress_bar(quiet: bool, snap: &snapshot::Snapshot) -> Option<indicatif::Pro
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.verbose);
+    if let Err(f) = init_logging(args.verbose, None) {
+        eprintln!("mkimage: {}", f.message);
+        return ExitCode::from(f.status);
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

@@ -259,6 +259,17 @@ impl PseudoRandom {
     }
 }
 
+/// A sample store in a fresh temporary directory under /tmp, removed when the returned
+/// guard drops (declare it first, so the store outlives what uses it).
+pub fn temp(opts: &SampleOptions) -> (tempfile::TempDir, SampleStore) {
+    let dir = tempfile::Builder::new()
+        .prefix("nixstorefs-sample.")
+        .tempdir_in("/tmp")
+        .expect("create a sample directory");
+    let s = build(dir.path(), opts).expect("build the sample store");
+    (dir, s)
+}
+
 /// The SHA-256 of the NAR serialisation of `path`, and the NAR's size.
 pub fn nar_hash(path: &Path) -> io::Result<([u8; 32], u64)> {
     let mut nar = NarWriter {

@@ -21,21 +21,9 @@ use nixstorefs_tests::harness::{self, Mount, Mountpoint};
 use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::Signal;
-use tempfile::TempDir;
 
 const EROFS: i32 = libc::EROFS;
 const ENOENT: i32 = libc::ENOENT;
-
-/// Builds a sample store in a fresh directory under /tmp; keep the TempDir alive longer
-/// than any mount of it (declare it first).
-fn sample(opts: &SampleOptions) -> (TempDir, SampleStore) {
-    let dir = tempfile::Builder::new()
-        .prefix("nixstorefs-sample.")
-        .tempdir_in("/tmp")
-        .expect("create a sample directory");
-    let s = sample::build(dir.path(), opts).expect("build the sample store");
-    (dir, s)
-}
 
 fn mount(s: &SampleStore, extra: &[&str]) -> Mount {
     Mount::foreground(&s.store_dir, &s.closure_file, extra)
@@ -64,7 +52,7 @@ fn drop_caches() {
 
 #[test]
 fn root_lists_exactly_the_closure() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let names = root_names(m.mountpoint());
     assert_eq!(names, s.closure);
@@ -77,7 +65,7 @@ fn root_lists_exactly_the_closure() {
 
 #[test]
 fn noise_and_other_names_are_enoent() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
     let hello = s.path_named("hello-2.12").to_string();
@@ -120,14 +108,14 @@ fn noise_and_other_names_are_enoent() {
 
 #[test]
 fn tree_matches_host() {
-    let (_d, s) = sample(&SampleOptions::default());
+    let (_d, s) = sample::temp(&SampleOptions::default());
     let m = mount(&s, &[]);
     assert_same_tree(&s, m.mountpoint());
 }
 
 #[test]
 fn hard_links_share_an_inode() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
     let a = fs::symlink_metadata(mnt.join(&s.hard_links[0])).unwrap();
@@ -151,7 +139,7 @@ fn hard_links_share_an_inode() {
 
 #[test]
 fn single_file_and_symlink_store_paths() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
 
@@ -174,7 +162,7 @@ fn single_file_and_symlink_store_paths() {
 
 #[test]
 fn modifications_fail_with_erofs() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
     let file = mnt.join(&s.small_files[3]);
@@ -343,7 +331,7 @@ fn modifications_fail_with_erofs() {
 
 #[test]
 fn concurrent_readers_agree() {
-    let (_d, s) = sample(&SampleOptions::default());
+    let (_d, s) = sample::temp(&SampleOptions::default());
     let m = mount(&s, &[]);
     let mut files = vec![s.big_file.clone(), s.hard_links[1].clone()];
     files.extend(s.small_files.iter().cloned());
@@ -447,7 +435,7 @@ fn expect_rejected(s: &SampleStore, closure: &OsStr, stdin: Option<&[u8]>, fragm
 
 /// Writes a store-paths list whose third line is `bad` and checks its rejection.
 fn reject_third_line(file: &str, bad: &[u8], extra_fragments: &[&str]) {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let mut text = Vec::new();
     for p in &s.closure_paths()[..2] {
         text.extend_from_slice(p.as_os_str().as_bytes());
@@ -488,7 +476,7 @@ fn rejects_path_outside_store_dir() {
 
 #[test]
 fn rejects_path_inside_a_store_path() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let p = format!("{}/bin/hello", hello_full(&s));
     drop(s);
     reject_third_line("inside.txt", p.as_bytes(), &["bin/hello"]);
@@ -496,7 +484,7 @@ fn rejects_path_inside_a_store_path() {
 
 #[test]
 fn rejects_bad_hash_alphabet() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let good = s.path_named("hello-2.12");
     // `e`, `o`, `t` and `u` are not in Nix's base-32 alphabet.
     let bad = format!("{}/{}u{}", s.store_dir.display(), &good[..5], &good[6..]);
@@ -506,7 +494,7 @@ fn rejects_bad_hash_alphabet() {
 
 #[test]
 fn rejects_short_hash() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let good = s.path_named("hello-2.12");
     let bad = format!("{}/{}", s.store_dir.display(), &good[1..]);
     drop(s);
@@ -515,7 +503,7 @@ fn rejects_short_hash() {
 
 #[test]
 fn rejects_name_starting_with_dot() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let bad = format!(
         "{}/{}-.hidden",
         s.store_dir.display(),
@@ -527,7 +515,7 @@ fn rejects_name_starting_with_dot() {
 
 #[test]
 fn rejects_crlf_line() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let bad = format!("{}\r", hello_full(&s));
     drop(s);
     reject_third_line("crlf.txt", bad.as_bytes(), &[]);
@@ -535,7 +523,7 @@ fn rejects_crlf_line() {
 
 #[test]
 fn rejects_nul_byte() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let full = hello_full(&s);
     let mut bad = full.as_bytes().to_vec();
     bad.insert(full.len() - 3, 0);
@@ -545,7 +533,7 @@ fn rejects_nul_byte() {
 
 #[test]
 fn rejects_empty_file() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let path = s.dir.join("empty.txt");
     fs::write(&path, b"").unwrap();
     expect_rejected(&s, path.as_os_str(), None, &["empty.txt".to_string()]);
@@ -553,7 +541,7 @@ fn rejects_empty_file() {
 
 #[test]
 fn rejects_registration_with_wrong_reference_count() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let path = s.dir.join("registration-bad");
     let glibc = s.store_dir.join(s.path_named("glibc-2.40"));
     // Three references announced, one given, then the file ends.
@@ -574,7 +562,7 @@ fn rejects_registration_with_wrong_reference_count() {
 
 #[test]
 fn rejects_directory_without_store_paths() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let dir = s.dir.join("not-closure-info");
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("total-nar-size"), "0\n").unwrap();
@@ -583,7 +571,7 @@ fn rejects_directory_without_store_paths() {
 
 #[test]
 fn rejects_missing_store_path() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let missing = sample::base_name("missing-1.0");
     let path = s.dir.join("with-missing.txt");
     let text = format!(
@@ -597,7 +585,7 @@ fn rejects_missing_store_path() {
 
 #[test]
 fn rejects_bad_line_on_stdin() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let text = format!("{}relative/path\n", s.store_paths_text());
     let line = format!(":{}", s.closure.len() + 1);
     expect_rejected(&s, OsStr::new("-"), Some(text.as_bytes()), &[line]);
@@ -605,7 +593,7 @@ fn rejects_bad_line_on_stdin() {
 
 #[test]
 fn allow_missing_mounts_without_the_missing_paths() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let missing = [
         sample::base_name("missing-1.0"),
         sample::base_name("gone-2.0"),
@@ -633,7 +621,7 @@ fn allow_missing_mounts_without_the_missing_paths() {
 
 #[test]
 fn stdin_closure_mounts_the_same_tree() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::builder(&s.store_dir, "-")
         .stdin(s.store_paths_text())
         .start();
@@ -642,7 +630,7 @@ fn stdin_closure_mounts_the_same_tree() {
 
 #[test]
 fn closure_info_directory_mounts_the_same_tree() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let ci = s.dir.join("closure-info");
     s.write_closure_info(&ci).unwrap();
     let m = Mount::foreground(&s.store_dir, &ci, &[]);
@@ -651,7 +639,7 @@ fn closure_info_directory_mounts_the_same_tree() {
 
 #[test]
 fn registration_mounts_the_same_tree() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let reg = s.dir.join("registration");
     s.write_registration(&reg, false).unwrap();
     let m = Mount::foreground(&s.store_dir, &reg, &[]);
@@ -660,7 +648,7 @@ fn registration_mounts_the_same_tree() {
 
 #[test]
 fn registration_with_sha256_prefix_mounts_the_same_tree() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let reg = s.dir.join("registration");
     s.write_registration(&reg, true).unwrap();
     let m = Mount::builder(&s.store_dir, "-")
@@ -671,7 +659,7 @@ fn registration_with_sha256_prefix_mounts_the_same_tree() {
 
 #[test]
 fn sigterm_unmounts_and_exits_0() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let mut m = mount(&s, &[]);
     fs::read(m.mountpoint().join(&s.small_files[0])).unwrap();
     let status = m.signal_and_wait(Signal::TERM);
@@ -681,7 +669,7 @@ fn sigterm_unmounts_and_exits_0() {
 
 #[test]
 fn sigint_unmounts_and_exits_0() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let mut m = mount(&s, &[]);
     let status = m.signal_and_wait(Signal::INT);
     assert_eq!(status.code(), Some(0), "stderr:\n{}", m.stderr());
@@ -690,7 +678,7 @@ fn sigint_unmounts_and_exits_0() {
 
 #[test]
 fn daemon_mode_detaches_and_fusermount_ends_it() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::daemon(&s.store_dir, &s.closure_file, &[]);
     assert!(m.is_mounted());
     let pids = m.daemon_pids();
@@ -721,7 +709,7 @@ fn daemon_mode_detaches_and_fusermount_ends_it() {
 }
 
 fn check_big_file(extra: &[&str]) {
-    let (_d, s) = sample(&SampleOptions::default());
+    let (_d, s) = sample::temp(&SampleOptions::default());
     let m = mount(&s, extra);
     let path = m.mountpoint().join(&s.big_file);
     compare_content(&s.host(&s.big_file), &path).unwrap();
@@ -766,7 +754,7 @@ fn big_file_reads_right_without_passthrough() {
 
 #[test]
 fn default_mount_is_ro_nosuid_nodev() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let info = m.info().unwrap();
     assert!(info.fstype.starts_with("fuse"), "{info:?}");
@@ -780,7 +768,7 @@ fn default_mount_is_ro_nosuid_nodev() {
 
 #[test]
 fn fsname_option_sets_the_source() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &["-o", "fsname=sample-closure"]);
     let info = m.info().unwrap();
     assert_eq!(info.source, "sample-closure", "{info:?}");
@@ -831,7 +819,7 @@ fn assert_no_etc(mnt: &Path, rel: &Path, etc_passwd: &[u8], problems: &mut Vec<S
 
 #[test]
 fn host_swapping_a_directory_for_a_symlink_does_not_leak() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let etc_passwd = fs::read("/etc/passwd").expect("this test needs a host /etc/passwd");
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
@@ -887,7 +875,7 @@ fn host_swapping_a_directory_for_a_symlink_does_not_leak() {
 
 #[test]
 fn watchdog_tears_down_an_overdue_mount() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::builder(&s.store_dir, &s.closure_file)
         .deadline(Duration::from_secs(2))
         .start();
@@ -905,7 +893,7 @@ fn watchdog_tears_down_an_overdue_mount() {
 
 #[test]
 fn watchdog_rescues_a_request_stuck_on_a_stopped_daemon() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::builder(&s.store_dir, &s.closure_file)
         .deadline(Duration::from_secs(3))
         .start();
@@ -977,7 +965,7 @@ fn open_by_handle(mount_fd: &File, h: &mut FileHandle, flags: i32) -> io::Result
 
 #[test]
 fn file_handles_survive_dropped_caches() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = mount(&s, &[]);
     let mnt = m.mountpoint();
     let files = [
@@ -1031,7 +1019,7 @@ fn file_handles_survive_dropped_caches() {
 
 #[test]
 fn foreground_daemon_tells_systemd_it_is_ready() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let socket_path = d.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -1051,7 +1039,7 @@ fn foreground_daemon_tells_systemd_it_is_ready() {
 /// Without, every read does. The daemon's debug log shows the requests it gets.
 #[test]
 fn passthrough_keeps_reads_away_from_the_daemon() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     for (args, reads_expected) in [
         (&["-vv"][..], false),
         (&["-vv", "--no-passthrough"][..], true),
@@ -1073,7 +1061,7 @@ fn passthrough_keeps_reads_away_from_the_daemon() {
 /// their readdir calls on one large directory each see every entry exactly once.
 #[test]
 fn concurrent_directory_readers_see_every_entry_once() {
-    let (_d, s) = sample(&SampleOptions::default());
+    let (_d, s) = sample::temp(&SampleOptions::default());
     let m = mount(&s, &[]);
     let dir = m.mountpoint().join(&s.wide_dir);
     let expected = sorted_names(&s.host(&s.wide_dir)).unwrap();

@@ -14,16 +14,6 @@ use std::time::{Duration, Instant};
 use nixstorefs_tests::compare::compare_content;
 use nixstorefs_tests::harness::Mount;
 use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
-use tempfile::TempDir;
-
-fn sample(opts: &SampleOptions) -> (TempDir, SampleStore) {
-    let dir = tempfile::Builder::new()
-        .prefix("nixstorefs-sample.")
-        .tempdir_in("/tmp")
-        .expect("create a sample directory");
-    let s = sample::build(dir.path(), opts).expect("build the sample store");
-    (dir, s)
-}
 
 fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "2").expect("drop the kernel's dentry cache");
@@ -79,7 +69,7 @@ fn read_beneath(root: &File, rel: &Path) -> io::Result<Vec<u8>> {
 /// read must give the original bytes or fail; none may give /etc's.
 #[test]
 fn swapping_directories_for_symlinks_never_leaks() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
     let bash = s.path_named("bash-5.2").to_owned();
     let targets: Vec<PathBuf> = vec![s.replaceable_dirs[0].clone(), PathBuf::from(&bash)];
@@ -190,7 +180,7 @@ fn swapping_directories_for_symlinks_never_leaks() {
 /// the opener, never the daemon. A device node is never opened (and the mount is nodev).
 #[test]
 fn fifos_and_devices_do_not_reach_the_host() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let dir = s.host(&s.replaceable_dirs[1]);
     let fifo = dir.join("fifo");
     let dev = dir.join("null-device");
@@ -265,7 +255,7 @@ fn fifos_and_devices_do_not_reach_the_host() {
 /// EIO), files already open keep their bytes, everything else keeps working.
 #[test]
 fn a_store_path_removed_on_the_host_fails_alone() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
     let bash = s.path_named("bash-5.2").to_owned();
     let file = PathBuf::from(&bash).join("bin/bash");
@@ -297,7 +287,7 @@ fn a_store_path_removed_on_the_host_fails_alone() {
 /// the daemon stays up.
 #[test]
 fn files_growing_and_shrinking_under_readers() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     for args in [&[][..], &["--no-passthrough"][..]] {
         let m = Mount::foreground(&s.store_dir, &s.closure_file, args);
         let rel = &s.small_files[3];
@@ -330,7 +320,7 @@ fn files_growing_and_shrinking_under_readers() {
 /// daemon mounts again on the same mountpoint.
 #[test]
 fn killed_daemon_leaves_a_mount_fusermount_clears() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let mut m = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
     let mountpoint = m.mountpoint().to_owned();
     m.signal_and_wait(rustix::process::Signal::KILL);
@@ -352,7 +342,7 @@ fn killed_daemon_leaves_a_mount_fusermount_clears() {
 /// of failing: a full walk and read of the tree succeeds.
 #[test]
 fn few_descriptors_are_enough() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     // The daemon raises its soft limit to the hard one: lower the hard limit for it.
     let m = Mount::builder(&s.store_dir, &s.closure_file)
         .args(["--max-cached-dirs", "8"])
@@ -386,7 +376,7 @@ fn few_descriptors_are_enough() {
 /// rounds.
 #[test]
 fn mixed_load_no_errors_no_growth() {
-    let (_d, s) = sample(&SampleOptions::small());
+    let (_d, s) = sample::temp(&SampleOptions::small());
     let m = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
     let files: Vec<(PathBuf, Vec<u8>)> = s
         .closure

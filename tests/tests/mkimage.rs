@@ -18,15 +18,6 @@ use tempfile::TempDir;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn sample(opts: &SampleOptions) -> (TempDir, SampleStore) {
-    let dir = tempfile::Builder::new()
-        .prefix("nixstorefs-sample.")
-        .tempdir_in("/tmp")
-        .expect("create a sample directory");
-    let s = sample::build(dir.path(), opts).expect("build the sample store");
-    (dir, s)
-}
-
 /// Runs mkimage with `args`; returns its output (not checked).
 fn mkimage(args: &[&std::ffi::OsStr]) -> Output {
     harness::run(
@@ -87,7 +78,7 @@ fn check_tree(s: &SampleStore, root: &Path, expect: Expect) {
 
 #[test]
 fn image_of_the_sample_mounts_as_the_host_tree() {
-    let (d, s) = sample(&SampleOptions::default());
+    let (d, s) = sample::temp(&SampleOptions::default());
     let img = d.path().join("store.img");
     image_of(&s, &img, &[]);
     fsck(&img);
@@ -112,7 +103,7 @@ fn image_of_the_sample_mounts_as_the_host_tree() {
 
 #[test]
 fn preserved_hard_links_and_mtimes() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let img = d.path().join("store.img");
     image_of(&s, &img, &["--preserve-hardlinks", "--preserve-mtime"]);
     fsck(&img);
@@ -139,7 +130,7 @@ fn preserved_hard_links_and_mtimes() {
 
 #[test]
 fn images_are_reproducible_whatever_the_hard_link_layout() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let first = d.path().join("a.img");
     let second = d.path().join("b.img");
     image_of(&s, &first, &[]);
@@ -165,7 +156,7 @@ fn images_are_reproducible_whatever_the_hard_link_layout() {
 
 #[test]
 fn uuid_label_and_registration() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let info = d.path().join("closure-info");
     s.write_closure_info(&info).unwrap();
     let img = d.path().join("store.img");
@@ -213,7 +204,7 @@ fn uuid_label_and_registration() {
 
 #[test]
 fn snapshot_of_a_mounted_view_equals_the_image_of_the_closure() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let direct = d.path().join("direct.img");
     image_of(&s, &direct, &[]);
     let view = Mount::foreground(&s.store_dir, &s.closure_file, &[]);
@@ -233,7 +224,7 @@ fn snapshot_of_a_mounted_view_equals_the_image_of_the_closure() {
 
 #[test]
 fn bad_input_writes_nothing() {
-    let (d, s) = sample(&SampleOptions::small());
+    let (d, s) = sample::temp(&SampleOptions::small());
     let bad = d.path().join("bad.txt");
     fs::write(
         &bad,
@@ -258,7 +249,7 @@ fn bad_input_writes_nothing() {
 
 #[test]
 fn full_disk_leaves_the_old_output_alone_and_no_temporary_file() {
-    let (d, s) = sample(&SampleOptions::default());
+    let (d, s) = sample::temp(&SampleOptions::default());
     let small = Mountpoint::new();
     let o = harness::run(
         Command::new("mount")
@@ -290,7 +281,7 @@ fn full_disk_leaves_the_old_output_alone_and_no_temporary_file() {
 
 #[test]
 fn interrupted_run_leaves_no_temporary_file() {
-    let (d, s) = sample(&SampleOptions::default());
+    let (d, s) = sample::temp(&SampleOptions::default());
     let out_dir = d.path().join("out");
     fs::create_dir(&out_dir).unwrap();
     let img = out_dir.join("store.img");
