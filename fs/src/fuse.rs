@@ -58,8 +58,14 @@ pub struct StoreFs {
     /// concurrent opens of one node share one.
     backings: DashMap<NodeId, Weak<BackingId>>,
     /// Directory listings as they were at opendir, so offsets stay valid for the handle's
-    /// whole life whatever other readers do.
+    /// whole life whatever other readers do. Unused when the kernel opens directories
+    /// without asking (see `no_opendir`).
     dirs: DashMap<u64, Arc<[DirEntry]>>,
+    /// Set at INIT: the kernel can open directories without a round trip to the daemon
+    /// (FUSE_NO_OPENDIR_SUPPORT), keeping their contents cached. Listings then come from
+    /// the view's per-node cache, which never changes while the node is held, so offsets
+    /// stay valid all the same.
+    no_opendir: AtomicBool,
     next_handle: AtomicU64,
 }
 
@@ -73,6 +79,7 @@ impl StoreFs {
             files: DashMap::new(),
             backings: DashMap::new(),
             dirs: DashMap::new(),
+            no_opendir: AtomicBool::new(false),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -108,6 +115,52 @@ impl StoreFs {
                 None
             }
         }
+    }
+}
+
+impl StoreFs {
+    /// The listing a readdir reads from: the handle's snapshot, or the node's own when
+    /// directories are opened without the daemon (handle 0).
+    fn listing(&self, ino: INodeNo, fh: FileHandle) -> Result<Arc<[DirEntry]>, Errno> {
+        if fh.0 == 0 {
+            return self.view.list(ino.0).map_err(errno);
+        }
+        self.dirs.get(&fh.0).map(|l| l.clone()).ok_or(Errno::EBADF)
+    }
+}
+
+/// Read-ahead for the mount, in KiB: the largest request the kernel sends (256 pages).
+const READ_AHEAD_KIB: u32 = 1024;
+
+/// Raises the mount's read-ahead window from the kernel's default (128 KiB) to
+/// [`READ_AHEAD_KIB`], so that reads through the daemon come as a few large requests
+/// instead of many small ones. Passthrough reads use the host file's own read-ahead and
+/// do not need it. Needs root; otherwise the default stays, which is only slower.
+///
+/// `mountpoint` must be canonical, resolved before mounting: the device number comes
+/// from /proc/self/mountinfo, since touching the mount could ask the daemon, which may not
+/// be serving yet.
+pub fn tune_read_ahead(mountpoint: &Path) {
+    let result = (|| -> std::io::Result<()> {
+        let target = mountpoint.to_string_lossy();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        // Field 5 is the mount point (spaces escaped as \040), field 3 major:minor; the
+        // last match is the mount on top.
+        let device = mountinfo
+            .lines()
+            .rev()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f.len() > 4 && f[4].replace("\\040", " ") == *target).then(|| f[2].to_owned())
+            })
+            .ok_or_else(|| std::io::Error::other("the mount is not in mountinfo"))?;
+        std::fs::write(
+            format!("/sys/class/bdi/{device}/read_ahead_kb"),
+            READ_AHEAD_KIB.to_string(),
+        )
+    })();
+    if let Err(e) = result {
+        tracing::debug!("keeping the default read-ahead: {e}");
     }
 }
 
@@ -170,6 +223,14 @@ impl Filesystem for StoreFs {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
             }
+        }
+        // A warm walk of a directory tree then costs no request at all: without it, every
+        // opendir and releasedir is a round trip even when the contents are cached.
+        if config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok()
+        {
+            self.no_opendir.store(true, Ordering::Relaxed);
         }
         if self.options.passthrough {
             // Depth 1: the backing files may not be on a stacked filesystem, and the mount
@@ -307,6 +368,10 @@ impl Filesystem for StoreFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The kernel takes ENOSYS as "never ask again" and caches directories itself.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.view.list(ino.0) {
             Ok(listing) => {
                 let fh = self.handle();
@@ -328,8 +393,9 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(listing) = self.dirs.get(&fh.0).map(|l| l.clone()) else {
-            return reply.error(Errno::EBADF);
+        let listing = match self.listing(ino, fh) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
         };
         // Offsets: 0 is the start, n means "after the n-th entry" counting `.` and `..`.
         let parent = match self.view.parent_of(ino.0) {
@@ -366,8 +432,9 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(listing) = self.dirs.get(&fh.0).map(|l| l.clone()) else {
-            return reply.error(Errno::EBADF);
+        let listing = match self.listing(ino, fh) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
         };
         let mut index = offset as usize;
         while index < listing.len() + 2 {

@@ -175,6 +175,8 @@ fn serve(
     config.n_threads = Some(args.threads.into());
     config.clone_fd = true;
 
+    let canonical = std::fs::canonicalize(&args.mountpoint)
+        .map_err(|e| Failure::input(format!("mountpoint {}: {e}", args.mountpoint.display())))?;
     let mut session = fuser::Session::new(fs, &args.mountpoint, &config).map_err(|e| {
         Failure::runtime(format!(
             "cannot mount on {}: {e}",
@@ -182,6 +184,7 @@ fn serve(
         ))
     })?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+    nixstorefs::fuse::tune_read_ahead(&canonical);
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
