@@ -1,0 +1,260 @@
+//! The walk and reads again, inside a VM guest under TCG, over virtiofs: virtiofsd sharing a
+//! nixstorefs mount against virtiofsd sharing a plain directory of the same closure. Under
+//! TCG absolute figures mean little, so only the ratio is reported.
+//!
+//! The VM itself is `nixstorefs_tests::vm`'s; this only supplies the store and the script.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nixstorefs_tests::sample::base_name;
+use nixstorefs_tests::vm::{self, Guest, GuestProgram, Initramfs, Kernel};
+use serde_json::json;
+
+use crate::mounts::FuseMount;
+use crate::stats::{Better, Measurement, Results};
+use crate::store::{self, Built};
+
+pub const METHOD: &str = "A VM (qemu TCG, 1 vCPU, 512 MiB, the host's Debian kernel, \
+     guest-init mounting `/nix/store` from virtiofs) runs, for each run, after dropping the \
+     guest's caches (`echo 3 > /proc/sys/vm/drop_caches`): `find /nix/store` (lstat of every \
+     entry, cold in the guest), the same again (warm in the guest), `cat` of every file under \
+     64 KiB (cold), and `cat` of the large files (cold). Variants: virtiofsd (`--cache auto`) \
+     sharing a nixstorefs mount of the closure, and sharing a plain directory holding the \
+     same closure (hard links to the same files). Timed in the guest with /proc/uptime (10 ms \
+     resolution); the first run is a warm-up. Under TCG only the ratio means anything.";
+
+const TAG: &str = "nix-store";
+const STEPS: [(&str, &str); 4] = [
+    ("walk", "find /nix/store, cold"),
+    ("walk-warm", "find /nix/store, warm"),
+    ("small", "read files < 64 KiB, cold"),
+    ("seq", "read the large files, cold"),
+];
+
+/// Builds guest-init statically (unless told not to), where the VM helpers look for it.
+fn guest_init(no_build: bool) -> Result<(), String> {
+    if no_build {
+        return catch_unwind(vm::guest_init_bin)
+            .map(|_| ())
+            .map_err(|_| "no static guest-init (see above)".into());
+    }
+    eprintln!("bench: [guest] building a static guest-init");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "guest-init",
+        "--target",
+        vm::GUEST_INIT_TARGET,
+    ])
+    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+    .current_dir(crate::workspace())
+    .stdin(Stdio::null());
+    let st = crate::mounts::status_within(&mut cmd, crate::BUILD_TIMEOUT)?;
+    if !st.success() {
+        return Err(format!("building guest-init failed: {st}"));
+    }
+    catch_unwind(vm::guest_init_bin)
+        .map(|_| ())
+        .map_err(|_| "guest-init is still missing after building it".into())
+}
+
+/// The guest's script: marks with /proc/uptime around each step, `runs + 1` times.
+fn script(runs: usize, big: &[PathBuf]) -> String {
+    let bigs: Vec<String> = big
+        .iter()
+        .map(|p| format!("/nix/store/{}", p.display()))
+        .collect();
+    let mark =
+        |what: &str| format!("echo \"MARK {what} $i $(busybox cut -d' ' -f1 /proc/uptime)\"");
+    let drop = "busybox sync; echo 3 > /proc/sys/vm/drop_caches";
+    let mut s = String::new();
+    s.push_str("#!/bin/busybox sh\nexport PATH=/bin\necho GUEST-START\n");
+    s.push_str("busybox find /nix/store -type f -size -64k > /tmp/small\n");
+    s.push_str(&format!("for i in $(busybox seq 0 {runs}); do\n"));
+    for (step, cmd) in [
+        ("walk", "busybox find /nix/store > /dev/null".to_string()),
+        (
+            "walk-warm",
+            "busybox find /nix/store > /dev/null".to_string(),
+        ),
+        (
+            "small",
+            "busybox xargs busybox cat < /tmp/small > /dev/null".to_string(),
+        ),
+        ("seq", format!("busybox cat {} > /dev/null", bigs.join(" "))),
+    ] {
+        if step != "walk-warm" {
+            s.push_str(&format!("  {drop}\n"));
+        }
+        s.push_str(&format!(
+            "  {}\n  {cmd}\n  {}\n",
+            mark(&format!("{step}-start")),
+            mark(&format!("{step}-end"))
+        ));
+    }
+    s.push_str("done\necho GUEST-OK\nbusybox sync\nbusybox poweroff -f\n");
+    s
+}
+
+/// A store directory with closure paths `names` (hard links) and the guest's program, and a closure
+/// file listing all of it.
+fn guest_store(
+    b: &Built,
+    names: &[String],
+    dir: &Path,
+    runs: usize,
+) -> Result<(PathBuf, PathBuf, GuestProgram), String> {
+    let e = |e: std::io::Error| e.to_string();
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(e)?;
+    }
+    let store_dir = dir.join("store");
+    fs::create_dir_all(&store_dir).map_err(e)?;
+    for name in names {
+        store::link_tree(&b.host.store_dir.join(name), &store_dir.join(name)).map_err(e)?;
+    }
+    let prog = GuestProgram {
+        base: base_name("nixstorefs-bench-guest"),
+    };
+    let bin = store_dir.join(&prog.base).join("bin");
+    fs::create_dir_all(&bin).map_err(e)?;
+    fs::write(bin.join("run"), script(runs, &b.big_files)).map_err(e)?;
+    fs::set_permissions(bin.join("run"), fs::Permissions::from_mode(0o555)).map_err(e)?;
+    let mut list = String::new();
+    for n in names.iter().chain([&prog.base]) {
+        list.push_str(&format!("{}\n", store_dir.join(n).display()));
+    }
+    let closure = dir.join("closure.txt");
+    fs::write(&closure, list).map_err(e)?;
+    Ok((store_dir, closure, prog))
+}
+
+/// Durations (s) per step, one per run, warm-up dropped.
+fn parse(console: &str, runs: usize) -> Result<BTreeMap<String, Vec<f64>>, String> {
+    let mut at: BTreeMap<(String, usize), f64> = BTreeMap::new();
+    for l in console.lines() {
+        let l = l.trim_end_matches('\r');
+        let Some(rest) = l.strip_prefix("MARK ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if let [what, i, t] = f[..] {
+            if let (Ok(i), Ok(t)) = (i.parse(), t.parse()) {
+                at.insert((what.to_string(), i), t);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (step, _) in STEPS {
+        let mut v = Vec::new();
+        for i in 1..=runs {
+            let s = at.get(&(format!("{step}-start"), i));
+            let e = at.get(&(format!("{step}-end"), i));
+            match (s, e) {
+                (Some(s), Some(e)) => v.push(e - s),
+                _ => return Err(format!("the guest did not report {step} of run {i}")),
+            }
+        }
+        out.insert(step.to_string(), v);
+    }
+    Ok(out)
+}
+
+/// Boots a guest over each variant with the first `paths` closure paths and records the
+/// timings of its steps.
+pub fn run(
+    b: &Built,
+    paths: usize,
+    bin: &Path,
+    runs: usize,
+    no_build: bool,
+    r: &mut Results,
+) -> Result<(), String> {
+    vm::which("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+    guest_init(no_build)?;
+    let dir = b
+        .host
+        .store_dir
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("no scratch directory")?
+        .join("guest");
+    let (store_dir, closure, prog) = guest_store(b, &b.closure[..paths], &dir, runs)?;
+    let initramfs = dir.join("initramfs.cpio");
+    let kernel = catch_unwind(|| {
+        let k = Kernel::find();
+        Initramfs::for_guest_init(&k).write(&initramfs).map(|_| k)
+    })
+    .map_err(|_| "no guest kernel or initramfs (see above)".to_string())?
+    .map_err(|e| format!("initramfs: {e}"))?;
+    let mut results = Vec::new();
+    for variant in ["nixstorefs", "plain"] {
+        let mount = match variant {
+            "nixstorefs" => Some(FuseMount::nixstorefs(bin, &store_dir, &closure, &[])?.0),
+            _ => None,
+        };
+        let shared = mount
+            .as_ref()
+            .map_or(store_dir.clone(), |m| m.path().to_path_buf());
+        eprintln!("bench: [guest] booting with virtiofs over {variant}");
+        let boot = catch_unwind(AssertUnwindSafe(|| {
+            Guest::new(&kernel, &initramfs)
+                .cmdline("loglevel=4")
+                .cmdline(&format!("nixstore=virtiofs:{TAG}"))
+                .cmdline(&prog.init_arg())
+                .virtiofs(TAG, &shared)
+                .timeout(Duration::from_secs(900))
+                .boot()
+        }))
+        .map_err(|_| format!("booting the guest over {variant} failed (see above)"))?;
+        if let Some(m) = mount {
+            m.unmount()?;
+        }
+        if !boot.console.contains("GUEST-OK") {
+            return Err(format!(
+                "the guest over {variant} did not finish ({}); console tail:\n{}",
+                boot.status_text(),
+                tail(&boot.console, 30)
+            ));
+        }
+        results.push((variant, parse(&boot.console, runs)?));
+    }
+    let _ = fs::remove_dir_all(&dir);
+    for (variant, steps) in &results {
+        for (step, label) in STEPS {
+            r.add(Measurement {
+                id: format!("guest/{variant}/{step}"),
+                section: "guest",
+                label: format!("{label}, virtiofs over {variant}"),
+                unit: "s",
+                better: Better::Lower,
+                samples: steps[step].clone(),
+                params: json!({"variant": variant}),
+            });
+        }
+    }
+    for (step, label) in STEPS {
+        r.ratio(
+            "guest",
+            format!("{label}: nixstorefs vs plain directory"),
+            &format!("guest/nixstorefs/{step}"),
+            &format!("guest/plain/{step}"),
+            None,
+        );
+    }
+    Ok(())
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

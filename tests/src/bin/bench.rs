@@ -1,0 +1,1199 @@
+//! `bench`: measures nixstorefs against its baselines on a synthetic host store and writes
+//! docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks-latency.png.
+//!
+//! `cargo run --release -p nixstorefs-tests --bin bench -- --help` for the options. Needs
+//! root, /dev/fuse and bindfs; the guest section also needs qemu, virtiofsd and a static
+//! guest-init.
+
+#[path = "../bench/guest.rs"]
+mod guest;
+#[path = "../bench/mounts.rs"]
+mod mounts;
+#[path = "../bench/report.rs"]
+mod report;
+#[path = "../bench/stats.rs"]
+mod stats;
+#[path = "../bench/store.rs"]
+mod store;
+#[path = "../bench/workload.rs"]
+mod workload;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use nixstorefs_tests::harness;
+use serde_json::json;
+
+use mounts::FuseMount;
+use report::{Header, Section, Series};
+use stats::{Better, Measurement, Results, Target};
+use store::{Built, Params};
+
+/// Benchmarks nixstorefs against a bind-mount farm, bindfs and the host filesystem.
+#[derive(Parser, Debug, Clone)]
+#[command(after_help = "Sections: latency, metadata, reads, small, footprint, guest.")]
+struct Args {
+    /// Host store size, in top-level store paths [default: 140000; --quick: 2000].
+    #[arg(long)]
+    paths: Option<usize>,
+    /// Closure size, in store paths [default: 2500; --quick: 200].
+    #[arg(long)]
+    closure: Option<usize>,
+    /// Repetitions of every measurement.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Small sizes for a fast smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write benchmarks.{md,json} and benchmarks-latency.png [default: docs/ of
+    /// the workspace].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Scratch directory for the synthetic stores; must be on a real disk.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/nixstorefs-bench")]
+    dir: PathBuf,
+    /// Rebuild the synthetic store even if one with the same sizes exists.
+    #[arg(long)]
+    fresh: bool,
+    /// Leave out the measurements through a VM guest.
+    #[arg(long)]
+    skip_guest: bool,
+    /// Only these sections (comma-separated); the report then holds only them.
+    #[arg(long, value_delimiter = ',')]
+    sections: Option<Vec<String>>,
+    /// Number of large files [default: 2; --quick: 1].
+    #[arg(long)]
+    big_files: Option<usize>,
+    /// Size of each large file in MiB [default: 256; --quick: 32].
+    #[arg(long)]
+    big_mib: Option<u64>,
+    /// Files in the store path that makes the footprint closure large [default: 100000;
+    /// --quick: 10000].
+    #[arg(long)]
+    many_files: Option<usize>,
+    /// Random 4 KiB reads per run.
+    #[arg(long, default_value_t = 20_000)]
+    random_reads: usize,
+    /// Closure paths the guest walks and reads (the first ones, which hold the large files
+    /// and the wide directories): a walk under TCG costs about a millisecond an entry.
+    #[arg(long, default_value_t = 250)]
+    guest_closure: usize,
+    /// Use target/release/nixstorefs as it is instead of building it first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// Everything a section needs.
+struct Ctx {
+    args: Args,
+    runs: usize,
+    params: Params,
+    built: Built,
+    bin: PathBuf,
+    workspace: PathBuf,
+}
+
+/// Generous: a first release build of the workspace on two cores.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+fn main() -> ExitCode {
+    mounts::redirect_tmpdir();
+    mounts::install_signal_thread();
+    let args = Args::parse();
+    let outcome = std::panic::catch_unwind(|| run(args));
+    mounts::cleanup_all();
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("bench: panicked; every mount was cleaned up");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (mount namespaces, FUSE passthrough, bindfs)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse is missing (modprobe fuse)".into());
+    }
+    let quick = args.quick;
+    let params = Params {
+        paths: args.paths.unwrap_or(if quick { 2_000 } else { 140_000 }),
+        closure: args.closure.unwrap_or(if quick { 200 } else { 2_500 }),
+        big_files: args.big_files.unwrap_or(if quick { 1 } else { 2 }),
+        big_mib: args.big_mib.unwrap_or(if quick { 32 } else { 256 }),
+        wide_entries: if quick { 300 } else { 2_000 },
+        many_files: args
+            .many_files
+            .unwrap_or(if quick { 10_000 } else { 100_000 }),
+    };
+    if params.closure < params.big_files + 3 {
+        return Err(format!(
+            "--closure must be at least {}",
+            params.big_files + 3
+        ));
+    }
+    let workspace = workspace();
+    let bin = daemon_binary(&workspace, args.no_build)?;
+    fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    if fs_type(&args.dir) == "tmpfs" {
+        eprintln!(
+            "bench: warning: {} is on tmpfs; the store should be on a real disk (--dir)",
+            args.dir.display()
+        );
+    }
+    let built = store::prepare(&args.dir, &params, args.fresh)
+        .map_err(|e| format!("building the store: {e}"))?;
+    let ctx = Ctx {
+        runs: args.runs as usize,
+        args: args.clone(),
+        params,
+        built,
+        bin,
+        workspace,
+    };
+    let wanted = |s: &str| {
+        ctx.args
+            .sections
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|x| x == s))
+    };
+    let load_start = loadavg();
+    let mut r = Results::default();
+    let mut sections = Vec::new();
+    warm_host(&ctx)?;
+    type SectionFn = fn(&Ctx, &mut Results) -> Result<(), String>;
+    let all: [(&str, &str, SectionFn); 5] = [
+        ("latency", "Mount-ready latency", latency),
+        ("metadata", "Metadata: a full walk with lstat", metadata),
+        ("reads", "Large-file reads", reads),
+        ("small", "Many small files", small_files),
+        ("footprint", "Daemon footprint", footprint),
+    ];
+    for (key, title, f) in all {
+        if !wanted(key) {
+            continue;
+        }
+        eprintln!("bench: === {title} ===");
+        sections.push(Section {
+            key,
+            title,
+            method: method(key, &ctx),
+        });
+        if let Err(e) = f(&ctx, &mut r) {
+            eprintln!("bench: [{key}] failed: {e}");
+            r.note(key, format!("**This section failed:** {e}"));
+        }
+    }
+    if wanted("guest") {
+        sections.push(Section {
+            key: "guest",
+            title: "Through a guest (TCG)",
+            method: method("guest", &ctx),
+        });
+        if ctx.args.skip_guest {
+            r.note("guest", "Left out of this run (`--skip-guest`).");
+        } else {
+            eprintln!("bench: === Through a guest ===");
+            let n = ctx.args.guest_closure.min(ctx.params.closure);
+            if let Err(e) = guest::run(&ctx.built, n, &ctx.bin, ctx.runs, ctx.args.no_build, &mut r)
+            {
+                eprintln!("bench: [guest] failed: {e}");
+                r.note("guest", format!("**This section failed:** {e}"));
+            }
+        }
+    }
+    write_outputs(&ctx, &sections, &r, &load_start)
+}
+
+/// Builds the daemon (release) so the numbers are for the current sources, then finds it
+/// next to this binary.
+fn daemon_binary(workspace: &Path, no_build: bool) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("nixstorefs");
+    if !no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!("bench: building nixstorefs (release)");
+        let mut st = Command::new(cargo);
+        st.args([
+            "build",
+            "--release",
+            "-p",
+            "nixstorefs",
+            "--bin",
+            "nixstorefs",
+        ])
+        .current_dir(workspace)
+        .stdin(Stdio::null());
+        match mounts::status_within(&mut st, BUILD_TIMEOUT) {
+            Ok(s) if s.success() => {}
+            other => {
+                if bin.is_file() {
+                    eprintln!(
+                        "bench: building nixstorefs failed ({other:?}); using the existing binary"
+                    );
+                } else {
+                    return Err(format!("cannot build nixstorefs: {other:?}"));
+                }
+            }
+        }
+    }
+    if !bin.is_file() {
+        return Err(format!(
+            "{} is missing: cargo build --release -p nixstorefs",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// Puts the closure's metadata and data in the host caches: every comparison is against a
+/// warm native store.
+fn warm_host(ctx: &Ctx) -> Result<(), String> {
+    let store = &ctx.built.host.store_dir;
+    eprintln!("bench: warming the host caches");
+    workload::walk(store, &ctx.built.footprint_paths).map_err(|e| format!("walk: {e}"))?;
+    workload::read_sequential(store, &ctx.built.big_files).map_err(|e| format!("read: {e}"))?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Collects the samples of one measurement across interleaved runs.
+struct Samples {
+    m: Measurement,
+}
+
+impl Samples {
+    fn new(
+        id: String,
+        section: &'static str,
+        label: String,
+        unit: &'static str,
+        better: Better,
+    ) -> Self {
+        Samples {
+            m: Measurement {
+                id,
+                section,
+                label,
+                unit,
+                better,
+                samples: Vec::new(),
+                params: json!({}),
+            },
+        }
+    }
+
+    fn params(mut self, p: serde_json::Value) -> Self {
+        self.m.params = p;
+        self
+    }
+}
+
+fn read_closure(file: &Path) -> Result<Vec<PathBuf>, String> {
+    let text = fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect())
+}
+
+fn mount(ctx: &Ctx, closure: &Path, extra: &[&str]) -> Result<FuseMount, String> {
+    FuseMount::nixstorefs(&ctx.bin, &ctx.built.host.store_dir, closure, extra).map(|(m, _)| m)
+}
+
+fn host_closure_file(ctx: &Ctx) -> &Path {
+    &ctx.built
+        .host
+        .closures
+        .last()
+        .expect("the host store has a closure")
+        .1
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let b = &ctx.built;
+    let stores: Vec<&store::Store> = b.smaller.iter().chain([&b.host]).collect();
+    struct Variant<'a> {
+        store: &'a store::Store,
+        file: &'a Path,
+        sources: Vec<PathBuf>,
+        nix: Samples,
+        farm: Samples,
+    }
+    let mut vs = Vec::new();
+    for s in &stores {
+        for (k, file) in &s.closures {
+            let sources = read_closure(file)?;
+            let p = json!({"host_paths": s.paths, "closure_paths": k});
+            vs.push(Variant {
+                store: s,
+                file,
+                sources,
+                nix: Samples::new(
+                    format!("latency/nixstorefs/{}/{k}", s.paths),
+                    "latency",
+                    format!("nixstorefs, host {} paths, closure {k}", s.paths),
+                    "ms",
+                    Better::Lower,
+                )
+                .params(p.clone()),
+                farm: Samples::new(
+                    format!("latency/bindfarm/{}/{k}", s.paths),
+                    "latency",
+                    format!("bind farm, host {} paths, closure {k}", s.paths),
+                    "ms",
+                    Better::Lower,
+                )
+                .params(p),
+            });
+        }
+    }
+    // Mounts are cheap and this machine is noisy: three times the runs, for steadier medians.
+    let runs = ctx.runs * 3;
+    // Run 0 warms the host's dentries for each store and is not counted.
+    let n = vs.len();
+    for run in 0..=runs {
+        // Each run starts at another variant, so none always follows the same one (a big
+        // farm's namespace is still being torn down when the next mount starts).
+        for j in 0..n {
+            let v = &mut vs[(run + j) % n];
+            let (m, took) = FuseMount::nixstorefs(&ctx.bin, &v.store.store_dir, v.file, &[])?;
+            m.unmount()?;
+            let farm = mounts::bind_farm(&v.sources)?;
+            if run > 0 {
+                v.nix.m.samples.push(ms(took));
+                v.farm.m.samples.push(ms(farm));
+            }
+        }
+        if run % 5 == 0 {
+            eprintln!("bench: [latency] run {run}/{runs} done");
+        }
+    }
+    for v in vs {
+        r.add(v.nix.m);
+        r.add(v.farm.m);
+    }
+    let host = &b.host;
+    for (k, _) in &host.closures {
+        // Flatness: against the smallest store holding the same closure.
+        if let Some(small) = b
+            .smaller
+            .iter()
+            .find(|s| s.closures.iter().any(|(c, _)| c == k))
+        {
+            r.ratio(
+                "latency",
+                format!(
+                    "flat: closure {k}, host {} paths vs {} paths",
+                    host.paths, small.paths
+                ),
+                &format!("latency/nixstorefs/{}/{k}", host.paths),
+                &format!("latency/nixstorefs/{}/{k}", small.paths),
+                Some(Target::AtMost(1.1)),
+            );
+            // The same growth in the baseline is the host's own per-name lookup cost.
+            r.ratio(
+                "latency",
+                format!(
+                    "bind farm for reference: closure {k}, host {} paths vs {} paths",
+                    host.paths, small.paths
+                ),
+                &format!("latency/bindfarm/{}/{k}", host.paths),
+                &format!("latency/bindfarm/{}/{k}", small.paths),
+                None,
+            );
+        }
+    }
+    let kk = ctx.params.closure;
+    r.absolute(
+        "latency",
+        format!("closure {kk}, host {} paths", host.paths),
+        &format!("latency/nixstorefs/{}/{kk}", host.paths),
+        Target::Below(20.0),
+    );
+    for s in &stores {
+        for (k, _) in &s.closures {
+            r.ratio(
+                "latency",
+                format!(
+                    "speed-up over the bind farm, host {} paths, closure {k}",
+                    s.paths
+                ),
+                &format!("latency/bindfarm/{}/{k}", s.paths),
+                &format!("latency/nixstorefs/{}/{k}", s.paths),
+                (*k == kk && s.paths == host.paths).then_some(Target::AtLeast(3.0)),
+            );
+        }
+    }
+    for s in &b.smaller {
+        if s.closures.last().is_some_and(|(k, _)| *k < kk) {
+            r.note(
+                "latency",
+                format!(
+                    "The {}-path store holds only {} closure paths, so its larger closure is \
+                     capped at that.",
+                    s.paths,
+                    s.closures.last().unwrap().0
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let store = &ctx.built.host.store_dir;
+    let names = &ctx.built.closure;
+    let closure = host_closure_file(ctx);
+    let (expect, _) = workload::walk(store, names).map_err(|e| e.to_string())?;
+    let mk = |id: &str, label: &str| {
+        Samples::new(
+            format!("metadata/{id}"),
+            "metadata",
+            label.to_string(),
+            "ms",
+            Better::Lower,
+        )
+        .params(json!({"entries": expect.entries}))
+    };
+    let mut native = mk("native", "native store, warm");
+    let mut cold = mk("cold", "nixstorefs, fresh mount (cold)");
+    let mut warm = mk("warm", "nixstorefs, second pass (warm)");
+    for run in 1..=ctx.runs {
+        let (t, d) = workload::walk(store, names).map_err(|e| e.to_string())?;
+        native.m.samples.push(ms(d));
+        let m = mount(ctx, closure, &[])?;
+        let (t1, d1) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
+        let (t2, d2) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
+        m.unmount()?;
+        if t != expect || t1 != expect || t2 != expect {
+            return Err(format!(
+                "walks disagree: native {expect:?}, mounted {t1:?} / {t2:?}"
+            ));
+        }
+        cold.m.samples.push(ms(d1));
+        warm.m.samples.push(ms(d2));
+        eprintln!("bench: [metadata] run {run}/{} done", ctx.runs);
+    }
+    for s in [native, cold, warm] {
+        r.add(s.m);
+    }
+    r.ratio(
+        "metadata",
+        "warm walk vs native",
+        "metadata/warm",
+        "metadata/native",
+        Some(Target::AtMost(1.2)),
+    );
+    r.ratio(
+        "metadata",
+        "cold walk vs native",
+        "metadata/cold",
+        "metadata/native",
+        Some(Target::AtMost(3.0)),
+    );
+    r.note(
+        "metadata",
+        format!(
+            "Each walk visits {} entries ({} directories, {} regular files, the rest symlinks) \
+             of the {} closure paths.",
+            expect.entries,
+            expect.dirs,
+            expect.files,
+            names.len()
+        ),
+    );
+    Ok(())
+}
+
+/// Bytes the daemon has read so far, to tell whether passthrough kept reads out of it.
+fn rchar(pid: Option<i32>) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{}/io", pid?)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let store = &ctx.built.host.store_dir;
+    let closure = host_closure_file(ctx);
+    let rels = &ctx.built.big_files;
+    let sizes: Vec<u64> = rels
+        .iter()
+        .map(|p| fs::metadata(store.join(p)).map(|m| m.len()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    let total: u64 = sizes.iter().sum();
+    let offsets =
+        workload::random_offsets(&sizes, ctx.args.random_reads, "nixstorefs-bench-random");
+    let variants = [
+        ("native", "native"),
+        ("passthrough", "nixstorefs (passthrough)"),
+        ("nopassthrough", "nixstorefs --no-passthrough"),
+        ("bindfs", "bindfs -r"),
+    ];
+    let mut seq: Vec<Samples> = variants
+        .iter()
+        .map(|(id, l)| {
+            Samples::new(
+                format!("reads/seq/{id}"),
+                "reads",
+                format!("sequential, {l}"),
+                "MiB/s",
+                Better::Higher,
+            )
+            .params(json!({"bytes": total, "chunk": 1 << 20}))
+        })
+        .collect();
+    let mut rnd: Vec<Samples> = variants
+        .iter()
+        .map(|(id, l)| {
+            Samples::new(
+                format!("reads/random/{id}"),
+                "reads",
+                format!("random 4 KiB, {l}"),
+                "k reads/s",
+                Better::Higher,
+            )
+            .params(json!({"reads": offsets.len()}))
+        })
+        .collect();
+    let mut engaged = Vec::new();
+    for run in 1..=ctx.runs {
+        for (i, (id, _)) in variants.iter().enumerate() {
+            // A fresh mount for each pass, so no pass finds the FUSE page cache warm.
+            let fresh = |what: &str| -> Result<Option<FuseMount>, String> {
+                match *id {
+                    "native" => Ok(None),
+                    "passthrough" => mount(ctx, closure, &[]).map(Some),
+                    "nopassthrough" => mount(ctx, closure, &["--no-passthrough"]).map(Some),
+                    _ => FuseMount::bindfs(store).map(Some),
+                }
+                .map_err(|e| format!("{what}: {e}"))
+            };
+            let m = fresh("sequential")?;
+            let root = m.as_ref().map_or(store.as_path(), |m| m.path());
+            let before = rchar(m.as_ref().and_then(FuseMount::pid));
+            let (n, d) = workload::read_sequential(root, rels).map_err(|e| format!("{id}: {e}"))?;
+            if n != total {
+                return Err(format!("{id}: read {n} bytes of {total}"));
+            }
+            if *id == "passthrough" {
+                let after = rchar(m.as_ref().and_then(FuseMount::pid));
+                if let (Some(a), Some(b)) = (before, after) {
+                    engaged.push(a.saturating_sub(b) < total / 4);
+                }
+            }
+            if let Some(m) = m {
+                m.unmount()?;
+            }
+            seq[i]
+                .m
+                .samples
+                .push(n as f64 / (1 << 20) as f64 / d.as_secs_f64());
+            let m = fresh("random")?;
+            let root = m.as_ref().map_or(store.as_path(), |m| m.path());
+            let d =
+                workload::read_random(root, rels, &offsets).map_err(|e| format!("{id}: {e}"))?;
+            if let Some(m) = m {
+                m.unmount()?;
+            }
+            rnd[i]
+                .m
+                .samples
+                .push(offsets.len() as f64 / 1e3 / d.as_secs_f64());
+        }
+        eprintln!("bench: [reads] run {run}/{} done", ctx.runs);
+    }
+    for s in seq.into_iter().chain(rnd) {
+        r.add(s.m);
+    }
+    r.ratio(
+        "reads",
+        "sequential, passthrough vs native",
+        "reads/seq/passthrough",
+        "reads/seq/native",
+        Some(Target::AtLeast(0.9)),
+    );
+    r.ratio(
+        "reads",
+        "sequential, no passthrough vs bindfs",
+        "reads/seq/nopassthrough",
+        "reads/seq/bindfs",
+        Some(Target::AtLeast(2.0)),
+    );
+    r.ratio(
+        "reads",
+        "sequential, no passthrough vs native",
+        "reads/seq/nopassthrough",
+        "reads/seq/native",
+        None,
+    );
+    r.ratio(
+        "reads",
+        "random 4 KiB, passthrough vs native",
+        "reads/random/passthrough",
+        "reads/random/native",
+        Some(Target::AtLeast(0.8)),
+    );
+    r.ratio(
+        "reads",
+        "random 4 KiB, no passthrough vs native",
+        "reads/random/nopassthrough",
+        "reads/random/native",
+        None,
+    );
+    r.ratio(
+        "reads",
+        "random 4 KiB, no passthrough vs bindfs",
+        "reads/random/nopassthrough",
+        "reads/random/bindfs",
+        None,
+    );
+    let on = engaged.iter().filter(|e| **e).count();
+    r.note(
+        "reads",
+        format!(
+            "Passthrough engaged in {on} of {} runs (the daemon's own read count, rchar, grew \
+             by less than a quarter of the bytes read).",
+            engaged.len()
+        ),
+    );
+    Ok(())
+}
+
+fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let store = &ctx.built.host.store_dir;
+    let closure = host_closure_file(ctx);
+    let files = workload::files(store, &ctx.built.closure).map_err(|e| e.to_string())?;
+    let rels: Vec<PathBuf> = files
+        .iter()
+        .filter(|(_, len)| *len < 64 << 10)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let bytes: u64 = files
+        .iter()
+        .filter(|(_, l)| *l < 64 << 10)
+        .map(|(_, l)| l)
+        .sum();
+    workload::read_small(store, &rels).map_err(|e| e.to_string())?;
+    let variants = [
+        ("native", "native store, warm", None),
+        (
+            "passthrough",
+            "nixstorefs (passthrough), fresh mount",
+            Some(&[][..]),
+        ),
+        (
+            "nopassthrough",
+            "nixstorefs --no-passthrough, fresh mount",
+            Some(&["--no-passthrough"][..]),
+        ),
+    ];
+    let mut ss: Vec<Samples> = variants
+        .iter()
+        .map(|(id, l, _)| {
+            Samples::new(
+                format!("small/{id}"),
+                "small",
+                l.to_string(),
+                "ms",
+                Better::Lower,
+            )
+            .params(json!({"files": rels.len(), "bytes": bytes}))
+        })
+        .collect();
+    for run in 1..=ctx.runs {
+        for (i, (_, _, extra)) in variants.iter().enumerate() {
+            let m = match extra {
+                None => None,
+                Some(x) => Some(mount(ctx, closure, x)?),
+            };
+            let root = m.as_ref().map_or(store.as_path(), |m| m.path());
+            let (n, d) = workload::read_small(root, &rels).map_err(|e| e.to_string())?;
+            if n != bytes {
+                return Err(format!("read {n} bytes of {bytes}"));
+            }
+            if let Some(m) = m {
+                m.unmount()?;
+            }
+            ss[i].m.samples.push(ms(d));
+        }
+        eprintln!("bench: [small] run {run}/{} done", ctx.runs);
+    }
+    for s in ss {
+        r.add(s.m);
+    }
+    r.ratio(
+        "small",
+        "passthrough vs native",
+        "small/passthrough",
+        "small/native",
+        None,
+    );
+    r.ratio(
+        "small",
+        "no passthrough vs native",
+        "small/nopassthrough",
+        "small/native",
+        None,
+    );
+    r.note(
+        "small",
+        format!(
+            "{} files under 64 KiB, {:.1} MiB in all; each is opened, read whole and closed.",
+            rels.len(),
+            bytes as f64 / (1 << 20) as f64
+        ),
+    );
+    Ok(())
+}
+
+fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let store = &ctx.built.host.store_dir;
+    let b = &ctx.built;
+    let many = b
+        .footprint_paths
+        .last()
+        .expect("the footprint closure has its big path");
+    let many_files: Vec<PathBuf> = workload::files(store, std::slice::from_ref(many))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let (fp_totals, _) = workload::walk(store, &b.footprint_paths).map_err(|e| e.to_string())?;
+    let points = [
+        (
+            "walk",
+            format!("after a walk of the {}-path closure", b.closure.len()),
+        ),
+        (
+            "big-walk",
+            format!(
+                "after a walk of {} entries ({} files)",
+                fp_totals.entries, fp_totals.files
+            ),
+        ),
+        (
+            "big-read",
+            format!("after that and reading {} files", many_files.len()),
+        ),
+    ];
+    let mut rss: Vec<Samples> = points
+        .iter()
+        .map(|(id, l)| {
+            Samples::new(
+                format!("footprint/rss/{id}"),
+                "footprint",
+                format!("RSS {l}"),
+                "MiB",
+                Better::Lower,
+            )
+        })
+        .collect();
+    let mut fds: Vec<Samples> = points
+        .iter()
+        .map(|(id, l)| {
+            Samples::new(
+                format!("footprint/fds/{id}"),
+                "footprint",
+                format!("descriptors {l}"),
+                "fds",
+                Better::Lower,
+            )
+        })
+        .collect();
+    let sample = |m: &FuseMount,
+                  i: usize,
+                  rss: &mut Vec<Samples>,
+                  fds: &mut Vec<Samples>|
+     -> Result<(), String> {
+        let pid = m.pid().ok_or("no daemon pid")?;
+        let (kib, n) = workload::footprint(pid).map_err(|e| e.to_string())?;
+        rss[i].m.samples.push(kib as f64 / 1024.0);
+        fds[i].m.samples.push(n as f64);
+        Ok(())
+    };
+    for run in 1..=ctx.runs {
+        let m = mount(ctx, host_closure_file(ctx), &[])?;
+        workload::walk(m.path(), &b.closure).map_err(|e| e.to_string())?;
+        sample(&m, 0, &mut rss, &mut fds)?;
+        m.unmount()?;
+        let m = mount(ctx, &b.footprint_closure, &[])?;
+        workload::walk(m.path(), &b.footprint_paths).map_err(|e| e.to_string())?;
+        sample(&m, 1, &mut rss, &mut fds)?;
+        workload::read_small(m.path(), &many_files).map_err(|e| e.to_string())?;
+        sample(&m, 2, &mut rss, &mut fds)?;
+        m.unmount()?;
+        eprintln!("bench: [footprint] run {run}/{} done", ctx.runs);
+    }
+    for s in rss.into_iter().chain(fds) {
+        r.add(s.m);
+    }
+    for id in ["big-walk", "big-read"] {
+        r.absolute(
+            "footprint",
+            format!("RSS, {id}"),
+            &format!("footprint/rss/{id}"),
+            Target::Below(64.0),
+        );
+        r.absolute(
+            "footprint",
+            format!("descriptors, {id}"),
+            &format!("footprint/fds/{id}"),
+            Target::Below(1024.0),
+        );
+    }
+    if fp_totals.files < 100_000 {
+        r.note(
+            "footprint",
+            format!(
+                "This run's large closure has {} files, fewer than the 100,000 the targets are \
+                 about (`--many-files`).",
+                fp_totals.files
+            ),
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn method(key: &str, ctx: &Ctx) -> String {
+    let p = &ctx.params;
+    match key {
+        "latency" => format!(
+            "Time from starting `nixstorefs --store-dir STORE CLOSURE MNT` (daemon mode) until \
+             it exits 0 with the mount live, then unmounted; against a bind-mount farm of the \
+             same closure: a forked child unshares its mount namespace, makes `/` private, \
+             mounts a tmpfs and makes a directory and a plain `MS_BIND` mount per store path \
+             (not remounted read-only, which would cost one more mount call each), timing \
+             itself with CLOCK_MONOTONIC; its namespace dies with it. Host stores of {} \
+             paths; closures of 100 and {} paths (capped by the store's size). Targets: \
+             latency flat in the host-store size (≤ 1.1×), under 20 ms for {} paths, and at \
+             least 3× faster than the bind farm.",
+            ctx.built
+                .smaller
+                .iter()
+                .map(|s| s.paths.to_string())
+                .chain([p.paths.to_string()])
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.closure,
+            p.closure
+        ),
+        "metadata" => "A depth-first walk of every closure path with getdents and an lstat of \
+             every entry (what `find` does), single-threaded. Native: the same walk of the \
+             host store paths, warm. Cold: the first walk of a fresh mount (host caches warm); \
+             warm: a second walk of the same mount. Targets: warm ≤ 1.2× native, cold ≤ 3× \
+             native."
+            .to_string(),
+        "reads" => format!(
+            "The {} large file(s) of {} MiB of pseudo-random data: read whole in 1 MiB chunks \
+             (sequential), and {} preads of 4 KiB at seeded random aligned offsets, the same \
+             for every variant (random). Each pass of a FUSE variant runs on a fresh mount so \
+             the FUSE page cache is cold; the host page cache is warm for all. bindfs is \
+             `bindfs -r --no-allow-other` of the whole store directory in its default \
+             single-threaded mode. Targets: sequential with passthrough ≥ 0.9× native, \
+             without passthrough ≥ 2× bindfs; random with passthrough ≥ 0.8× native.",
+            p.big_files, p.big_mib, ctx.args.random_reads
+        ),
+        "small" => "Every regular file under 64 KiB in the closure is opened, read whole and \
+             closed, on a fresh mount, against the same on the warm native store. No target: \
+             the ratio shows the per-file cost of going through FUSE."
+            .to_string(),
+        "footprint" => format!(
+            "Resident memory (VmRSS) and open descriptors of the daemon, from /proc: after a \
+             walk of the closure, and on a fresh mount of the closure plus one store path of \
+             {} small files, after a walk of it and after reading each of those files. \
+             Targets: under 64 MiB and 1,024 descriptors.",
+            p.many_files
+        ),
+        "guest" => format!(
+            "{} The guest's closure is the first {} of the {} closure paths (with the large \
+             files and the wide directories).",
+            guest::METHOD,
+            ctx.args.guest_closure.min(p.closure),
+            p.closure
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The daemon's digest and build time, since other work may rebuild it between runs.
+fn binary_id(bin: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = fs::read(bin)
+        .map(|b| nixstorefs_tests::sample::hex(&Sha256::digest(&b))[..16].to_string())
+        .unwrap_or_default();
+    let built = fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| utc(d.as_secs()))
+        .unwrap_or_default();
+    format!("sha256 {digest}…, built {built}")
+}
+
+/// The type of the filesystem holding `dir` (the innermost mount above it).
+fn fs_type(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    harness::mounts()
+        .into_iter()
+        .filter(|m| dir.starts_with(&m.mountpoint))
+        .max_by_key(|m| m.mountpoint.as_os_str().len())
+        .map(|m| m.fstype)
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `YYYY-MM-DD HH:MM UTC` for a Unix time (Howard Hinnant's days-to-civil).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+fn shell_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=,:".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
+fn git(ws: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new("git");
+    cmd.args(args).current_dir(ws).stdin(Stdio::null());
+    harness::run_bounded(&mut cmd, Duration::from_secs(20))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn write_outputs(
+    ctx: &Ctx,
+    sections: &[Section],
+    r: &Results,
+    load_start: &str,
+) -> Result<(), String> {
+    let out = ctx
+        .args
+        .out
+        .clone()
+        .unwrap_or_else(|| ctx.workspace.join("docs"));
+    fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
+    let mut command = "cargo run --release -p nixstorefs-tests --bin bench".to_string();
+    if !args.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&args.join(" "));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let kib: f64 = l
+                    .strip_prefix("MemTotal:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(format!("{:.1} GiB", kib / f64::from(1 << 20)))
+            })
+        })
+        .unwrap_or_default();
+    let dirty = !git(&ctx.workspace, &["status", "--porcelain", "--", "fs"]).is_empty();
+    let commit = format!(
+        "{}{}",
+        git(&ctx.workspace, &["rev-parse", "--short", "HEAD"]),
+        if dirty {
+            " (fs/ has uncommitted changes)"
+        } else {
+            ""
+        }
+    );
+    let machine = vec![
+        (
+            "kernel".into(),
+            fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (
+            "CPU".into(),
+            format!(
+                "{cpu}, {} cores",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            ),
+        ),
+        ("memory".into(), mem),
+        ("nixstorefs binary".into(), binary_id(&ctx.bin)),
+        (
+            "load average (1, 5, 15 min) at start / end".into(),
+            format!("{load_start} / {}", loadavg()),
+        ),
+        ("commit".into(), commit),
+        (
+            "scratch store".into(),
+            format!("{} ({})", ctx.args.dir.display(), fs_type(&ctx.args.dir)),
+        ),
+    ];
+    let p = &ctx.params;
+    let config = vec![
+        ("host store paths".into(), p.paths.to_string()),
+        ("closure paths".into(), p.closure.to_string()),
+        (
+            "large files".into(),
+            format!("{} × {} MiB", p.big_files, p.big_mib),
+        ),
+        (
+            "wide directories".into(),
+            format!("2 × {} entries", p.wide_entries),
+        ),
+        (
+            "footprint closure".into(),
+            format!("closure + 1 path of {} files", p.many_files),
+        ),
+        ("runs".into(), ctx.runs.to_string()),
+    ];
+    let h = Header {
+        command,
+        date: utc(now),
+        machine,
+        config,
+        runs: ctx.runs,
+    };
+    let png = out.join("benchmarks-latency.png");
+    let plot = match latency_series(ctx, r) {
+        Some(series) => match report::latency_png(
+            &png,
+            &series,
+            &format!(
+                "Mount-ready latency (median, min–max), closure {} and 100",
+                p.closure
+            ),
+        ) {
+            Ok(()) => Some("benchmarks-latency.png"),
+            Err(e) => {
+                eprintln!("bench: cannot draw {}: {e}", png.display());
+                None
+            }
+        },
+        None => None,
+    };
+    let md = report::markdown(&h, sections, r, plot);
+    let js = report::json(&h, r);
+    let write = |name: &str, data: &[u8]| -> Result<(), String> {
+        let p = out.join(name);
+        fs::write(&p, data).map_err(|e| format!("{}: {e}", p.display()))?;
+        eprintln!("bench: wrote {}", p.display());
+        Ok(())
+    };
+    write("benchmarks.md", md.as_bytes())?;
+    write(
+        "benchmarks.json",
+        serde_json::to_string_pretty(&js).unwrap().as_bytes(),
+    )?;
+    Ok(())
+}
+
+fn latency_series(ctx: &Ctx, r: &Results) -> Option<Vec<Series>> {
+    use plotters::style::RGBColor;
+    let b = &ctx.built;
+    let stores: Vec<&store::Store> = b.smaller.iter().chain([&b.host]).collect();
+    let kk = ctx.params.closure;
+    let mut out = Vec::new();
+    for (variant, name, colors) in [
+        (
+            "nixstorefs",
+            "nixstorefs",
+            [RGBColor(0, 90, 200), RGBColor(90, 170, 255)],
+        ),
+        (
+            "bindfarm",
+            "bind farm",
+            [RGBColor(200, 40, 30), RGBColor(255, 140, 110)],
+        ),
+    ] {
+        for (j, closure) in [kk, 100].into_iter().enumerate() {
+            let points: Vec<(f64, Vec<f64>)> = stores
+                .iter()
+                .filter_map(|s| {
+                    // A small store's capped closure is a different closure: left out.
+                    let m = r.get(&format!("latency/{variant}/{}/{closure}", s.paths))?;
+                    Some((s.paths as f64, m.samples.clone()))
+                })
+                .collect();
+            if !points.is_empty() {
+                out.push(Series {
+                    label: format!("{name}, closure {closure}"),
+                    points,
+                    color: colors[j],
+                    dashed: j == 1,
+                });
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
