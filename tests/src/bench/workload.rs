@@ -74,9 +74,9 @@ pub fn files(root: &Path, names: &[String]) -> io::Result<Vec<(PathBuf, u64)>> {
     Ok(out)
 }
 
-/// Reads each file whole in 1 MiB chunks; bytes read and the time.
-pub fn read_sequential(root: &Path, rels: &[PathBuf]) -> io::Result<(u64, Duration)> {
-    let mut buf = vec![0u8; 1 << 20];
+/// Reads each file whole in `chunk`-byte reads; bytes read and the time.
+fn read_whole(root: &Path, rels: &[PathBuf], chunk: usize) -> io::Result<(u64, Duration)> {
+    let mut buf = vec![0u8; chunk];
     let t = Instant::now();
     let mut total = 0;
     for r in rels {
@@ -90,6 +90,11 @@ pub fn read_sequential(root: &Path, rels: &[PathBuf]) -> io::Result<(u64, Durati
         }
     }
     Ok((total, t.elapsed()))
+}
+
+/// Reads each file whole in 1 MiB chunks; bytes read and the time.
+pub fn read_sequential(root: &Path, rels: &[PathBuf]) -> io::Result<(u64, Duration)> {
+    read_whole(root, rels, 1 << 20)
 }
 
 /// `count` 4 KiB-aligned offsets spread over the files of the given sizes, from `seed`:
@@ -129,22 +134,9 @@ pub fn read_random(
     Ok(t.elapsed())
 }
 
-/// Opens, reads whole and closes each file; bytes read and the time.
+/// Opens, reads whole (64 KiB reads) and closes each file; bytes read and the time.
 pub fn read_small(root: &Path, rels: &[PathBuf]) -> io::Result<(u64, Duration)> {
-    let mut buf = vec![0u8; 64 << 10];
-    let t = Instant::now();
-    let mut total = 0;
-    for r in rels {
-        let mut f = File::open(root.join(r))?;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-    }
-    Ok((total, t.elapsed()))
+    read_whole(root, rels, 64 << 10)
 }
 
 /// Resident memory (KiB) and open descriptors of `pid`.
