@@ -5,10 +5,10 @@
 //! decisions about what is visible live in the view.
 
 use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -19,6 +19,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::mapping::FileMapping;
 use crate::view::{self, Attr, DirEntry, Kind, NodeId, View, ROOT_ID};
 
 /// How long the kernel may trust entries and attributes: the store is immutable, so as
@@ -42,8 +43,37 @@ impl Default for FuseOptions {
 enum OpenFile {
     /// Reads go to the kernel's backing file; the id keeps it registered until release.
     Passthrough(#[allow(dead_code)] Arc<BackingId>),
-    /// Reads come to the daemon and are served with `pread`.
-    Daemon(OwnedFd),
+    /// Reads come to the daemon.
+    Daemon(DaemonFile),
+}
+
+/// A file whose reads the daemon serves: small reads with `pread`, large ones from a
+/// mapping made at the first of them (see [`FileMapping`]).
+struct DaemonFile {
+    fd: OwnedFd,
+    /// The size at open, which is what the kernel believes. A read that finds less was
+    /// shrunk on the host: it fails rather than come back short, because the kernel fills
+    /// a short read up to the size it believes with zeros, bytes the file never had.
+    size: u64,
+    mapping: OnceLock<Option<FileMapping>>,
+}
+
+/// Reads at least this large are served from a mapping of the file. Below it, the copy
+/// `pread` makes costs less than setting up and tearing down a mapping.
+const MAPPED_READ_MIN: u32 = 128 * 1024;
+
+impl DaemonFile {
+    /// The mapping of the whole file, made on first use; `None` when the file cannot be
+    /// mapped (then reads fall back to `pread`).
+    fn mapping(&self) -> Option<&FileMapping> {
+        self.mapping
+            .get_or_init(|| {
+                FileMapping::new(self.fd.as_fd(), self.size)
+                    .inspect_err(|e| tracing::debug!("cannot map a file, using pread: {e}"))
+                    .ok()
+            })
+            .as_ref()
+    }
 }
 
 /// The FUSE filesystem: a view plus its open handles.
@@ -300,7 +330,18 @@ impl Filesystem for StoreFs {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
             }
             None => {
-                self.files.insert(fh, OpenFile::Daemon(fd));
+                let size = match rustix::fs::fstat(&fd) {
+                    Ok(st) => u64::try_from(st.st_size).unwrap_or(0),
+                    Err(e) => return reply.error(errno(e)),
+                };
+                self.files.insert(
+                    fh,
+                    OpenFile::Daemon(DaemonFile {
+                        fd,
+                        size,
+                        mapping: OnceLock::new(),
+                    }),
+                );
                 // Keep the page cache across opens: the file cannot change under the view.
                 reply.opened(
                     FileHandle(fh),
@@ -313,7 +354,7 @@ impl Filesystem for StoreFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -324,27 +365,42 @@ impl Filesystem for StoreFs {
         let Some(file) = self.files.get(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let OpenFile::Daemon(fd) = &*file else {
+        let OpenFile::Daemon(open) = &*file else {
             // The kernel reads passthrough files itself; a read here would be its bug.
             return reply.error(Errno::EIO);
         };
+        // Short only at the end of the file, as the kernel expects.
+        let want = open.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        if want >= MAPPED_READ_MIN as usize {
+            if let Some(mapping) = open.mapping() {
+                // A file that the host has truncated since fails in the kernel's copy of
+                // the reply: the client gets EIO.
+                return reply.data(mapping.window(offset, want));
+            }
+        }
+        let fd = &open.fd;
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| {
-            buf.resize(size as usize, 0);
+            buf.resize(want, 0);
             let mut filled = 0;
-            // Short reads from the host are retried so the kernel sees a short read only at
-            // the end of the file.
+            // Short reads from the host are retried: the file ends where it ended at open.
             while filled < buf.len() {
                 match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        tracing::warn!(
+                            node = ino.0,
+                            "a file shrank on the host while open; failing the read"
+                        );
+                        return reply.error(Errno::EIO);
+                    }
                     Ok(n) => filled += n,
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => return reply.error(errno(e)),
                 }
             }
-            reply.data(&buf[..filled]);
+            reply.data(buf);
         });
     }
 

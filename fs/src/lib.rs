@@ -16,4 +16,5 @@ pub mod view;
 
 pub mod daemon;
 mod fdcache;
+mod mapping;
 pub mod options;

@@ -382,6 +382,15 @@ pub fn pids_with_arg(arg: &OsStr) -> Vec<i32> {
     .collect()
 }
 
+/// Bytes process `pid` has read with read-like system calls so far (`rchar`), to tell
+/// whether file data went through the daemon's own reads.
+pub fn rchar(pid: Option<i32>) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{}/io", pid?)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn process_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

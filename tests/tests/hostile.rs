@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixstorefs_tests::compare::compare_content;
-use nixstorefs_tests::harness::Mount;
+use nixstorefs_tests::harness::{self, Mount};
 use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
 
 fn drop_caches() {
@@ -314,6 +314,48 @@ fn files_growing_and_shrinking_under_readers() {
         fs::write(&host, &original).unwrap();
         assert_alive(&s, &m);
     }
+}
+
+/// A large file truncated on the host while the daemon serves it from a mapping (reads of
+/// 128 KiB and more without passthrough): the client gets EIO or the old bytes, never other
+/// bytes, and the daemon, which never touches the mapping itself, survives (no SIGBUS).
+#[test]
+fn large_file_truncated_under_a_mapped_reader() {
+    let (_d, s) = sample::temp(&SampleOptions::small());
+    let rel = s.small_files[0].with_file_name("large.bin");
+    let original: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(s.host(&rel), &original).unwrap();
+    let m = Mount::foreground(&s.store_dir, &s.closure_file, &["--no-passthrough"]);
+    let mut f = File::open(m.mountpoint().join(&rel)).unwrap();
+    let mut head = vec![0; 1 << 20];
+    let rchar_before = harness::rchar(m.pid()).expect("the daemon's /proc/PID/io");
+    f.read_exact(&mut head).unwrap();
+    let rchar_after = harness::rchar(m.pid()).unwrap();
+    assert_eq!(head, original[..1 << 20], "the mapped read serves the file");
+    // Served from the mapping, the data never passes through the daemon's own reads.
+    assert!(
+        rchar_after - rchar_before < (1 << 18),
+        "the daemon read {} bytes itself for a 1 MiB read",
+        rchar_after - rchar_before
+    );
+
+    // Truncated in place: the daemon's mapping now extends past the file's end.
+    OpenOptions::new()
+        .write(true)
+        .open(s.host(&rel))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let mut rest = Vec::new();
+    let result = f.read_to_end(&mut rest);
+    assert!(
+        original[1 << 20..].starts_with(&rest),
+        "read after truncation returned bytes the file never had"
+    );
+    if let Err(e) = result {
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    assert_alive(&s, &m);
 }
 
 /// kill -9: the mount is left dead (ENOTCONN), `fusermount3 -u` clears it, and a new

@@ -531,14 +531,6 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
-/// Bytes the daemon has read so far, to tell whether passthrough kept reads out of it.
-fn rchar(pid: Option<i32>) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{}/io", pid?)).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("rchar:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let store = &ctx.built.host.store_dir;
     let closure = host_closure_file(ctx);
@@ -598,13 +590,13 @@ fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             };
             let m = fresh("sequential")?;
             let root = m.as_ref().map_or(store.as_path(), |m| m.path());
-            let before = rchar(m.as_ref().and_then(FuseMount::pid));
+            let before = harness::rchar(m.as_ref().and_then(FuseMount::pid));
             let (n, d) = workload::read_sequential(root, rels).map_err(|e| format!("{id}: {e}"))?;
             if n != total {
                 return Err(format!("{id}: read {n} bytes of {total}"));
             }
             if *id == "passthrough" {
-                let after = rchar(m.as_ref().and_then(FuseMount::pid));
+                let after = harness::rchar(m.as_ref().and_then(FuseMount::pid));
                 if let (Some(a), Some(b)) = (before, after) {
                     engaged.push(a.saturating_sub(b) < total / 4);
                 }
