@@ -184,7 +184,6 @@ fn serve(
         ))
     })?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
-    nixstorefs::fuse::tune_read_ahead(&canonical);
 
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
@@ -216,6 +215,8 @@ fn serve(
         detached.ready();
     }
     daemon::notify_ready();
+    // Off the startup path: until it is done, reads use the kernel's default read-ahead.
+    nixstorefs::fuse::tune_read_ahead(&canonical);
     session.run().map_err(|e| {
         Failure::runtime(format!("serving {} failed: {e}", args.mountpoint.display()))
     })?;

@@ -22,7 +22,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use nixstorefs_tests::harness;
@@ -373,11 +373,32 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             });
         }
     }
+    // The part of every mount that is only starting and ending a process: the same binary,
+    // printing its version.
+    let mut start = Samples::new(
+        "latency/process-start".to_string(),
+        "latency",
+        "nixstorefs --version (process start and exit only)".to_string(),
+        "ms",
+        Better::Lower,
+    );
     // Mounts are cheap and this machine is noisy: three times the runs, for steadier medians.
     let runs = ctx.runs * 3;
     // Run 0 warms the host's dentries for each store and is not counted.
     let n = vs.len();
     for run in 0..=runs {
+        let t = Instant::now();
+        let status = Command::new(&ctx.bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("{}: {e}", ctx.bin.display()))?;
+        if !status.success() {
+            return Err(format!("{} --version: {status}", ctx.bin.display()));
+        }
+        if run > 0 {
+            start.m.samples.push(ms(t.elapsed()));
+        }
         // Each run starts at another variant, so none always follows the same one (a big
         // farm's namespace is still being torn down when the next mount starts).
         for j in 0..n {
@@ -394,6 +415,37 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             eprintln!("bench: [latency] run {run}/{runs} done");
         }
     }
+    // What each further closure path costs, from the medians at the smallest and largest
+    // closure of the big store: the fixed cost of starting a process is left out.
+    let slope = |v: &[Variant], farm: bool| -> Option<f64> {
+        let of = |x: &Variant| {
+            let m = if farm { &x.farm.m } else { &x.nix.m };
+            m.summary().median
+        };
+        let on_host: Vec<(usize, f64)> = v
+            .iter()
+            .filter(|x| std::ptr::eq(x.store, &b.host))
+            .map(|x| (x.sources.len(), of(x)))
+            .collect();
+        let (&(k0, t0), &(k1, t1)) = (on_host.first()?, on_host.last()?);
+        (k1 > k0).then(|| (t1 - t0) * 1000.0 / (k1 - k0) as f64)
+    };
+    if let (Some(nix), Some(farm)) = (slope(&vs, false), slope(&vs, true)) {
+        r.note(
+            "latency",
+            format!(
+                "Each further closure path costs nixstorefs {} µs and the bind farm {} µs \
+                 ({}× less), from the medians at the smallest and largest closure of the \
+                 {}-path store; the rest of nixstorefs' time is fixed, most of it starting \
+                 a process (see `nixstorefs --version`).",
+                stats::fmt_num(nix),
+                stats::fmt_num(farm),
+                stats::fmt_num(farm / nix),
+                b.host.paths
+            ),
+        );
+    }
+    r.add(start.m);
     for v in vs {
         r.add(v.nix.m);
         r.add(v.farm.m);
@@ -484,6 +536,10 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let mut native = mk("native", "native store, warm");
     let mut cold = mk("cold", "nixstorefs, fresh mount (cold)");
     let mut warm = mk("warm", "nixstorefs, second pass (warm)");
+    let mut one_cpu = mk(
+        "cold-one-cpu",
+        "nixstorefs, fresh mount (cold), walker and daemon on CPU 0",
+    );
     for run in 1..=ctx.runs {
         let (t, d) = workload::walk(store, names).map_err(|e| e.to_string())?;
         native.m.samples.push(ms(d));
@@ -491,16 +547,25 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         let (t1, d1) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
         let (t2, d2) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
         m.unmount()?;
-        if t != expect || t1 != expect || t2 != expect {
+        // The same cold walk with no request crossing CPUs: the daemon inherits the
+        // affinity of the thread that starts it.
+        let (t3, d3) = on_cpu0(|| {
+            let m = mount(ctx, closure, &[])?;
+            let walked = workload::walk(m.path(), names).map_err(|e| e.to_string());
+            m.unmount()?;
+            walked
+        })?;
+        if t != expect || t1 != expect || t2 != expect || t3 != expect {
             return Err(format!(
-                "walks disagree: native {expect:?}, mounted {t1:?} / {t2:?}"
+                "walks disagree: native {expect:?}, mounted {t1:?} / {t2:?} / {t3:?}"
             ));
         }
         cold.m.samples.push(ms(d1));
         warm.m.samples.push(ms(d2));
+        one_cpu.m.samples.push(ms(d3));
         eprintln!("bench: [metadata] run {run}/{} done", ctx.runs);
     }
-    for s in [native, cold, warm] {
+    for s in [native, cold, warm, one_cpu] {
         r.add(s.m);
     }
     r.ratio(
@@ -517,6 +582,13 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         "metadata/native",
         Some(Target::AtMost(3.0)),
     );
+    r.ratio(
+        "metadata",
+        "cold walk on one CPU vs native",
+        "metadata/cold-one-cpu",
+        "metadata/native",
+        None,
+    );
     r.note(
         "metadata",
         format!(
@@ -529,6 +601,27 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         ),
     );
     Ok(())
+}
+
+/// Runs `f` on a thread pinned to CPU 0; processes it starts inherit that affinity.
+fn on_cpu0<T: Send>(f: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a zeroed cpu_set_t is a valid empty set, then CPU 0 is added.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                // SAFETY: CPU 0 is within the set's capacity.
+                unsafe { libc::CPU_SET(0, &mut set) };
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                // SAFETY: `set` is a valid cpu_set_t of `size` bytes; 0 is this thread.
+                if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+                    return Err(format!("sched_setaffinity: {}", io::Error::last_os_error()));
+                }
+                f()
+            })
+            .join()
+            .map_err(|_| "the pinned thread panicked".to_string())?
+    })
 }
 
 fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
@@ -902,8 +995,10 @@ fn method(key: &str, ctx: &Ctx) -> String {
         "metadata" => "A depth-first walk of every closure path with getdents and an lstat of \
              every entry (what `find` does), single-threaded. Native: the same walk of the \
              host store paths, warm. Cold: the first walk of a fresh mount (host caches warm); \
-             warm: a second walk of the same mount. Targets: warm ≤ 1.2× native, cold ≤ 3× \
-             native."
+             warm: a second walk of the same mount. The cold walk is also run with the walker \
+             and the daemon pinned to CPU 0, so that no request or reply wakes the other CPU: \
+             the difference is the cost of cross-CPU wake-ups. Targets: warm ≤ 1.2× native, \
+             cold ≤ 3× native."
             .to_string(),
         "reads" => format!(
             "The {} large file(s) of {} MiB of pseudo-random data: read whole in 1 MiB chunks \
