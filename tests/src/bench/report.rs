@@ -81,6 +81,14 @@ pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str
     let met = r.checks.iter().filter(|c| c.pass() == Some(true)).count();
     let all = r.checks.iter().filter(|c| c.pass().is_some()).count();
     let _ = writeln!(s, "\n{met} of {all} targets met.");
+    if met < all {
+        // The analysis is written by hand and lives apart, so a new run does not erase it.
+        let _ = writeln!(
+            s,
+            "\nWhy each missed target is missed, measured, and the next step: \
+             [performance.md](performance.md)."
+        );
+    }
 
     for (i, sec) in sections.iter().enumerate() {
         let _ = writeln!(s, "\n## {}. {}\n\n{}\n", i + 1, sec.title, sec.method);

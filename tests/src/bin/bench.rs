@@ -382,8 +382,8 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         "ms",
         Better::Lower,
     );
-    // Mounts are cheap and this machine is noisy: three times the runs, for steadier medians.
-    let runs = ctx.runs * 3;
+    // Mounts are cheap and this machine is noisy: six times the runs, for steadier medians.
+    let runs = ctx.runs * 6;
     // Run 0 warms the host's dentries for each store and is not counted.
     let n = vs.len();
     for run in 0..=runs {
