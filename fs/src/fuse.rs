@@ -159,12 +159,15 @@ impl StoreFs {
     }
 }
 
-/// Read-ahead for the mount, in KiB: the largest request the kernel sends (256 pages).
-const READ_AHEAD_KIB: u32 = 1024;
+/// Read-ahead for the mount, in KiB: four of the largest requests the kernel sends (256
+/// pages each), so that several are in flight and the request threads copy in parallel
+/// (sequential reads without passthrough: 2.9 GB/s at 1 MiB, 3.2 GB/s at 4 MiB, medians of
+/// 9 with scripts/ab-read.sh).
+const READ_AHEAD_KIB: u32 = 4096;
 
 /// Raises the mount's read-ahead window from the kernel's default (128 KiB) to
-/// [`READ_AHEAD_KIB`], so that reads through the daemon come as a few large requests
-/// instead of many small ones. Passthrough reads use the host file's own read-ahead and
+/// [`READ_AHEAD_KIB`], so that reads through the daemon come as large requests, several at
+/// a time, instead of many small ones one after the other. Passthrough reads use the host file's own read-ahead and
 /// do not need it. Needs root; otherwise the default stays, which is only slower.
 ///
 /// `mountpoint` must be canonical, resolved before mounting: the device number comes
@@ -242,12 +245,17 @@ fn file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for StoreFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each capability is optional: an older kernel just serves without it.
+        //
+        // READDIRPLUS always, not FUSE_READDIRPLUS_AUTO: the automatic mode lists all but
+        // the first chunk of a directory without attributes, and each entry then stat'ed
+        // costs a LOOKUP round trip. Attributes here never change, so handing them out with
+        // every listing is never wasted for long (a cold `find` of 32k entries: 2,338
+        // LOOKUPs fewer and 12% faster).
         for flag in [
             InitFlags::FUSE_EXPORT_SUPPORT,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_ASYNC_READ,
         ] {
             if config.add_capabilities(flag).is_err() {
