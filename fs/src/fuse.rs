@@ -167,8 +167,9 @@ const READ_AHEAD_KIB: u32 = 4096;
 
 /// Raises the mount's read-ahead window from the kernel's default (128 KiB) to
 /// [`READ_AHEAD_KIB`], so that reads through the daemon come as large requests, several at
-/// a time, instead of many small ones one after the other. Passthrough reads use the host file's own read-ahead and
-/// do not need it. Needs root; otherwise the default stays, which is only slower.
+/// a time, instead of many small ones one after the other. Passthrough reads use the host
+/// file's own read-ahead and do not need it. Needs root; otherwise the default stays,
+/// which is only slower.
 ///
 /// `mountpoint` must be canonical, resolved before mounting: the device number comes
 /// from /proc/self/mountinfo, since touching the mount could ask the daemon, which may not
