@@ -20,7 +20,7 @@ use fuser::{
 };
 
 use crate::mapping::FileMapping;
-use crate::view::{self, Attr, DirEntry, Kind, NodeId, View, ROOT_ID};
+use crate::view::{self, Attr, DirEntry, HostFile, Kind, NodeId, View, ROOT_ID};
 
 /// How long the kernel may trust entries and attributes: the store is immutable, so as
 /// long as it likes. (The kernel clamps what it cannot represent.)
@@ -320,8 +320,8 @@ impl Filesystem for StoreFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        let fd = match self.view.open(ino.0, write) {
-            Ok(fd) => fd,
+        let HostFile { fd, size } = match self.view.open(ino.0, write) {
+            Ok(file) => file,
             Err(e) => return reply.error(errno(e)),
         };
         let fh = self.handle();
@@ -339,10 +339,6 @@ impl Filesystem for StoreFs {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
             }
             None => {
-                let size = match rustix::fs::fstat(&fd) {
-                    Ok(st) => u64::try_from(st.st_size).unwrap_or(0),
-                    Err(e) => return reply.error(errno(e)),
-                };
                 self.files.insert(
                     fh,
                     OpenFile::Daemon(DaemonFile {

@@ -289,6 +289,15 @@ impl std::fmt::Display for ViewError {
 
 impl std::error::Error for ViewError {}
 
+/// A regular file opened by [`View::open`].
+#[derive(Debug)]
+pub struct HostFile {
+    /// The host file, read-only.
+    pub fd: OwnedFd,
+    /// Its size when opened, from the same `fstat` that checked its identity.
+    pub size: u64,
+}
+
 /// The read-only view of one closure of a host store.
 pub struct View {
     store_dir: PathBuf,
@@ -526,13 +535,13 @@ impl View {
         Ok(base)
     }
 
-    /// Checks that `fd` is the host object recorded as node `id`.
-    fn check_identity(&self, fd: &OwnedFd, id: NodeId, node: &Known) -> Result<()> {
+    /// Checks that `fd` is the host object recorded as node `id`; returns its status.
+    fn check_identity(&self, fd: &OwnedFd, id: NodeId, node: &Known) -> Result<Stat> {
         let st = rustix::fs::fstat(fd)?;
         if self.inodes.node_id(st.st_dev, st.st_ino) != id || kind_of(&st) != node.kind {
             return Err(replaced(node, &self.store_dir));
         }
-        Ok(())
+        Ok(st)
     }
 
     /// Registers one more reference to the host object `st`, found as `name` in `parent`.
@@ -673,7 +682,7 @@ impl View {
     ///
     /// The descriptor returned is the host file itself, checked to be the node's object: a
     /// transport may read from it or hand it to the kernel for passthrough.
-    pub fn open(&self, id: NodeId, write: bool) -> Result<OwnedFd> {
+    pub fn open(&self, id: NodeId, write: bool) -> Result<HostFile> {
         if write {
             return Err(Errno::ROFS);
         }
@@ -699,8 +708,11 @@ impl View {
             )
             .map_err(|e| gone(e, &node, &self.store_dir))
         })?;
-        self.check_identity(&fd, id, &node)?;
-        Ok(fd)
+        let st = self.check_identity(&fd, id, &node)?;
+        Ok(HostFile {
+            fd,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+        })
     }
 
     /// The entries of directory `id` (without `.` and `..`), read from the host once.

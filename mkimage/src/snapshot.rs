@@ -84,6 +84,7 @@ impl OpenFile for ViewFile {
     fn open(&self) -> std::io::Result<OwnedFd> {
         self.view
             .open(self.id, false)
+            .map(|file| file.fd)
             .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
     }
 }
