@@ -101,6 +101,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
         allow_missing,
         ViewOptions {
             max_cached_dirs: args.max_cached_dirs,
+            ..ViewOptions::default()
         },
     )
     .map_err(|e| match e {

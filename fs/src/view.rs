@@ -212,12 +212,21 @@ pub struct ViewOptions {
     /// How many directory descriptors to keep open at most. Each looked-up directory would
     /// otherwise need one; the cache keeps the hot ones and reopens the rest on demand.
     pub max_cached_dirs: usize,
+    /// How many nodes the kernel has forgotten to remember at most, for re-export (file
+    /// handles): the least recently forgotten go first, and a handle naming one gets
+    /// `ESTALE`.
+    pub max_forgotten_nodes: usize,
+    /// Follow names into other mounts below the served tree. Off by default: a bind
+    /// mount or tmpfs placed inside a store path is not part of the closure.
+    pub cross_mounts: bool,
 }
 
 impl Default for ViewOptions {
     fn default() -> Self {
         ViewOptions {
             max_cached_dirs: 512,
+            max_forgotten_nodes: 131_072,
+            cross_mounts: false,
         }
     }
 }
