@@ -18,3 +18,4 @@ pub mod daemon;
 mod fdcache;
 mod mapping;
 pub mod options;
+mod ratelimit;

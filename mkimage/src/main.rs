@@ -116,7 +116,12 @@ fn runtime(message: impl Into<String>) -> Failure {
 
 /// The view to snapshot, and the registration that comes with the input, if any.
 fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8>>), Failure> {
-    let options = ViewOptions::default();
+    // Every node is needed again when its contents are written, after the walk has let
+    // go of it: keep every record.
+    let options = ViewOptions {
+        max_forgotten_nodes: usize::MAX,
+        ..ViewOptions::default()
+    };
     if let Some(dir) = &args.dir {
         let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
         return Ok((view, None));

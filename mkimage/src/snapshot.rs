@@ -77,13 +77,17 @@ impl std::error::Error for SnapshotError {}
 #[derive(Debug)]
 struct ViewFile {
     view: Arc<View>,
+    /// The directory it was found in and its name there: the file is opened by that name,
+    /// checked to be node `id`.
+    parent: NodeId,
+    name: std::ffi::OsString,
     id: NodeId,
 }
 
 impl OpenFile for ViewFile {
     fn open(&self) -> std::io::Result<OwnedFd> {
         self.view
-            .open(self.id, false)
+            .open_entry(self.parent, &self.name, self.id)
             .map(|file| file.fd)
             .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
     }
@@ -150,6 +154,8 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
                             size: attr.size,
                             source: FileSource::Open(Arc::new(ViewFile {
                                 view: view.clone(),
+                                parent: id,
+                                name: entry.name.clone(),
                                 id: attr.ino,
                             })),
                         },
