@@ -813,3 +813,205 @@ mod daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc;
+
+    const NAMES: [&str; 3] = [
+        "0c7c0xbqkqi3i8a1xndh6h8gwb3sw0nb-hello-2.12",
+        "1b7c0xbqkqi3i8a1xndh6h8gwb3sw0nb-glibc-2.40",
+        "2a7c0xbqkqi3i8a1xndh6h8gwb3sw0nb-bash-5.2",
+    ];
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        dirs: NixDirs,
+        paths: Vec<StorePath>,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let store_dir = tmp.path().join("store");
+        let state_dir = tmp.path().join("state");
+        std::fs::create_dir(&store_dir).unwrap();
+        std::fs::create_dir(&state_dir).unwrap();
+        Fixture {
+            dirs: NixDirs {
+                daemon_socket: state_dir.join("daemon-socket/socket"),
+                store_dir,
+                state_dir,
+            },
+            _tmp: tmp,
+            paths: NAMES.iter().map(|n| StorePath::new(n).unwrap()).collect(),
+        }
+    }
+
+    fn printed(f: &Fixture) -> Vec<String> {
+        NAMES
+            .iter()
+            .map(|n| format!("{}/{n}", f.dirs.store_dir.display()))
+            .collect()
+    }
+
+    /// The roots file's entries, as the collector parses them.
+    fn entries(path: &Path) -> Vec<String> {
+        let text = std::fs::read(path).unwrap();
+        assert_eq!(text.last(), Some(&0), "entries end with NUL");
+        text.split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8(s.to_vec()).unwrap())
+            .collect()
+    }
+
+    fn locked_by_someone_else(path: &Path) -> bool {
+        let other = File::options().read(true).write(true).open(path).unwrap();
+        !flock(&other, FlockOperation::NonBlockingLockExclusive, path).unwrap()
+    }
+
+    #[test]
+    fn local_roots_file_is_named_locked_and_removed() {
+        let f = fixture();
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Auto, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        assert_eq!(roots.held_by(), Some("local"));
+        let file = f
+            .dirs
+            .state_dir
+            .join("temproots")
+            .join(std::process::id().to_string());
+        assert_eq!(roots.roots_file(), Some(file.as_path()));
+        assert_eq!(entries(&file), printed(&f));
+        // A collector's non-blocking exclusive lock fails: the owner is alive.
+        assert!(locked_by_someone_else(&file));
+        // gc.lock is free again: registering does not keep collections out.
+        let gc_lock = open_lock_file(&f.dirs.state_dir.join("gc.lock")).unwrap();
+        assert!(flock(
+            &gc_lock,
+            FlockOperation::NonBlockingLockExclusive,
+            Path::new("")
+        )
+        .unwrap());
+        drop(gc_lock);
+        drop(roots);
+        assert!(!file.exists(), "the roots file outlived its owner");
+    }
+
+    #[test]
+    fn stale_file_with_our_pid_is_replaced() {
+        let f = fixture();
+        let dir = f.dirs.state_dir.join("temproots");
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join(std::process::id().to_string());
+        std::fs::write(&file, b"/elsewhere/old\0d").unwrap();
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Local, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        assert_eq!(entries(&file), printed(&f));
+        drop(roots);
+    }
+
+    /// A stand-in for a running collector: holds gc.lock exclusively, starts listening on
+    /// its socket after `delay`, acknowledges `serve` roots and then, if `then_stop`, closes
+    /// the connection and the lock as a collection that ends does.
+    fn collector(
+        f: &Fixture,
+        delay: Duration,
+        serve: usize,
+    ) -> (mpsc::Receiver<Vec<String>>, std::thread::JoinHandle<()>) {
+        let gc_lock = open_lock_file(&f.dirs.state_dir.join("gc.lock")).unwrap();
+        assert!(flock(
+            &gc_lock,
+            FlockOperation::NonBlockingLockExclusive,
+            Path::new("")
+        )
+        .unwrap());
+        let socket = f.dirs.state_dir.join("gc-socket/socket");
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+            let listener = UnixListener::bind(&socket).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = io::BufReader::new(conn.try_clone().unwrap());
+            let mut writer = conn;
+            let mut got = Vec::new();
+            while got.len() < serve {
+                let mut line = String::new();
+                if io::BufRead::read_line(&mut reader, &mut line).unwrap() == 0 {
+                    break;
+                }
+                got.push(line.trim_end().to_owned());
+                writer.write_all(b"1").unwrap();
+            }
+            // The collection ends: socket closed, lock released.
+            drop(listener);
+            let _ = std::fs::remove_file(&socket);
+            drop(writer);
+            drop(reader);
+            drop(gc_lock);
+            tx.send(got).unwrap();
+        });
+        (rx, thread)
+    }
+
+    #[test]
+    fn running_collection_is_told_through_its_socket() {
+        let f = fixture();
+        // Not listening at first: the client must retry, as Nix does.
+        let (rx, thread) = collector(&f, Duration::from_millis(300), NAMES.len());
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Local, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        thread.join().unwrap();
+        assert_eq!(rx.recv().unwrap(), printed(&f));
+        // And for the collections after it, the file.
+        assert_eq!(entries(roots.roots_file().unwrap()), printed(&f));
+    }
+
+    #[test]
+    fn collection_ending_midway_leaves_the_rest_to_the_file() {
+        let f = fixture();
+        let (rx, thread) = collector(&f, Duration::ZERO, 1);
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Local, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        thread.join().unwrap();
+        assert_eq!(rx.recv().unwrap(), printed(&f)[..1]);
+        assert_eq!(entries(roots.roots_file().unwrap()), printed(&f));
+    }
+
+    #[test]
+    fn other_store_directories_are_not_rooted() {
+        let f = fixture();
+        let other = f._tmp.path().join("other-store");
+        std::fs::create_dir(&other).unwrap();
+        let roots = TempRoots::hold_with(GcRootsMode::Auto, &f.dirs, &other, &f.paths).unwrap();
+        assert_eq!(roots.held_by(), None);
+        assert!(!f.dirs.state_dir.join("temproots").exists());
+        let e = TempRoots::hold_with(GcRootsMode::Local, &f.dirs, &other, &f.paths).unwrap_err();
+        assert!(matches!(e, GcRootsError::NotNixStore { .. }), "{e}");
+        assert!(e.to_string().contains(&other.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn explicit_daemon_without_one_is_an_error() {
+        let f = fixture();
+        let e = TempRoots::hold_with(GcRootsMode::Daemon, &f.dirs, &f.dirs.store_dir, &f.paths)
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("daemon-socket/socket"), "{text}");
+        // Auto falls back to the state directory instead.
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Auto, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        assert_eq!(roots.held_by(), Some("local"));
+    }
+
+    #[test]
+    fn off_holds_nothing() {
+        let f = fixture();
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Off, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        assert_eq!(roots.held_by(), None);
+        assert!(!f.dirs.state_dir.join("temproots").exists());
+    }
+}
