@@ -442,6 +442,8 @@ impl LocalRoots {
     /// Records `paths` as roots: a collection that has not started yet will read them from
     /// the file, one that is running is told through its socket first.
     fn add(&mut self, paths: &[Vec<u8>]) -> Result<(), GcRootsError> {
+        // Paths in the file, and paths no collection may delete any more.
+        let mut filed = 0;
         let mut done = 0;
         let mut waiting_logged = false;
         while done < paths.len() {
@@ -453,7 +455,7 @@ impl LocalRoots {
                 // No collection runs, and none can start until the lock is dropped: the file
                 // is complete before any collector reads it.
                 let mut record = Vec::new();
-                for p in &paths[done..] {
+                for p in &paths[filed..] {
                     record.extend_from_slice(p);
                     record.push(0);
                 }
@@ -491,6 +493,16 @@ impl LocalRoots {
             let socket = self.gc_socket.as_mut().expect("connected above");
             while done < paths.len() {
                 let p = &paths[done];
+                // Into the file first, for the collections after this one: one that starts
+                // as soon as this one ends must not miss a path it was never told about.
+                if filed == done {
+                    let mut record = p.clone();
+                    record.push(0);
+                    self.file
+                        .write_all(&record)
+                        .map_err(io_error("writing", &self.file_path))?;
+                    filed += 1;
+                }
                 let mut line = p.clone();
                 line.push(b'\n');
                 let mut ack = [0u8; 1];
@@ -500,7 +512,7 @@ impl LocalRoots {
                     .write_all(&line)
                     .and_then(|()| socket.read_exact(&mut ack));
                 match sent {
-                    Ok(()) if ack[0] == b'1' => {}
+                    Ok(()) if ack[0] == b'1' => done += 1,
                     Ok(()) => {
                         return Err(io_error(
                             "reading the collector's answer from",
@@ -524,12 +536,6 @@ impl LocalRoots {
                     }
                     Err(e) => return Err(io_error("talking to", &socket_path)(e)),
                 }
-                let mut record = p.clone();
-                record.push(0);
-                self.file
-                    .write_all(&record)
-                    .map_err(io_error("writing", &self.file_path))?;
-                done += 1;
             }
         }
         Ok(())
