@@ -566,8 +566,8 @@ mod daemon {
 
     const WORKER_MAGIC_1: u64 = 0x6e69_7863;
     const WORKER_MAGIC_2: u64 = 0x6478_696f;
-    /// Protocol 1.35: old enough for every daemon since Nix 2.x to serve it with the same
-    /// messages, new enough for current ones not to refuse it.
+    /// Protocol 1.35: daemons negotiate down to the older of the two versions, so Nix 2.8
+    /// (1.34) speaks its own; current Nix accepts clients from 1.18 on, Lix from 1.35.
     const CLIENT_VERSION: u64 = (1 << 8) | 35;
     const OP_ADD_TEMP_ROOT: u64 = 11;
 
@@ -1010,6 +1010,109 @@ mod tests {
         let roots =
             TempRoots::hold_with(GcRootsMode::Auto, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
         assert_eq!(roots.held_by(), Some("local"));
+    }
+
+    /// A scripted nix-daemon speaking protocol 1.38: it logs an activity and a line for
+    /// each root, refuses paths ending in `-bad` as current Nix reports errors, and returns
+    /// the roots it was given once the client hangs up.
+    fn fake_daemon(socket: &Path) -> std::thread::JoinHandle<Vec<String>> {
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let u64_in = |c: &mut UnixStream| -> Option<u64> {
+                let mut b = [0u8; 8];
+                c.read_exact(&mut b).ok().map(|()| u64::from_le_bytes(b))
+            };
+            let put = |out: &mut Vec<u8>, n: u64| out.extend_from_slice(&n.to_le_bytes());
+            let put_str = |out: &mut Vec<u8>, s: &[u8]| {
+                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                out.extend_from_slice(s);
+                out.resize(out.len() + (8 - s.len() % 8) % 8, 0);
+            };
+            assert_eq!(u64_in(&mut conn), Some(0x6e69_7863));
+            assert_eq!(u64_in(&mut conn), Some((1 << 8) | 35));
+            let mut out = Vec::new();
+            put(&mut out, 0x6478_696f);
+            put(&mut out, (1 << 8) | 38);
+            conn.write_all(&out).unwrap();
+            assert_eq!(u64_in(&mut conn), Some(0), "CPU affinity");
+            assert_eq!(u64_in(&mut conn), Some(0), "reserveSpace");
+            let mut out = Vec::new();
+            put_str(&mut out, b"2.30.0");
+            put(&mut out, 1); // trusted
+            put(&mut out, 0x616c_7473);
+            conn.write_all(&out).unwrap();
+            let mut roots = Vec::new();
+            while let Some(op) = u64_in(&mut conn) {
+                assert_eq!(op, 11, "wopAddTempRoot");
+                let len = u64_in(&mut conn).unwrap() as usize;
+                let mut path = vec![0u8; len.div_ceil(8) * 8];
+                conn.read_exact(&mut path).unwrap();
+                path.truncate(len);
+                let path = String::from_utf8(path).unwrap();
+                let mut out = Vec::new();
+                if path.ends_with("-bad") {
+                    put(&mut out, 0x6378_7470);
+                    put_str(&mut out, b"Error");
+                    put(&mut out, 0);
+                    put_str(&mut out, b"Error");
+                    put_str(&mut out, format!("path '{path}' is not valid").as_bytes());
+                    put(&mut out, 0);
+                    put(&mut out, 1);
+                    put(&mut out, 0);
+                    put_str(&mut out, b"while adding a root");
+                } else {
+                    put(&mut out, 0x5354_5254);
+                    put(&mut out, 7);
+                    put(&mut out, 3);
+                    put(&mut out, 0);
+                    put_str(&mut out, b"adding a root");
+                    put(&mut out, 2);
+                    put(&mut out, 0);
+                    put(&mut out, 42);
+                    put(&mut out, 1);
+                    put_str(&mut out, path.as_bytes());
+                    put(&mut out, 0);
+                    put(&mut out, 0x5354_4f50);
+                    put(&mut out, 7);
+                    put(&mut out, 0x6f6c_6d67);
+                    put_str(&mut out, b"a log line\n");
+                    put(&mut out, 0x616c_7473);
+                    put(&mut out, 1);
+                    roots.push(path);
+                }
+                conn.write_all(&out).unwrap();
+            }
+            roots
+        })
+    }
+
+    #[test]
+    fn daemon_protocol_holds_roots_until_the_connection_closes() {
+        let f = fixture();
+        let daemon = fake_daemon(&f.dirs.daemon_socket);
+        let roots =
+            TempRoots::hold_with(GcRootsMode::Auto, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        assert_eq!(roots.held_by(), Some("daemon"));
+        assert!(!f.dirs.state_dir.join("temproots").exists());
+        drop(roots);
+        // The daemon sees the connection close only now: it held the roots until here.
+        assert_eq!(daemon.join().unwrap(), printed(&f));
+    }
+
+    #[test]
+    fn daemon_errors_name_the_path_and_the_daemon() {
+        let f = fixture();
+        let daemon = fake_daemon(&f.dirs.daemon_socket);
+        let mut paths = f.paths.clone();
+        paths.push(StorePath::new("3a7c0xbqkqi3i8a1xndh6h8gwb3sw0nb-bad").unwrap());
+        let e = TempRoots::hold_with(GcRootsMode::Daemon, &f.dirs, &f.dirs.store_dir, &paths)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("-bad' is not valid"), "{e}");
+        assert!(e.contains("daemon-socket/socket"), "{e}");
+        daemon.join().unwrap();
     }
 
     #[test]
