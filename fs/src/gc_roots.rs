@@ -52,7 +52,7 @@ pub enum GcRootsMode {
 /// as Nix reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NixDirs {
-    /// `NIX_STORE_DIR`, else `/nix/store`.
+    /// `NIX_STORE_DIR`, else `NIX_STORE`, else `/nix/store`.
     pub store_dir: PathBuf,
     /// `NIX_STATE_DIR`, else `/nix/var/nix`.
     pub state_dir: PathBuf,
@@ -64,8 +64,15 @@ impl NixDirs {
     /// The directories of the Nix installation the environment points at.
     pub fn from_env() -> NixDirs {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        let store_dir = var("NIX_STORE_DIR").map_or_else(|| "/nix/store".into(), PathBuf::from);
-        let state_dir = var("NIX_STATE_DIR").map_or_else(|| "/nix/var/nix".into(), PathBuf::from);
+        // Without doubled or trailing slashes, as Nix prints its store paths.
+        let tidy = |p: PathBuf| p.components().collect::<PathBuf>();
+        let store_dir = tidy(
+            var("NIX_STORE_DIR")
+                .or_else(|| var("NIX_STORE"))
+                .map_or_else(|| "/nix/store".into(), PathBuf::from),
+        );
+        let state_dir =
+            tidy(var("NIX_STATE_DIR").map_or_else(|| "/nix/var/nix".into(), PathBuf::from));
         let daemon_socket = var("NIX_DAEMON_SOCKET_PATH")
             .map_or_else(|| state_dir.join("daemon-socket/socket"), PathBuf::from);
         NixDirs {
