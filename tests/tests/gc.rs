@@ -151,6 +151,8 @@ impl NixStore {
             ("NIX_STATE_DIR", self.state.clone()),
             ("NIX_LOG_DIR", self.dir.path().join("log")),
             ("NIX_CONF_DIR", self.dir.path().join("etc")),
+            // Not the user's nix.conf either.
+            ("NIX_USER_CONF_FILES", self.dir.path().join("etc/nix.conf")),
             ("NIX_DAEMON_SOCKET_PATH", self.daemon_socket()),
         ]
     }
@@ -163,6 +165,7 @@ impl NixStore {
         let mut cmd = Command::new(program);
         cmd.env_remove("NIX_REMOTE")
             .env_remove("NIX_PATH")
+            .env_remove("NIX_CONFIG")
             .envs(self.env())
             .stdin(Stdio::null());
         cmd
@@ -498,7 +501,10 @@ impl CollectionLoop {
             let (mut runs, mut failures) = (0, Vec::new());
             while !flag.load(Ordering::Relaxed) {
                 let mut cmd = Command::new("nix-store");
-                cmd.env_remove("NIX_REMOTE").envs(env.clone()).arg("--gc");
+                cmd.env_remove("NIX_REMOTE")
+                    .env_remove("NIX_CONFIG")
+                    .envs(env.clone())
+                    .arg("--gc");
                 let o = harness::run(&mut cmd, TIMEOUT);
                 if o.status.success() {
                     runs += 1;
