@@ -367,6 +367,8 @@ fn writable(dir: &Path) -> bool {
 
 /// How long to wait before asking a collector's socket again when it is not listening yet.
 const GC_SOCKET_RETRY: Duration = Duration::from_millis(100);
+/// How often to say that a collection keeps us waiting.
+const SOCKET_WAIT_WARNING: Duration = Duration::from_secs(10);
 
 /// The local temporary roots protocol.
 struct LocalRoots {
@@ -453,6 +455,7 @@ impl LocalRoots {
         let mut filed = 0;
         let mut done = 0;
         let mut waiting_logged = false;
+        let mut next_warning = std::time::Instant::now() + SOCKET_WAIT_WARNING;
         while done < paths.len() {
             if flock(
                 &self.gc_lock,
@@ -491,6 +494,17 @@ impl LocalRoots {
                             io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
                         ) =>
                     {
+                        // As Nix does: a collector that never listens holds us up until
+                        // it is done, and says so now and then.
+                        if std::time::Instant::now() >= next_warning {
+                            tracing::warn!(
+                                "still waiting for the garbage collection holding {} \
+                                 to listen on {}",
+                                self.gc_lock_path.display(),
+                                socket_path.display()
+                            );
+                            next_warning += SOCKET_WAIT_WARNING;
+                        }
                         std::thread::sleep(GC_SOCKET_RETRY);
                         continue;
                     }
