@@ -494,8 +494,8 @@ impl LocalRoots {
                             io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
                         ) =>
                     {
-                        // As Nix does: a collector that never listens holds us up until
-                        // it is done, and says so now and then.
+                        // A collector that never listens holds us up until it is done, as
+                        // it holds Nix up; say so now and then.
                         if std::time::Instant::now() >= next_warning {
                             tracing::warn!(
                                 "still waiting for the garbage collection holding {} \
