@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::daemon;
 use nixstorefs::fuse::{FuseOptions, StoreFs};
+use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::options::MountOptions;
 use nixstorefs::view::{View, ViewError, ViewOptions};
 
@@ -30,7 +31,8 @@ Examples:
   /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
 
 Exit status: 0 once the mount is live; 2 for bad input (a malformed closure, closure
-paths missing from the store, bad options); 1 when mounting or serving fails.";
+paths missing from the store, bad options); 1 when mounting or serving fails, or when the
+garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.";
 
 /// Presents exactly one Nix closure of the host's store as a read-only FUSE mount.
 #[derive(Parser, Debug)]
@@ -52,7 +54,8 @@ struct Args {
 
     /// Mount options, comma-separated: allow_other, allow_root, default_permissions,
     /// auto_unmount, fsname=NAME, ro, nosuid, nodev, suid, dev, exec, noexec, noatime, and
-    /// store_dir=DIR, allow_missing, no_passthrough (the flags of the same name).
+    /// store_dir=DIR, allow_missing, no_passthrough, gc_roots=MODE (the flags of the same
+    /// name).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     options: Vec<String>,
 
@@ -79,8 +82,9 @@ struct Args {
 }
 
 /// Everything that can be checked before mounting: bad input fails here, with nothing
-/// mounted.
-fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
+/// mounted. The closure's paths are held as garbage collector roots from before their
+/// presence is checked until the returned roots are dropped.
+fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Failure> {
     let store_dir = opts
         .store_dir
         .clone()
@@ -96,6 +100,10 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
         )));
     }
     let allow_missing = args.closure_options.allow_missing || opts.allow_missing;
+    let roots = hold_roots(
+        opts.gc_roots.unwrap_or(args.closure_options.gc_roots),
+        &closure,
+    )?;
     let (view, setup) = View::new(
         &closure,
         allow_missing,
@@ -137,7 +145,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
         "closure loaded from {}",
         closure.origin
     );
-    Ok(view)
+    Ok((view, roots))
 }
 
 /// Lets the process keep as many descriptors open as it is allowed to: the cache bounds what
@@ -239,8 +247,8 @@ fn main() -> ExitCode {
         }
     }
     raise_fd_limit();
-    let view = match prepare(&args, &mut opts) {
-        Ok(view) => view,
+    let (view, mut roots) = match prepare(&args, &mut opts) {
+        Ok(prepared) => prepared,
         Err(f) => {
             eprintln!("nixstorefs: {}", f.message);
             return ExitCode::from(f.status);
@@ -257,7 +265,12 @@ fn main() -> ExitCode {
             }
         }
     };
-    match serve(&args, opts, view, &mut detached) {
+    // The detached child is a new process: the roots must be its own before the parent exits.
+    let served = match roots.after_fork() {
+        Ok(()) => serve(&args, opts, view, &mut detached),
+        Err(e) => Err(Failure::runtime(e.to_string())),
+    };
+    let status = match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             tracing::error!("{}", f.message);
@@ -268,5 +281,8 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.status)
         }
-    }
+    };
+    // Held until the mount is gone.
+    drop(roots);
+    status
 }

@@ -10,7 +10,8 @@ use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
 use mkimage::uuid::parse_uuid;
-use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::view::{View, ViewOptions};
 
 /// The UUID images get unless told otherwise: fixed, so that images are reproducible.
@@ -32,8 +33,9 @@ Examples:
   mount -t erofs -o ro /dev/vdb /nix/.ro-store
 
 Exit status: 0 when the image is written; 2 for bad input (a malformed closure, closure
-paths missing from the store, bad options); 1 when writing fails. OUTPUT is replaced only
-by a complete image; on failure nothing is left behind.";
+paths missing from the store, bad options); 1 when writing fails, or when the garbage
+collector roots asked for (--gc-roots daemon|local) cannot be taken. OUTPUT is replaced
+only by a complete image; on failure nothing is left behind.";
 
 /// Writes a reproducible erofs image of a Nix closure (or of a directory with --dir).
 #[derive(Parser, Debug)]
@@ -114,8 +116,12 @@ fn runtime(message: impl Into<String>) -> Failure {
     Failure::runtime(message)
 }
 
-/// The view to snapshot, and the registration that comes with the input, if any.
-fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8>>), Failure> {
+/// The view to snapshot, the registration that comes with the input, if any, and the
+/// garbage collector roots that keep the closure's paths while they are read.
+type Opened = (View, Option<Vec<u8>>, Option<TempRoots>);
+
+/// Opens what to snapshot; a closure's paths are held as roots before they are looked for.
+fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
     // Every node is needed again when its contents are written, after the walk has let
     // go of it: keep every record.
     let options = ViewOptions {
@@ -123,12 +129,14 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8
         ..ViewOptions::default()
     };
     if let Some(dir) = &args.dir {
+        // Any tree: nothing to root (a mounted view holds its own roots).
         let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
-        return Ok((view, None));
+        return Ok((view, None, None));
     }
     let closure_path = closure.expect("checked by the caller");
     let closure = load_closure(closure_path, &args.closure_options.store_dir)?;
     let store_dir = closure.store_dir.clone();
+    let roots = hold_roots(args.closure_options.gc_roots, &closure)?;
     let (view, setup) = View::new(&closure, args.closure_options.allow_missing, options)
         .map_err(|e| input(e.to_string()))?;
     if !setup.missing.is_empty() {
@@ -138,7 +146,7 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8
             store_dir.display()
         );
     }
-    Ok((view, closure.registration))
+    Ok((view, closure.registration, Some(roots)))
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
@@ -165,7 +173,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         None => None,
     };
 
-    let (view, own_registration) = open_view(args, closure)?;
+    let (view, own_registration, roots) = open_view(args, closure)?;
     let registration = if args.no_registration {
         None
     } else {
@@ -226,6 +234,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     })?;
     out.commit()
         .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    // Every byte is read: the paths may go.
+    drop(roots);
     if !args.quiet {
         eprintln!(
             "mkimage: wrote {}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
