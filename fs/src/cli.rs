@@ -96,7 +96,11 @@ pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure>
                 })?;
             builder.with_ansi(false).with_writer(Arc::new(file)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        // Colours only for a terminal: logs captured to a file or a journal stay plain.
+        None => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -72,6 +72,18 @@ struct Args {
     #[arg(long, default_value_t = 512, value_name = "N")]
     max_cached_dirs: usize,
 
+    /// Nodes the kernel has forgotten to remember at most, so that file handles of a
+    /// re-exporting server (virtiofsd, NFS) keep working; older handles get ESTALE. About
+    /// 300 bytes each.
+    #[arg(long, default_value_t = ViewOptions::default().max_forgotten_nodes, value_name = "N")]
+    max_forgotten_nodes: usize,
+
+    /// Serve what is mounted below closure paths (a bind mount, a tmpfs). Off by default:
+    /// such mounts are not part of the closure, and a name that is a mount point is not
+    /// found.
+    #[arg(long)]
+    cross_mounts: bool,
+
     /// Append logs to this file (a detached daemon otherwise has nowhere to log).
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -109,7 +121,8 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
         allow_missing,
         ViewOptions {
             max_cached_dirs: args.max_cached_dirs,
-            ..ViewOptions::default()
+            max_forgotten_nodes: args.max_forgotten_nodes,
+            cross_mounts: args.cross_mounts,
         },
     )
     .map_err(|e| match e {
@@ -172,8 +185,9 @@ fn serve(
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
     let signals = daemon::block_signals();
+    let view = Arc::new(view);
     let fs = StoreFs::new(
-        Arc::new(view),
+        view.clone(),
         FuseOptions {
             passthrough: !(args.no_passthrough || opts.no_passthrough),
         },
@@ -229,7 +243,14 @@ fn serve(
     session.run().map_err(|e| {
         Failure::runtime(format!("serving {} failed: {e}", args.mountpoint.display()))
     })?;
-    tracing::info!("unmounted; exiting");
+    let stats = view.stats();
+    tracing::info!(
+        live = stats.live,
+        records = stats.records,
+        allocated = stats.allocated,
+        cached_dirs = stats.cached_dirs,
+        "unmounted; exiting"
+    );
     Ok(())
 }
 

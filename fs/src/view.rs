@@ -128,10 +128,14 @@ pub struct HostId {
     /// The birth time, where the filesystem records one: it tells an object from a later
     /// one that reuses its inode number.
     pub btime: Option<(i64, u32)>,
+    /// A digest of the host's file handle for the object (0 where the filesystem gives
+    /// none): it holds the inode's generation, which tells an object from a later one
+    /// that reuses its inode number on filesystems without birth times.
+    pub handle: u64,
 }
 
 impl HostId {
-    fn of(st: &Statx) -> HostId {
+    fn of(st: &Statx, handle: u64) -> HostId {
         let mask = StatxFlags::from_bits_retain(st.stx_mask);
         HostId {
             dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
@@ -144,6 +148,7 @@ impl HostId {
             btime: mask
                 .contains(StatxFlags::BTIME)
                 .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec)),
+            handle,
         }
     }
 }
@@ -369,7 +374,7 @@ impl Default for ViewOptions {
     fn default() -> Self {
         ViewOptions {
             max_cached_dirs: 512,
-            max_forgotten_nodes: 100_000,
+            max_forgotten_nodes: 65_536,
             cross_mounts: false,
         }
     }
@@ -543,6 +548,78 @@ const STATX_MASK: StatxFlags = StatxFlags::BASIC_STATS
     .union(StatxFlags::BTIME)
     .union(StatxFlags::MNT_ID);
 
+/// A host object's status and its identity, read together.
+struct Status {
+    st: Statx,
+    host: HostId,
+}
+
+/// The status and identity of `name` in `dir`, never following a symlink. (Two calls: an
+/// object swapped between them gives an identity that matches nothing, so it is refused
+/// later rather than served.)
+fn status_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Status> {
+    let st = statx_at(dir, name)?;
+    let host = HostId::of(&st, handle_digest(dir, name));
+    Ok(Status { st, host })
+}
+
+/// The status and identity of the object `fd` refers to.
+fn status_fd(fd: BorrowedFd<'_>) -> Result<Status> {
+    let st = statx_fd(fd)?;
+    let host = HostId::of(&st, handle_digest(fd, OsStr::new("")));
+    Ok(Status { st, host })
+}
+
+/// A digest of the host's file handle of `name` in `dir` (`dir` itself for an empty
+/// name), or 0 where the filesystem gives none.
+fn handle_digest(dir: BorrowedFd<'_>, name: &OsStr) -> u64 {
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; 128],
+    }
+    // Names come from the kernel or the client's kernel: at most 255 bytes, no NUL.
+    let mut cname = [0u8; 256];
+    let bytes = name.as_bytes();
+    if bytes.len() >= cname.len() || bytes.contains(&0) {
+        return 0;
+    }
+    cname[..bytes.len()].copy_from_slice(bytes);
+    let mut handle = Handle {
+        bytes: 128,
+        kind: 0,
+        data: [0; 128],
+    };
+    let mut mount_id: libc::c_int = 0;
+    let flags = if bytes.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    };
+    // SAFETY: a NUL-terminated name, a handle buffer as large as it says, an int.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            dir.as_raw_fd(),
+            cname.as_ptr().cast(),
+            (&mut handle as *mut Handle).cast(),
+            &mut mount_id,
+            flags,
+        )
+    };
+    if r != 0 {
+        return 0;
+    }
+    // FNV-1a: a digest, not a security boundary (the device, inode and mount are compared
+    // in full beside it).
+    let len = (handle.bytes as usize).min(handle.data.len());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in handle.kind.to_le_bytes().iter().chain(&handle.data[..len]) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
+}
+
 /// The status of `name` in `dir`, never following a symlink.
 fn statx_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Statx> {
     rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, STATX_MASK)
@@ -581,17 +658,21 @@ impl View {
         options: ViewOptions,
     ) -> std::result::Result<(View, Setup), ViewError> {
         let store_dir = closure.store_dir.clone();
-        let (store, store_stat) = open_dir(&store_dir)?;
-        let store_host = HostId::of(&store_stat);
+        let (
+            store,
+            Status {
+                st: store_stat,
+                host: store_host,
+            },
+        ) = open_dir(&store_dir)?;
         let inodes = InodeMap::new(&store_host);
         let mut root_listing = Vec::with_capacity(closure.paths.len());
         let mut root_hosts = Vec::with_capacity(closure.paths.len());
         let mut setup = Setup::default();
         for path in &closure.paths {
             let name = OsStr::new(path.base_name());
-            match statx_at(store.as_fd(), name) {
-                Ok(st) => {
-                    let host = HostId::of(&st);
+            match status_at(store.as_fd(), name) {
+                Ok(Status { st, host }) => {
                     if !options.cross_mounts && (host.mnt != store_host.mnt || is_mount_root(&st)) {
                         return Err(ViewError::MountPoint {
                             path: store_dir.join(name),
@@ -642,8 +723,7 @@ impl View {
         dir: &Path,
         options: ViewOptions,
     ) -> std::result::Result<View, ViewError> {
-        let (fd, st) = open_dir(dir)?;
-        let host = HostId::of(&st);
+        let (fd, Status { st, host }) = open_dir(dir)?;
         let inodes = InodeMap::new(&host);
         let err = |e: Errno| ViewError::StoreDir {
             path: dir.to_owned(),
@@ -652,9 +732,8 @@ impl View {
         let mut entries = Vec::new();
         for entry in read_entries(fd.as_fd(), &host, &inodes).map_err(err)? {
             // Each entry's identity, as for the store paths of a closure.
-            match statx_at(fd.as_fd(), &entry.name) {
-                Ok(st) => {
-                    let h = HostId::of(&st);
+            match status_at(fd.as_fd(), &entry.name) {
+                Ok(Status { st, host: h }) => {
                     if !options.cross_mounts && (h.mnt != host.mnt || is_mount_root(&st)) {
                         tracing::warn!(path = %dir.join(&entry.name).display(), "a mount point; leaving it out");
                         continue;
@@ -841,8 +920,8 @@ impl View {
                 Mode::empty(),
             )
             .map_err(|e| self.gone(e, node))?;
-            let st = statx_fd(fd.as_fd())?;
-            self.check_identity(&st, node)?;
+            let status = status_fd(fd.as_fd())?;
+            self.check_identity(&status, node)?;
             let mut place = Vec::with_capacity(base_place.len() + 1 + name.name.len());
             place.extend_from_slice(base_place);
             place.push(b'/');
@@ -871,8 +950,8 @@ impl View {
     }
 
     /// Checks that `st` is the host object recorded as `node`.
-    fn check_identity(&self, st: &Statx, node: &Known) -> Result<()> {
-        if HostId::of(st) != node.host || kind_of(st) != node.kind {
+    fn check_identity(&self, status: &Status, node: &Known) -> Result<()> {
+        if status.host != node.host || kind_of(&status.st) != node.kind {
             warn_limited!(self.warnings, node = node.node, store = %self.store_dir.display(), "host object replaced while served; refusing it");
             return Err(Errno::STALE);
         }
@@ -925,9 +1004,9 @@ impl View {
     /// The host's current status of `node`, checked to still be the same object.
     fn stat_node(&self, node: &Arc<Known>) -> Result<Statx> {
         self.resolve(node, |dir, name| {
-            let st = statx_at(dir, name).map_err(|e| self.gone(e, node))?;
-            self.check_identity(&st, node)?;
-            Ok(st)
+            let status = status_at(dir, name).map_err(|e| self.gone(e, node))?;
+            self.check_identity(&status, node)?;
+            Ok(status.st)
         })
     }
 
@@ -941,9 +1020,9 @@ impl View {
                 Mode::empty(),
             )
             .map_err(|e| self.gone(e, node))?;
-            let st = statx_fd(fd.as_fd())?;
-            self.check_identity(&st, node)?;
-            Ok((fd, st))
+            let status = status_fd(fd.as_fd())?;
+            self.check_identity(&status, node)?;
+            Ok((fd, status.st))
         })
     }
 
@@ -1097,11 +1176,10 @@ impl View {
             else {
                 return Err(Errno::NOENT);
             };
-            let st = statx_at(self.store.as_fd(), name).map_err(|e| {
+            let Status { st, host } = status_at(self.store.as_fd(), name).map_err(|e| {
                 warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path vanished: {e}");
                 Errno::NOENT
             })?;
-            let host = HostId::of(&st);
             let kind = kind_of(&st);
             if host != self.root_hosts[index] || kind != self.root_listing[index].kind {
                 warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path replaced on the host since startup; refusing it");
@@ -1143,8 +1221,7 @@ impl View {
             return Err(Errno::INVAL);
         }
         let fd = self.dir_fd(&dir)?;
-        let st = statx_at(fd.fd.as_fd(), name)?;
-        let host = HostId::of(&st);
+        let Status { st, host } = status_at(fd.fd.as_fd(), name)?;
         if !self.cross_mounts && (host.mnt != dir.host.mnt || is_mount_root(&st)) {
             warn_limited!(self.warnings, node = parent, name = ?name, store = %self.store_dir.display(), "a mount point below a closure path; not serving it");
             return Err(Errno::NOENT);
@@ -1260,12 +1337,12 @@ impl View {
             Mode::empty(),
         )
         .map_err(|e| self.gone(e, &node))?;
-        let st = statx_fd(path.as_fd())?;
-        self.check_identity(&st, &node)?;
+        let status = status_fd(path.as_fd())?;
+        self.check_identity(&status, &node)?;
         let fd = self.reopen(&path)?;
         Ok(HostFile {
             fd,
-            size: st.stx_size,
+            size: status.st.stx_size,
         })
     }
 
@@ -1348,7 +1425,7 @@ fn attr_of(st: &Statx, ino: NodeId, generation: u64) -> Attr {
 }
 
 /// Opens directory `path` (`O_PATH`) as the base every resolution starts from.
-fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Statx), ViewError> {
+fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Status), ViewError> {
     let err = |e: Errno| ViewError::StoreDir {
         path: path.to_owned(),
         source: io_err(e),
@@ -1359,8 +1436,8 @@ fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Statx), ViewError> {
         Mode::empty(),
     )
     .map_err(err)?;
-    let st = statx_fd(fd.as_fd()).map_err(err)?;
-    Ok((fd, st))
+    let status = status_fd(fd.as_fd()).map_err(err)?;
+    Ok((fd, status))
 }
 
 /// The entries of the directory `dir` (an `O_PATH` descriptor of the object `host`),
