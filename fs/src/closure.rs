@@ -57,6 +57,12 @@ fn read_capped(reader: impl Read) -> Result<Vec<u8>, ReadError> {
     Ok(text)
 }
 
+/// Reads the file at `path` as closure inputs are read: at most [`MAX_INPUT_BYTES`], a
+/// device or an endless pipe refused; the error names the file.
+pub fn read_input_file(path: &Path) -> Result<Vec<u8>, ClosureError> {
+    read_file_capped(path).map_err(|e| e.at(&path.display().to_string()))
+}
+
 /// Reads the file at `path` with [`read_capped`]; a regular file that is too large is
 /// refused by its size, before anything is read.
 fn read_file_capped(path: &Path) -> Result<Vec<u8>, ReadError> {

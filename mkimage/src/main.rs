@@ -165,8 +165,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let registration = match &args.registration {
         Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| input(format!("registration {}: {e}", path.display())))?,
+            nixstorefs::closure::read_input_file(path)
+                .map_err(|e| input(format!("--registration {e}")))?,
         ),
         None => None,
     };

@@ -245,6 +245,23 @@ fn bad_input_writes_nothing() {
     assert!(stderr.contains("bad.txt:1"), "{stderr}");
     assert!(!img.exists());
     assert!(leftovers(&out_dir).is_empty(), "{:?}", leftovers(&out_dir));
+
+    // A registration file is read with the closure's cap: an endless one is refused.
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        "--registration".as_ref(),
+        "/dev/zero".as_ref(),
+        s.closure_file.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("--registration /dev/zero: input is larger than 256 MiB"),
+        "{stderr}"
+    );
+    assert!(!img.exists());
 }
 
 #[test]
