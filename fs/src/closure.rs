@@ -46,12 +46,17 @@ impl ReadError {
 
 /// Reads all of `reader`, refusing more than [`MAX_INPUT_BYTES`].
 fn read_capped(reader: impl Read) -> Result<Vec<u8>, ReadError> {
+    read_at_most(reader, MAX_INPUT_BYTES)
+}
+
+/// Reads all of `reader`, refusing more than `cap` bytes.
+fn read_at_most(reader: impl Read, cap: u64) -> Result<Vec<u8>, ReadError> {
     let mut text = Vec::new();
     reader
-        .take(MAX_INPUT_BYTES + 1)
+        .take(cap + 1)
         .read_to_end(&mut text)
         .map_err(ReadError::Io)?;
-    if text.len() as u64 > MAX_INPUT_BYTES {
+    if text.len() as u64 > cap {
         return Err(ReadError::TooLarge);
     }
     Ok(text)
@@ -1079,10 +1084,12 @@ mod tests {
         assert_eq!(e.origin, big.display().to_string());
         assert_eq!(e.reason, expected);
 
-        // Exactly at the cap is still read (and then fails on its contents).
-        file.set_len(MAX_INPUT_BYTES).unwrap();
-        let e = Closure::load(&big, nix()).unwrap_err();
-        assert!(e.reason.contains("NUL byte"), "{e}");
+        // Exactly the cap is still read; one byte more is not.
+        assert_eq!(read_at_most(&b"abcd"[..], 4).unwrap(), b"abcd");
+        assert!(matches!(
+            read_at_most(&b"abcde"[..], 4),
+            Err(ReadError::TooLarge)
+        ));
 
         // A closureInfo directory's files have the same cap.
         let dir = tmp.path().join("info");
