@@ -685,3 +685,47 @@ fn default_uuid_is_derived_from_the_closure() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_ne!(uuid_of(&a), uuid_of(&c), "two closures share a UUID");
 }
+
+/// After renaming the image into place, mkimage syncs the directory holding it: without
+/// that, the rename itself may not survive a crash. Seen with strace, in order.
+#[test]
+fn output_directory_is_synced_after_the_rename() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let out_dir = d.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let out_dir = out_dir.canonicalize().unwrap();
+    let img = out_dir.join("store.img");
+    let log = d.path().join("strace.log");
+    let o = harness::run(
+        Command::new("strace")
+            .args([
+                "-f",
+                "-y",
+                "-e",
+                "trace=rename,renameat,renameat2,fsync,fdatasync",
+            ])
+            .arg("-o")
+            .arg(&log)
+            .arg(harness::bin("mkimage"))
+            .arg("--store-dir")
+            .arg(&s.store_dir)
+            .arg(&s.closure_file)
+            .arg(&img)
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trace = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let renamed = lines
+        .iter()
+        .position(|l| l.contains("rename") && l.contains(&format!("\"{}\"", img.display())))
+        .unwrap_or_else(|| panic!("no rename onto {img:?}:\n{trace}"));
+    let dir_fd = format!("<{}>)", out_dir.display());
+    assert!(
+        lines[renamed..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&dir_fd) && l.ends_with("= 0")),
+        "no fsync of {out_dir:?} after the rename:\n{trace}"
+    );
+}
