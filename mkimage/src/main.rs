@@ -214,6 +214,11 @@ fn run(args: &Args) -> Result<(), Failure> {
     let out = AtomicOutput::create(output).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidInput {
             input(format!("OUTPUT {}: {e}", output.display()))
+        } else if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
+            runtime(format!(
+                "cannot write {}: the device is in use (mounted?)",
+                output.display()
+            ))
         } else {
             runtime(format!("cannot write {}: {e}", output.display()))
         }

@@ -584,6 +584,19 @@ fn block_device_output_is_written_in_place() {
     fsck(&dev.0);
     {
         let m = ImageMount::new(&dev.0);
+        // While it is mounted, the device is not written to.
+        let o = mkimage(&[
+            "--store-dir".as_ref(),
+            s.store_dir.as_os_str(),
+            s.closure_file.as_os_str(),
+            dev.0.as_os_str(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("the device is in use (mounted?)"),
+            "{stderr}"
+        );
         check_tree(
             &s,
             m.path(),
