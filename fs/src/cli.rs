@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::closure::Closure;
+use crate::gc_roots::{GcRootsMode, TempRoots};
 
 /// A failure and the exit status it maps to: 2 for bad input, 1 for the rest.
 #[derive(Debug)]
@@ -49,6 +50,13 @@ pub struct ClosureOptions {
     /// refusing them.
     #[arg(long)]
     pub allow_missing: bool,
+
+    /// Hold the closure's paths as Nix temporary roots while they are in use, so that a
+    /// garbage collection cannot delete them: through the nix-daemon, or with the
+    /// temporary roots file in the Nix state directory (NIX_STATE_DIR). `auto` takes the
+    /// daemon if one answers, else the state directory if it is writable, else nothing.
+    #[arg(long, value_enum, default_value_t = GcRootsMode::Auto, value_name = "MODE")]
+    pub gc_roots: GcRootsMode,
 }
 
 /// Reads and validates the closure `input` against `store_dir` (made absolute).
@@ -56,6 +64,13 @@ pub fn load_closure(input: &Path, store_dir: &Path) -> Result<Closure, Failure> 
     let store_dir = std::path::absolute(store_dir)
         .map_err(|e| Failure::input(format!("store directory {}: {e}", store_dir.display())))?;
     Closure::load(input, &store_dir).map_err(|e| Failure::input(e.to_string()))
+}
+
+/// Holds the closure's paths as temporary roots as `mode` says. To be called before the
+/// paths' presence is checked; failing is a runtime failure (exit status 1).
+pub fn hold_roots(mode: GcRootsMode, closure: &Closure) -> Result<TempRoots, Failure> {
+    TempRoots::hold(mode, &closure.store_dir, &closure.paths)
+        .map_err(|e| Failure::runtime(e.to_string()))
 }
 
 /// Logs through tracing to stderr, or appended to `log_file`: `-v` info, `-vv` debug,

@@ -11,14 +11,25 @@ use std::sync::Arc;
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use crate::view::NodeId;
+use crate::view::{HostId, NodeId};
+
+/// A cached directory: its `O_PATH` descriptor, the object it was verified to be, and
+/// where the kernel placed it then (its `/proc/self/fd` link), so that a directory moved
+/// since can be told.
+#[derive(Debug)]
+pub(crate) struct CachedDir {
+    pub(crate) fd: OwnedFd,
+    pub(crate) host: HostId,
+    pub(crate) place: Vec<u8>,
+}
 
 /// Shards keep concurrent requests from queueing on one lock.
 const SHARDS: usize = 8;
 
-/// The cache; keyed by node number, which names one host object for the life of the view.
+/// The cache, keyed by node number; each entry says which host object it is, since a
+/// number can be handed out again once its node is forgotten.
 pub(crate) struct FdCache {
-    shards: Vec<Mutex<LruCache<NodeId, Arc<OwnedFd>>>>,
+    shards: Vec<Mutex<LruCache<NodeId, Arc<CachedDir>>>>,
 }
 
 impl FdCache {
@@ -32,18 +43,18 @@ impl FdCache {
         }
     }
 
-    fn shard(&self, id: NodeId) -> &Mutex<LruCache<NodeId, Arc<OwnedFd>>> {
-        // Node numbers are host inode numbers: consecutive ones are common, so mixing the
-        // bits matters more than a good hash.
+    fn shard(&self, id: NodeId) -> &Mutex<LruCache<NodeId, Arc<CachedDir>>> {
+        // Node numbers are mostly host inode numbers: consecutive ones are common, so
+        // mixing the bits matters more than a good hash.
         let mixed = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 59;
         &self.shards[mixed as usize % SHARDS]
     }
 
-    pub(crate) fn get(&self, id: NodeId) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn get(&self, id: NodeId) -> Option<Arc<CachedDir>> {
         self.shard(id).lock().get(&id).cloned()
     }
 
-    pub(crate) fn insert(&self, id: NodeId, fd: Arc<OwnedFd>) {
+    pub(crate) fn insert(&self, id: NodeId, fd: Arc<CachedDir>) {
         self.shard(id).lock().put(id, fd);
     }
 

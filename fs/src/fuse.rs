@@ -20,7 +20,9 @@ use fuser::{
 };
 
 use crate::mapping::FileMapping;
+use crate::ratelimit::Limiter;
 use crate::view::{self, Attr, DirEntry, HostFile, Kind, NodeId, View, ROOT_ID};
+use crate::warn_limited;
 
 /// How long the kernel may trust entries and attributes: the store is immutable, so as
 /// long as it likes. (The kernel clamps what it cannot represent.)
@@ -82,7 +84,8 @@ pub struct StoreFs {
     options: FuseOptions,
     /// Set at INIT: whether the kernel accepted passthrough.
     passthrough: AtomicBool,
-    files: DashMap<u64, OpenFile>,
+    /// Open files by handle; shared so that a read holds no map lock while it replies.
+    files: DashMap<u64, Arc<OpenFile>>,
     /// The backing file registered for each node open in passthrough mode. The kernel
     /// refuses a second, different backing file for an inode that is open (EIO), so
     /// concurrent opens of one node share one.
@@ -97,6 +100,7 @@ pub struct StoreFs {
     /// stay valid all the same.
     no_opendir: AtomicBool,
     next_handle: AtomicU64,
+    warnings: Limiter,
 }
 
 impl StoreFs {
@@ -111,6 +115,7 @@ impl StoreFs {
             dirs: DashMap::new(),
             no_opendir: AtomicBool::new(false),
             next_handle: AtomicU64::new(1),
+            warnings: Limiter::default(),
         }
     }
 
@@ -119,8 +124,9 @@ impl StoreFs {
     }
 
     /// The backing id for node `id`, shared with its other open handles or registered from
-    /// `fd`. On failure passthrough is turned off for good (the cause, such as missing
-    /// CAP_SYS_ADMIN, will not go away), said once.
+    /// `fd`. A failure that will not go away (no CAP_SYS_ADMIN, a backing filesystem the
+    /// kernel refuses) turns passthrough off for good, said once; a passing one (out of
+    /// descriptors or memory) only serves this open through the daemon.
     fn backing(&self, reply: &ReplyOpen, id: NodeId, fd: &OwnedFd) -> Option<Arc<BackingId>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
@@ -139,13 +145,27 @@ impl StoreFs {
             Err(e) => {
                 drop(slot);
                 self.backings.remove(&id);
-                if self.passthrough.swap(false, Ordering::Relaxed) {
+                if is_transient(&e) {
+                    warn_limited!(
+                        self.warnings,
+                        node = id,
+                        "cannot register a passthrough file now, reading it through the daemon: {e}"
+                    );
+                } else if self.passthrough.swap(false, Ordering::Relaxed) {
                     tracing::warn!("FUSE passthrough unavailable, reading through the daemon: {e}");
                 }
                 None
             }
         }
     }
+}
+
+/// Whether a failure to register a backing file may succeed on a later try.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR)
+    )
 }
 
 impl StoreFs {
@@ -292,7 +312,7 @@ impl Filesystem for StoreFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.view.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
             Err(e) => {
                 tracing::debug!(parent = parent.0, ?name, "lookup: {e}");
                 reply.error(errno(e))
@@ -329,23 +349,20 @@ impl Filesystem for StoreFs {
             Some(id) => {
                 // Registered before the reply: the RELEASE may come as soon as it is sent.
                 // The kernel holds the file through the backing id; our descriptor can go.
-                self.files.insert(fh, OpenFile::Passthrough(id));
-                let file = self.files.get(&fh);
-                let Some(OpenFile::Passthrough(id)) = file.as_deref() else {
-                    unreachable!("handle {fh} was just inserted");
-                };
+                self.files
+                    .insert(fh, Arc::new(OpenFile::Passthrough(id.clone())));
                 // No FOPEN_KEEP_CACHE here: the page cache is the backing file's own, and
                 // the kernel refuses a passthrough open that asks for caching (EIO).
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
             }
             None => {
                 self.files.insert(
                     fh,
-                    OpenFile::Daemon(DaemonFile {
+                    Arc::new(OpenFile::Daemon(DaemonFile {
                         fd,
                         size,
                         mapping: OnceLock::new(),
-                    }),
+                    })),
                 );
                 // Keep the page cache across opens: the file cannot change under the view.
                 reply.opened(
@@ -367,7 +384,7 @@ impl Filesystem for StoreFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self.files.get(&fh.0) else {
+        let Some(file) = self.files.get(&fh.0).map(|f| Arc::clone(&f)) else {
             return reply.error(Errno::EBADF);
         };
         let OpenFile::Daemon(open) = &*file else {
@@ -380,7 +397,7 @@ impl Filesystem for StoreFs {
             if let Some(mapping) = open.mapping() {
                 // A file that the host has truncated since fails in the kernel's copy of
                 // the reply: the client gets EIO.
-                return reply.data(mapping.window(offset, want));
+                return mapping.reply(offset, want, reply);
             }
         }
         let fd = &open.fd;
@@ -394,7 +411,8 @@ impl Filesystem for StoreFs {
             while filled < buf.len() {
                 match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
                     Ok(0) => {
-                        tracing::warn!(
+                        warn_limited!(
+                            self.warnings,
                             node = ino.0,
                             "a file shrank on the host while open; failing the read"
                         );
@@ -419,8 +437,8 @@ impl Filesystem for StoreFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some((_, OpenFile::Passthrough(backing))) = self.files.remove(&fh.0) {
-            drop(backing);
+        if let Some((_, file)) = self.files.remove(&fh.0) {
+            drop(file);
             // The last handle of the node closes the backing id (on drop); forget the slot.
             self.backings
                 .remove_if(&ino.0, |_, weak| weak.strong_count() == 0);
@@ -475,7 +493,17 @@ impl Filesystem for StoreFs {
                 )
             } else {
                 let e = &listing[index - 2];
-                reply.add(INodeNo(e.ino), index as u64 + 1, file_type(e.kind), &e.name)
+                // The number a lookup gives, which the listing alone cannot always tell;
+                // an entry that vanished from the host since the listing is left out.
+                match self.view.peek(ino.0, &e.name) {
+                    Ok(attr) => reply.add(
+                        INodeNo(attr.ino),
+                        index as u64 + 1,
+                        file_type(attr.kind),
+                        &e.name,
+                    ),
+                    Err(_) => false,
+                }
             };
             if full {
                 break;
@@ -517,7 +545,7 @@ impl Filesystem for StoreFs {
                     name,
                     &TTL,
                     &file_attr(&attr),
-                    Generation(0),
+                    Generation(attr.generation),
                 ) {
                     break;
                 }
@@ -531,7 +559,7 @@ impl Filesystem for StoreFs {
                         &entry.name,
                         &TTL,
                         &file_attr(&attr),
-                        Generation(0),
+                        Generation(attr.generation),
                     ) {
                         // Not sent: the reference just counted must not be kept.
                         self.view.forget(attr.ino, 1);

@@ -7,10 +7,12 @@
 //! * [`view`] is the closure view itself: inodes, descriptors, directory listings, reads,
 //!   all resolved relative to descriptors it holds.
 //! * [`fuse`] serves a [`view::View`] over FUSE; the callbacks are thin.
+//! * [`gc_roots`] holds the closure's paths as Nix temporary roots while they are served.
 
 pub mod cli;
 pub mod closure;
 pub mod fuse;
+pub mod gc_roots;
 pub mod store_path;
 pub mod view;
 
@@ -18,3 +20,4 @@ pub mod daemon;
 mod fdcache;
 mod mapping;
 pub mod options;
+mod ratelimit;

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::daemon;
 use nixstorefs::fuse::{FuseOptions, StoreFs};
+use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::options::MountOptions;
 use nixstorefs::view::{View, ViewError, ViewOptions};
 
@@ -30,7 +31,8 @@ Examples:
   /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
 
 Exit status: 0 once the mount is live; 2 for bad input (a malformed closure, closure
-paths missing from the store, bad options); 1 when mounting or serving fails.";
+paths missing from the store, bad options); 1 when mounting or serving fails, or when the
+garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.";
 
 /// Presents exactly one Nix closure of the host's store as a read-only FUSE mount.
 #[derive(Parser, Debug)]
@@ -53,7 +55,7 @@ struct Args {
     /// Mount options, comma-separated: allow_other, allow_root, auto_unmount, fsname=NAME,
     /// ro, nosuid, suid, exec, noexec, noatime, no_default_permissions (default_permissions,
     /// the kernel checking modes, is on by default; dev is refused), and store_dir=DIR,
-    /// allow_missing, no_passthrough (the flags of the same name).
+    /// allow_missing, no_passthrough, gc_roots=MODE (the flags of the same name).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     options: Vec<String>,
 
@@ -82,8 +84,9 @@ struct Args {
 }
 
 /// Everything that can be checked before mounting: bad input fails here, with nothing
-/// mounted.
-fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
+/// mounted. The closure's paths are held as garbage collector roots from before their
+/// presence is checked until the returned roots are dropped.
+fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Failure> {
     let store_dir = opts
         .store_dir
         .clone()
@@ -99,6 +102,10 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
         )));
     }
     let allow_missing = args.closure_options.allow_missing || opts.allow_missing;
+    let roots = hold_roots(
+        opts.gc_roots.unwrap_or(args.closure_options.gc_roots),
+        &closure,
+    )?;
     let (view, setup) = View::new(
         &closure,
         allow_missing,
@@ -140,7 +147,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<View, Failure> {
         "closure loaded from {}",
         closure.origin
     );
-    Ok(view)
+    Ok((view, roots))
 }
 
 /// Lets the process keep as many descriptors open as it is allowed to: the cache bounds what
@@ -251,8 +258,8 @@ fn main() -> ExitCode {
         }
     }
     raise_fd_limit();
-    let view = match prepare(&args, &mut opts) {
-        Ok(view) => view,
+    let (view, mut roots) = match prepare(&args, &mut opts) {
+        Ok(prepared) => prepared,
         Err(f) => {
             eprintln!("nixstorefs: {}", f.message);
             return ExitCode::from(f.status);
@@ -269,7 +276,12 @@ fn main() -> ExitCode {
             }
         }
     };
-    match serve(&args, opts, view, &mut detached) {
+    // The detached child is a new process: the roots must be its own before the parent exits.
+    let served = match roots.after_fork() {
+        Ok(()) => serve(&args, opts, view, &mut detached),
+        Err(e) => Err(Failure::runtime(e.to_string())),
+    };
+    let status = match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             tracing::error!("{}", f.message);
@@ -280,5 +292,8 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.status)
         }
-    }
+    };
+    // Held until the mount is gone.
+    drop(roots);
+    status
 }

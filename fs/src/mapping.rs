@@ -51,28 +51,40 @@ impl FileMapping {
         Ok(FileMapping { base, len })
     }
 
-    /// The bytes at `offset`, at most `size` of them: fewer at the end of the mapping, none
-    /// past it. The slice is for handing to the kernel (a reply); see the module
-    /// documentation for why the daemon must not read it itself.
-    pub fn window(&self, offset: u64, size: usize) -> &[u8] {
+    /// The range of the mapping a read of `size` bytes at `offset` covers: shorter at the
+    /// end of the mapping, empty past it.
+    fn range(&self, offset: u64, size: usize) -> std::ops::Range<usize> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len);
         let end = start.saturating_add(size).min(self.len);
+        start..end
+    }
+
+    /// Replies to a read of `size` bytes at `offset` straight from the mapping.
+    ///
+    /// The only way to the mapped bytes: they go to the kernel as the reply, never to the
+    /// daemon's own code, which could not survive reading a page the host truncated (see
+    /// the module documentation).
+    pub fn reply(&self, offset: u64, size: usize, reply: fuser::ReplyData) {
+        let range = self.range(offset, size);
         // Ask for the window's pages to be read in now, in the background, if they are not
         // cached; only a hint, so its failure does not matter.
-        if end > start {
+        if !range.is_empty() {
             let page = rustix::param::page_size();
-            let aligned = start - start % page;
+            let aligned = range.start - range.start % page;
             // SAFETY: the range lies inside this mapping; WILLNEED changes no contents.
             let _ = unsafe {
                 rustix::mm::madvise(
                     self.base.as_ptr().add(aligned).cast(),
-                    end - aligned,
+                    range.end - aligned,
                     Advice::WillNeed,
                 )
             };
         }
-        // SAFETY: [start, end) lies inside the live mapping, which outlives `&self`.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(start), end - start) }
+        // SAFETY: the range lies inside the live mapping, which outlives this call; the
+        // slice goes to the kernel only, which copies it while `self` is borrowed.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(range.start), range.len()) };
+        reply.data(bytes);
     }
 }
 
@@ -93,16 +105,15 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
-    fn windows_are_clamped_to_the_mapped_length() {
+    fn ranges_are_clamped_to_the_mapped_length() {
         let mut file = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        file.write_all(&data).unwrap();
-        let map = FileMapping::new(file.as_fd(), data.len() as u64).unwrap();
-        assert_eq!(map.window(0, 100), &data[..100]);
-        assert_eq!(map.window(9_990, 100), &data[9_990..]);
-        assert_eq!(map.window(10_000, 100), b"");
-        assert_eq!(map.window(u64::MAX, 100), b"");
-        assert_eq!(map.window(5, usize::MAX), &data[5..]);
+        file.write_all(&[7u8; 10_000]).unwrap();
+        let map = FileMapping::new(file.as_fd(), 10_000).unwrap();
+        assert_eq!(map.range(0, 100), 0..100);
+        assert_eq!(map.range(9_990, 100), 9_990..10_000);
+        assert_eq!(map.range(10_000, 100), 10_000..10_000);
+        assert_eq!(map.range(u64::MAX, 100), 10_000..10_000);
+        assert_eq!(map.range(5, usize::MAX), 5..10_000);
     }
 
     #[test]

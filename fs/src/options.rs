@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use fuser::{MountOption, SessionACL};
 
+use crate::gc_roots::GcRootsMode;
+
 /// Mount options after parsing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountOptions {
@@ -21,6 +23,8 @@ pub struct MountOptions {
     pub allow_missing: bool,
     /// `no_passthrough`: as `--no-passthrough`.
     pub no_passthrough: bool,
+    /// `gc_roots=MODE`: as `--gc-roots MODE`.
+    pub gc_roots: Option<GcRootsMode>,
 }
 
 impl Default for MountOptions {
@@ -42,6 +46,7 @@ impl Default for MountOptions {
             store_dir: None,
             allow_missing: false,
             no_passthrough: false,
+            gc_roots: None,
         }
     }
 }
@@ -135,6 +140,12 @@ impl MountOptions {
                     self.mount.push(M::CUSTOM(opt.into()));
                 } else if let Some(dir) = opt.strip_prefix("store_dir=") {
                     self.store_dir = Some(dir.into());
+                } else if let Some(mode) = opt.strip_prefix("gc_roots=") {
+                    use clap::ValueEnum;
+                    self.gc_roots =
+                        Some(GcRootsMode::from_str(mode, false).map_err(|_| {
+                            format!("`{opt}`: expected auto, daemon, local or off")
+                        })?);
                 } else if is_foreign(opt) {
                     tracing::debug!("ignoring mount option `{opt}`");
                 } else {
@@ -220,6 +231,14 @@ mod tests {
         assert_eq!(o.acl, SessionACL::All);
         assert_eq!(o.store_dir, Some(PathBuf::from("/s")));
         assert!(o.allow_missing && o.no_passthrough);
+    }
+
+    #[test]
+    fn gc_roots_option() {
+        let o = parse(&["gc_roots=off"]).unwrap();
+        assert_eq!(o.gc_roots, Some(GcRootsMode::Off));
+        let e = parse(&["gc_roots=sometimes"]).unwrap_err();
+        assert!(e.contains("gc_roots=sometimes"), "{e}");
     }
 
     #[test]

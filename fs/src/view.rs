@@ -6,43 +6,75 @@
 //!
 //! # Resolution
 //!
-//! Nodes never hold a path string. Each node records its parent node, its name in that
-//! parent and the host identity (device and inode number) it had when it was looked up. To
-//! reach the host object the view starts from a directory descriptor it already holds (the
-//! store directory, or a cached ancestor) and opens one component at a time with
-//! `O_NOFOLLOW`, checking at every step that the object found is the one recorded. A
-//! directory replaced by a symlink fails to open as a directory; a directory replaced by
-//! another one fails the identity check. Either way the request fails instead of following
-//! the host somewhere outside the closure.
+//! Nodes never hold a path string. Each node records where it was found (its parent node
+//! and its name there) and the full identity of the host object it was found to be (see
+//! [`HostId`]). To reach the host object the view starts from a directory descriptor it
+//! holds (the store directory, or a cached ancestor) and opens one component at a time
+//! with `O_NOFOLLOW`, checking at every step that the object found is the one recorded and
+//! that no mount point was crossed. A directory replaced by a symlink fails to open as a
+//! directory; an object replaced by another fails the identity check. Either way the
+//! request fails (`ESTALE`) instead of following the host somewhere outside the closure.
 //!
-//! # Inode numbers
+//! A cached directory descriptor is only used while the kernel still places it where it
+//! was found: a directory moved on the host, out of the store or within it, stops being
+//! served at once, and its name is resolved afresh from the store.
 //!
-//! A node's number is derived from its host identity, so it is the same every time the
-//! kernel looks the object up again, hard links share it, and nothing has to be remembered
-//! about forgotten nodes. See [`InodeMap`].
+//! # Node numbers
+//!
+//! A node's number is the host inode number where that is unambiguous (an object on the
+//! store's own mount and device, numbered below 2^63), so it is the same every time the
+//! kernel looks the object up again and hard links share it. Any other object (another
+//! device, such as a btrfs subvolume; an inode number with the top bit set, as overlayfs
+//! gives with `xino`; an inode number reused while the previous object is still in use)
+//! gets a number from a table, counted from 2^63, so that two host objects never share one.
+//!
+//! # Node records
+//!
+//! Records of nodes the kernel holds live as long as it holds them. Records of nodes it
+//! has forgotten are kept in a bounded LRU ([`ViewOptions::max_forgotten_nodes`]): a
+//! re-exporting server (virtiofsd, NFS) can hand back a file handle long after the kernel
+//! forgot its node, and the view must still know where the node is. Each record carries a
+//! generation that a later record for the same number never repeats, so a file handle
+//! older than what the LRU remembers gets `ESTALE` instead of reaching another object.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use lru::LruCache;
 use parking_lot::Mutex;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, Statx, StatxAttributes, StatxFlags, StatxTimestamp,
+};
 use rustix::io::Errno;
 
 use crate::closure::Closure;
-use crate::fdcache::FdCache;
+use crate::fdcache::{CachedDir, FdCache};
+use crate::ratelimit::Limiter;
 use crate::store_path::StorePath;
+use crate::warn_limited;
 
 /// A node number as the kernel sees it; also the inode number the view reports.
 pub type NodeId = u64;
 
 /// The node number of the view's root directory.
 pub const ROOT_ID: NodeId = 1;
+
+/// Node numbers from here on are allocated, never host inode numbers.
+const ALLOCATED_BASE: NodeId = 1 << 63;
+
+/// How deep a chain of directories resolution follows before it takes the chain for a
+/// cycle (possible only when the host moves directories around while served).
+const MAX_DEPTH: usize = 4096;
+
+/// How many names of one non-directory (hard links) a record remembers.
+const MAX_NAMES: usize = 4;
 
 /// The result type of view operations: failures are plain errno values, ready to hand to a
 /// transport.
@@ -82,6 +114,40 @@ impl Kind {
     }
 }
 
+/// The full identity of a host object: what tells it from every other object the host
+/// shows, now or later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostId {
+    /// The device number (btrfs subvolumes have their own).
+    pub dev: u64,
+    /// The inode number on that device.
+    pub ino: u64,
+    /// The id of the mount the object was reached through (0 where the kernel does not
+    /// report one).
+    pub mnt: u64,
+    /// The birth time, where the filesystem records one: it tells an object from a later
+    /// one that reuses its inode number.
+    pub btime: Option<(i64, u32)>,
+}
+
+impl HostId {
+    fn of(st: &Statx) -> HostId {
+        let mask = StatxFlags::from_bits_retain(st.stx_mask);
+        HostId {
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            mnt: if mask.contains(StatxFlags::MNT_ID) {
+                st.stx_mnt_id
+            } else {
+                0
+            },
+            btime: mask
+                .contains(StatxFlags::BTIME)
+                .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec)),
+        }
+    }
+}
+
 /// A timestamp in seconds and nanoseconds since the epoch, as the host reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Time {
@@ -96,6 +162,9 @@ pub struct Time {
 pub struct Attr {
     /// The node number, which is also the reported inode number.
     pub ino: NodeId,
+    /// The node's generation: a node number handed out again for another object comes
+    /// with another generation, so that file handles of the old one fail.
+    pub generation: u64,
     /// The kind of object.
     pub kind: Kind,
     /// Permission bits, including setuid, setgid and sticky.
@@ -123,78 +192,153 @@ pub struct Attr {
 }
 
 /// One entry of a directory listing.
+///
+/// Transports that report node numbers with entries take them from [`View::peek`].
 #[derive(Clone, Debug)]
 pub struct DirEntry {
     /// The entry's name.
     pub name: OsString,
-    /// The node number the entry will have once looked up.
+    /// The entry's node number where the listing alone can tell it, 0 otherwise.
     pub ino: NodeId,
     /// Its kind.
     pub kind: Kind,
 }
 
-/// Maps host identities (device, inode) onto node numbers without remembering every node.
+/// Maps host identities onto node numbers, so that two host objects never share one.
 ///
-/// Objects on the store's own device keep their host inode number, which makes the mapping
-/// a pure function: stable for the life of the mount, shared by hard links, free in memory.
-/// Objects on other devices (a store path that is a mount point) get a small per-device
-/// index in the top byte. Host inode 1 on the store device is moved out of the way, since
-/// number 1 is the view's root.
+/// Objects on the store's own mount and device keep their host inode number (below
+/// 2^63), which needs no memory. Every other identity gets the next number from 2^63 on,
+/// remembered in both directions: here by identity, and in the view's records by number.
 #[derive(Debug)]
-pub struct InodeMap {
+struct InodeMap {
     store_dev: u64,
-    others: Mutex<HashMap<u64, u64>>,
+    store_mnt: u64,
+    allocated: Mutex<Allocated>,
 }
 
-const DEV_SHIFT: u32 = 56;
-const INO_MASK: u64 = (1 << DEV_SHIFT) - 1;
-/// The device index reserved for host inode numbers that cannot be used as they are.
-const SPILL_INDEX: u64 = 0xff;
+#[derive(Debug)]
+struct Allocated {
+    by_host: HashMap<HostId, NodeId>,
+    next: NodeId,
+}
 
 impl InodeMap {
-    fn new(store_dev: u64) -> Self {
+    fn new(store: &HostId) -> Self {
         InodeMap {
-            store_dev,
-            others: Mutex::new(HashMap::new()),
+            store_dev: store.dev,
+            store_mnt: store.mnt,
+            allocated: Mutex::new(Allocated {
+                by_host: HashMap::new(),
+                next: ALLOCATED_BASE,
+            }),
         }
     }
 
-    /// The node number of the host object `(dev, ino)`.
-    pub fn node_id(&self, dev: u64, ino: u64) -> NodeId {
-        if dev == self.store_dev {
-            if ino > ROOT_ID && ino <= INO_MASK {
-                return ino;
+    /// The host inode number itself, when it can serve as the node number.
+    fn direct(&self, dev: u64, mnt: u64, ino: u64) -> Option<NodeId> {
+        (dev == self.store_dev && mnt == self.store_mnt && ino > ROOT_ID && ino < ALLOCATED_BASE)
+            .then_some(ino)
+    }
+
+    /// The allocated number of `host`, allocated now if it has none.
+    fn allocate(&self, host: &HostId) -> NodeId {
+        let mut a = self.allocated.lock();
+        if let Some(&n) = a.by_host.get(host) {
+            return n;
+        }
+        let n = a.next;
+        a.next += 1;
+        a.by_host.insert(*host, n);
+        n
+    }
+
+    /// The allocated number of `host`, if it has one.
+    fn allocated(&self, host: &HostId) -> Option<NodeId> {
+        self.allocated.lock().by_host.get(host).copied()
+    }
+
+    /// Forgets the allocation of `n` to `host` (a number is never allocated twice).
+    fn release(&self, n: NodeId, host: &HostId) {
+        if n >= ALLOCATED_BASE {
+            let mut a = self.allocated.lock();
+            if a.by_host.get(host) == Some(&n) {
+                a.by_host.remove(host);
             }
-            return (SPILL_INDEX << DEV_SHIFT) | (ino & INO_MASK);
         }
-        let mut others = self.others.lock();
-        let next = others.len() as u64 + 1;
-        let index = *others.entry(dev).or_insert(next);
-        if index >= SPILL_INDEX {
-            // More than 254 foreign devices: numbers may collide, but only between objects
-            // on such devices; reported, not fatal.
-            tracing::warn!(
-                dev,
-                "too many devices below the store for distinct inode numbers"
-            );
-        }
-        ((index % SPILL_INDEX) << DEV_SHIFT) | (ino & INO_MASK)
+    }
+
+    fn allocated_count(&self) -> usize {
+        self.allocated.lock().by_host.len()
     }
 }
 
-/// What the view remembers of every object it has handed out: enough to find it again from
-/// the store directory, and nothing that costs a descriptor.
+/// One place a host object was found: its parent's record (`None` for the store
+/// directory) and its name there.
+#[derive(Clone, Debug)]
+struct Name {
+    parent: Option<Arc<Known>>,
+    name: OsString,
+}
+
+impl Name {
+    fn parent_id(&self) -> NodeId {
+        self.parent.as_ref().map_or(ROOT_ID, |p| p.node)
+    }
+}
+
+/// What the view remembers of a node: the host object it is and where it was found;
+/// nothing that costs a descriptor.
 ///
-/// This outlives FORGET on purpose. A re-exporting server (virtiofsd with file handles,
-/// NFS) may hand the kernel a node number long after the kernel forgot the node; the kernel
-/// then asks for `.` in that node, and the view must still know where it is. The cost is a
-/// few dozen bytes per object ever looked up.
+/// Parents are held by reference, so a record whose parent's record was dropped from the
+/// view's tables can still be resolved.
 #[derive(Debug)]
 struct Known {
-    /// [`ROOT_ID`] for a store path: its host parent is the store directory.
-    parent: NodeId,
-    name: OsString,
+    node: NodeId,
+    host: HostId,
     kind: Kind,
+    generation: u64,
+    /// Every verified name, the one that resolved last first. A directory has one; a
+    /// file hard-linked into several places may have a few, so that it still resolves
+    /// when the place it was first found is gone.
+    names: Mutex<Vec<Name>>,
+}
+
+impl Known {
+    fn primary(&self) -> Name {
+        self.names.lock()[0].clone()
+    }
+
+    /// Records that the object was found as `name` in `parent`.
+    fn found_at(&self, parent: Option<&Arc<Known>>, name: &OsStr) {
+        let parent_id = parent.map_or(ROOT_ID, |p| p.node);
+        let mut names = self.names.lock();
+        if names
+            .iter()
+            .any(|n| n.parent_id() == parent_id && n.name == name)
+        {
+            return;
+        }
+        let found = Name {
+            parent: parent.cloned(),
+            name: name.to_owned(),
+        };
+        if self.kind == Kind::Directory {
+            // A directory is in one place: found elsewhere, it has moved.
+            *names = vec![found];
+        } else if names.len() < MAX_NAMES {
+            names.push(found);
+        } else {
+            *names.last_mut().expect("a record has a name") = found;
+        }
+    }
+
+    /// Makes `index` the name tried first.
+    fn prefer(&self, index: usize) {
+        let mut names = self.names.lock();
+        if index < names.len() {
+            names[..=index].rotate_right(1);
+        }
+    }
 }
 
 /// State that lives only while clients hold references to a node.
@@ -214,7 +358,7 @@ pub struct ViewOptions {
     pub max_cached_dirs: usize,
     /// How many nodes the kernel has forgotten to remember at most, for re-export (file
     /// handles): the least recently forgotten go first, and a handle naming one gets
-    /// `ESTALE`.
+    /// `ESTALE`. A record costs about 300 bytes; the default stays under 32 MiB.
     pub max_forgotten_nodes: usize,
     /// Follow names into other mounts below the served tree. Off by default: a bind
     /// mount or tmpfs placed inside a store path is not part of the closure.
@@ -225,7 +369,7 @@ impl Default for ViewOptions {
     fn default() -> Self {
         ViewOptions {
             max_cached_dirs: 512,
-            max_forgotten_nodes: 131_072,
+            max_forgotten_nodes: 100_000,
             cross_mounts: false,
         }
     }
@@ -249,6 +393,17 @@ pub enum ViewError {
         store_dir: PathBuf,
         /// The missing paths (all of them).
         paths: Vec<StorePath>,
+    },
+    /// A closure path is a mount point, and crossing mounts was not asked for.
+    MountPoint {
+        /// The path.
+        path: PathBuf,
+    },
+    /// `/proc` cannot be used: the view needs `/proc/self/fd` to check where cached
+    /// directories are and to reopen files it has verified.
+    Proc {
+        /// The cause.
+        source: std::io::Error,
     },
     /// A closure path exists but cannot be examined.
     Stat {
@@ -289,6 +444,15 @@ impl std::fmt::Display for ViewError {
                 }
                 write!(f, " (--allow-missing leaves them out)")
             }
+            ViewError::MountPoint { path } => write!(
+                f,
+                "closure path {} is a mount point; --cross-mounts serves it",
+                path.display()
+            ),
+            ViewError::Proc { source } => write!(
+                f,
+                "cannot use /proc/self/fd ({source}): nixstorefs needs procfs at /proc"
+            ),
             ViewError::Stat { path, source } => {
                 write!(f, "cannot examine {}: {source}", path.display())
             }
@@ -303,22 +467,51 @@ impl std::error::Error for ViewError {}
 pub struct HostFile {
     /// The host file, read-only.
     pub fd: OwnedFd,
-    /// Its size when opened, from the same `fstat` that checked its identity.
+    /// Its size when opened, from the same status that checked its identity.
     pub size: u64,
+}
+
+/// Counts of what the view holds, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViewStats {
+    /// Nodes the kernel holds.
+    pub live: usize,
+    /// Node records kept, live or forgotten.
+    pub records: usize,
+    /// Allocated node numbers kept.
+    pub allocated: usize,
+    /// Cached directory descriptors.
+    pub cached_dirs: usize,
 }
 
 /// The read-only view of one closure of a host store.
 pub struct View {
     store_dir: PathBuf,
     store: Arc<OwnedFd>,
+    store_host: HostId,
+    /// Where the kernel places the store directory, as `/proc/self/fd` shows it: the
+    /// start of every cached directory's expected place.
+    store_place: Vec<u8>,
+    /// `/proc`, for checking where cached directories are and for reopening verified
+    /// `O_PATH` descriptors (through `self/fd/N`).
+    proc_fd: OwnedFd,
     inodes: InodeMap,
     /// The root listing: the closure's store paths present at startup, sorted by name so
     /// that root lookups are a binary search (no second copy of 100k names to build).
     root_listing: Arc<[DirEntry]>,
+    /// The identity of each root entry at startup, in the listing's order: a store path
+    /// replaced on the host since is refused.
+    root_hosts: Box<[HostId]>,
     root_attr: Attr,
     known: DashMap<NodeId, Arc<Known>>,
     live: DashMap<NodeId, Live>,
+    /// Forgotten nodes whose records are kept, least recently forgotten first out.
+    forgotten: Mutex<LruCache<NodeId, ()>>,
+    max_forgotten: usize,
+    generations: AtomicU64,
     dirs: FdCache,
+    cross_mounts: bool,
+    warnings: Limiter,
 }
 
 impl std::fmt::Debug for View {
@@ -342,15 +535,45 @@ fn io_err(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-fn kind_of(st: &Stat) -> Kind {
-    Kind::from_file_type(FileType::from_raw_mode(st.st_mode)).unwrap_or(Kind::RegularFile)
+fn kind_of(st: &Statx) -> Kind {
+    Kind::from_file_type(FileType::from_raw_mode(st.stx_mode.into())).unwrap_or(Kind::RegularFile)
+}
+
+const STATX_MASK: StatxFlags = StatxFlags::BASIC_STATS
+    .union(StatxFlags::BTIME)
+    .union(StatxFlags::MNT_ID);
+
+/// The status of `name` in `dir`, never following a symlink.
+fn statx_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Statx> {
+    rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, STATX_MASK)
+}
+
+/// The status of the object `fd` refers to.
+fn statx_fd(fd: BorrowedFd<'_>) -> Result<Statx> {
+    rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, STATX_MASK)
+}
+
+fn is_mount_root(st: &Statx) -> bool {
+    st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+        && st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+}
+
+/// A record to hand out: a new one for an object just found, or one the view has.
+enum Candidate<'a> {
+    Found {
+        host: HostId,
+        kind: Kind,
+        parent: Option<&'a Arc<Known>>,
+        name: &'a OsStr,
+    },
+    Existing(&'a Arc<Known>),
 }
 
 impl View {
     /// Opens the store directory and checks that every closure path is there.
     ///
     /// Only the closure's top-level paths are examined: the store is never listed and the
-    /// trees below the paths are never walked, so this costs one `fstatat` per closure path
+    /// trees below the paths are never walked, so this costs one `statx` per closure path
     /// whatever the size of the host store.
     pub fn new(
         closure: &Closure,
@@ -359,17 +582,30 @@ impl View {
     ) -> std::result::Result<(View, Setup), ViewError> {
         let store_dir = closure.store_dir.clone();
         let (store, store_stat) = open_dir(&store_dir)?;
-        let inodes = InodeMap::new(store_stat.st_dev);
+        let store_host = HostId::of(&store_stat);
+        let inodes = InodeMap::new(&store_host);
         let mut root_listing = Vec::with_capacity(closure.paths.len());
+        let mut root_hosts = Vec::with_capacity(closure.paths.len());
         let mut setup = Setup::default();
         for path in &closure.paths {
             let name = OsStr::new(path.base_name());
-            match rustix::fs::statat(&store, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => root_listing.push(DirEntry {
-                    name: name.to_owned(),
-                    ino: inodes.node_id(st.st_dev, st.st_ino),
-                    kind: kind_of(&st),
-                }),
+            match statx_at(store.as_fd(), name) {
+                Ok(st) => {
+                    let host = HostId::of(&st);
+                    if !options.cross_mounts && (host.mnt != store_host.mnt || is_mount_root(&st)) {
+                        return Err(ViewError::MountPoint {
+                            path: store_dir.join(name),
+                        });
+                    }
+                    root_listing.push(DirEntry {
+                        name: name.to_owned(),
+                        ino: inodes
+                            .direct(host.dev, host.mnt, host.ino)
+                            .unwrap_or_else(|| inodes.allocate(&host)),
+                        kind: kind_of(&st),
+                    });
+                    root_hosts.push(host);
+                }
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => setup.missing.push(path.clone()),
                 Err(e) => {
                     return Err(ViewError::Stat {
@@ -387,7 +623,16 @@ impl View {
             });
         }
         let root_attr = View::closure_root(&store_stat, &root_listing);
-        let view = View::assemble(store_dir, store, root_attr, inodes, root_listing, options);
+        let view = View::assemble(
+            store_dir,
+            store,
+            store_host,
+            root_attr,
+            inodes,
+            root_listing,
+            root_hosts,
+            options,
+        )?;
         Ok((view, setup))
     }
 
@@ -398,38 +643,68 @@ impl View {
         options: ViewOptions,
     ) -> std::result::Result<View, ViewError> {
         let (fd, st) = open_dir(dir)?;
-        let inodes = InodeMap::new(st.st_dev);
-        let mut root_listing =
-            read_entries(fd.as_fd(), &inodes).map_err(|e| ViewError::StoreDir {
-                path: dir.to_owned(),
-                source: io_err(e),
-            })?;
-        root_listing.sort_by(|a, b| a.name.cmp(&b.name));
+        let host = HostId::of(&st);
+        let inodes = InodeMap::new(&host);
+        let err = |e: Errno| ViewError::StoreDir {
+            path: dir.to_owned(),
+            source: io_err(e),
+        };
+        let mut entries = Vec::new();
+        for entry in read_entries(fd.as_fd(), &host, &inodes).map_err(err)? {
+            // Each entry's identity, as for the store paths of a closure.
+            match statx_at(fd.as_fd(), &entry.name) {
+                Ok(st) => {
+                    let h = HostId::of(&st);
+                    if !options.cross_mounts && (h.mnt != host.mnt || is_mount_root(&st)) {
+                        tracing::warn!(path = %dir.join(&entry.name).display(), "a mount point; leaving it out");
+                        continue;
+                    }
+                    let ino = inodes
+                        .direct(h.dev, h.mnt, h.ino)
+                        .unwrap_or_else(|| inodes.allocate(&h));
+                    entries.push((
+                        DirEntry {
+                            name: entry.name,
+                            ino,
+                            kind: kind_of(&st),
+                        },
+                        h,
+                    ));
+                }
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(err(e)),
+            }
+        }
+        entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let (root_listing, root_hosts) = entries.into_iter().unzip();
         // The directory's own attributes: the snapshot of a tree keeps its root as it is.
-        let root_attr = attr_of(&st, ROOT_ID);
-        Ok(View::assemble(
+        let root_attr = attr_of(&st, ROOT_ID, 0);
+        View::assemble(
             dir.to_owned(),
             fd,
+            host,
             root_attr,
             inodes,
             root_listing,
+            root_hosts,
             options,
-        ))
+        )
     }
 
     /// The root of a closure view: a directory of its own, read-only and timeless like the
     /// store paths in it, owned like the store directory.
-    fn closure_root(store_stat: &Stat, root_listing: &[DirEntry]) -> Attr {
+    fn closure_root(store_stat: &Statx, root_listing: &[DirEntry]) -> Attr {
         Attr {
             ino: ROOT_ID,
+            generation: 0,
             kind: Kind::Directory,
             perm: 0o555,
             nlink: 2 + root_listing
                 .iter()
                 .filter(|e| e.kind == Kind::Directory)
                 .count() as u32,
-            uid: store_stat.st_uid,
-            gid: store_stat.st_gid,
+            uid: store_stat.stx_uid,
+            gid: store_stat.stx_gid,
             size: 0,
             blocks: 0,
             blksize: 4096,
@@ -441,25 +716,58 @@ impl View {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         store_dir: PathBuf,
         store: OwnedFd,
+        store_host: HostId,
         root_attr: Attr,
         inodes: InodeMap,
         root_listing: Vec<DirEntry>,
+        root_hosts: Vec<HostId>,
         options: ViewOptions,
-    ) -> View {
+    ) -> std::result::Result<View, ViewError> {
         debug_assert!(root_listing.windows(2).all(|w| w[0].name < w[1].name));
-        View {
+        // `/proc` itself, not `/proc/self/fd`: `self` is resolved at each use, so the
+        // view keeps working in a daemon that forked after it was made.
+        let proc_fd = rustix::fs::open(
+            "/proc",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ViewError::Proc { source: io_err(e) })?;
+        // Only the kernel's procfs may say where descriptors are.
+        const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+        let magic = rustix::fs::fstatfs(&proc_fd)
+            .map_err(|e| ViewError::Proc { source: io_err(e) })?
+            .f_type as i64;
+        if magic != PROC_SUPER_MAGIC {
+            return Err(ViewError::Proc {
+                source: std::io::Error::other("/proc is not procfs"),
+            });
+        }
+        let store_place =
+            place_of(&proc_fd, store.as_fd()).map_err(|e| ViewError::Proc { source: io_err(e) })?;
+        let max_forgotten = options.max_forgotten_nodes;
+        Ok(View {
             store_dir,
             store: Arc::new(store),
+            store_host,
+            store_place,
+            proc_fd,
             inodes,
             root_listing: root_listing.into(),
+            root_hosts: root_hosts.into(),
             root_attr,
             known: DashMap::new(),
             live: DashMap::new(),
+            forgotten: Mutex::new(LruCache::unbounded()),
+            max_forgotten,
+            generations: AtomicU64::new(1),
             dirs: FdCache::new(options.max_cached_dirs),
-        }
+            cross_mounts: options.cross_mounts,
+            warnings: Limiter::default(),
+        })
     }
 
     /// The host directory the view serves from.
@@ -482,121 +790,341 @@ impl View {
         self.dirs.len()
     }
 
+    /// What the view holds now.
+    pub fn stats(&self) -> ViewStats {
+        ViewStats {
+            live: self.live.len(),
+            records: self.known.len(),
+            allocated: self.inodes.allocated_count(),
+            cached_dirs: self.dirs.len(),
+        }
+    }
+
     fn known(&self, id: NodeId) -> Result<Arc<Known>> {
         self.known.get(&id).map(|k| k.clone()).ok_or(Errno::STALE)
     }
 
-    fn attr_from_stat(&self, st: &Stat) -> Attr {
-        attr_of(st, self.inodes.node_id(st.st_dev, st.st_ino))
-    }
-
-    /// Runs `f` with the directory that holds `node` on the host.
-    fn with_parent_fd<T>(
-        &self,
-        node: &Known,
-        f: impl FnOnce(BorrowedFd<'_>) -> Result<T>,
-    ) -> Result<T> {
-        if node.parent == ROOT_ID {
-            f(self.store.as_fd())
-        } else {
-            let fd = self.dir_fd(node.parent)?;
-            f(fd.as_fd())
+    /// A verified `O_PATH` descriptor of directory `node`, from the cache or opened one
+    /// component at a time from the nearest cached ancestor (or the store).
+    fn dir_fd(&self, node: &Arc<Known>) -> Result<Arc<CachedDir>> {
+        if node.kind != Kind::Directory {
+            return Err(Errno::NOTDIR);
         }
-    }
-
-    /// A verified `O_PATH` descriptor of directory `id`, from the cache or opened one
-    /// component at a time from the nearest cached ancestor.
-    fn dir_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>> {
-        if let Some(fd) = self.dirs.get(id) {
-            return Ok(fd);
+        if let Some(dir) = self.cached_dir(node) {
+            return Ok(dir);
         }
-        // Collect the uncached chain up to the store directory or a cached ancestor; deep
-        // trees are walked iteratively so no request recurses on the host's depth.
-        let mut chain = vec![(id, self.known(id)?)];
-        let mut base = self.store.clone();
-        loop {
-            let parent = chain.last().map_or(ROOT_ID, |(_, k)| k.parent);
-            if parent == ROOT_ID {
+        // The uncached chain up to the store or a cached ancestor, walked iteratively so
+        // no request recurses on the host's depth.
+        let mut chain = vec![(node.clone(), node.primary())];
+        let mut base: Option<Arc<CachedDir>> = None;
+        while let Some(parent) = chain.last().and_then(|(_, n)| n.parent.clone()) {
+            if let Some(dir) = self.cached_dir(&parent) {
+                base = Some(dir);
                 break;
             }
-            if let Some(fd) = self.dirs.get(parent) {
-                base = fd;
-                break;
+            if chain.len() >= MAX_DEPTH {
+                warn_limited!(self.warnings, store = %self.store_dir.display(), "directories on the host form a cycle; refusing them");
+                return Err(Errno::LOOP);
             }
-            chain.push((parent, self.known(parent)?));
+            let name = parent.primary();
+            chain.push((parent, name));
         }
-        for (id, node) in chain.iter().rev() {
-            if node.kind != Kind::Directory {
-                return Err(Errno::NOTDIR);
-            }
+        for (node, name) in chain.iter().rev() {
+            let (base_fd, base_place) = match &base {
+                Some(dir) => (dir.fd.as_fd(), dir.place.as_slice()),
+                None => (self.store.as_fd(), self.store_place.as_slice()),
+            };
             let fd = rustix::fs::openat(
-                base.as_fd(),
-                node.name.as_os_str(),
+                base_fd,
+                name.name.as_os_str(),
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(|e| gone(e, node, &self.store_dir))?;
-            self.check_identity(&fd, *id, node)?;
-            let fd = Arc::new(fd);
-            self.dirs.insert(*id, fd.clone());
-            base = fd;
-        }
-        Ok(base)
-    }
-
-    /// Checks that `fd` is the host object recorded as node `id`; returns its status.
-    fn check_identity(&self, fd: &OwnedFd, id: NodeId, node: &Known) -> Result<Stat> {
-        let st = rustix::fs::fstat(fd)?;
-        if self.inodes.node_id(st.st_dev, st.st_ino) != id || kind_of(&st) != node.kind {
-            return Err(replaced(node, &self.store_dir));
-        }
-        Ok(st)
-    }
-
-    /// Registers one more reference to the host object `st`, found as `name` in `parent`.
-    fn hand_out(&self, parent: NodeId, name: &OsStr, st: &Stat) -> Attr {
-        let attr = self.attr_from_stat(st);
-        if !self.known.contains_key(&attr.ino) {
-            // A hard link keeps the first name it was found under: any will do.
-            self.known.entry(attr.ino).or_insert_with(|| {
-                Arc::new(Known {
-                    parent,
-                    name: name.to_owned(),
-                    kind: attr.kind,
-                })
+            .map_err(|e| self.gone(e, node))?;
+            let st = statx_fd(fd.as_fd())?;
+            self.check_identity(&st, node)?;
+            let mut place = Vec::with_capacity(base_place.len() + 1 + name.name.len());
+            place.extend_from_slice(base_place);
+            place.push(b'/');
+            place.extend_from_slice(name.name.as_bytes());
+            let dir = Arc::new(CachedDir {
+                fd,
+                host: node.host,
+                place,
             });
+            self.dirs.insert(node.node, dir.clone());
+            base = Some(dir);
         }
-        self.live.entry(attr.ino).or_default().lookups += 1;
-        attr
+        Ok(base.expect("the chain has at least one directory"))
+    }
+
+    /// The cached descriptor of directory `node`, if there is one for its object and the
+    /// kernel still places that directory where it was found.
+    fn cached_dir(&self, node: &Known) -> Option<Arc<CachedDir>> {
+        let dir = self.dirs.get(node.node)?;
+        if dir.host == node.host && place_of(&self.proc_fd, dir.fd.as_fd()).ok()? == dir.place {
+            return Some(dir);
+        }
+        // Moved (or another object under the same number): resolve it afresh.
+        self.dirs.remove(node.node);
+        None
+    }
+
+    /// Checks that `st` is the host object recorded as `node`.
+    fn check_identity(&self, st: &Statx, node: &Known) -> Result<()> {
+        if HostId::of(st) != node.host || kind_of(st) != node.kind {
+            warn_limited!(self.warnings, node = node.node, store = %self.store_dir.display(), "host object replaced while served; refusing it");
+            return Err(Errno::STALE);
+        }
+        Ok(())
+    }
+
+    /// Maps a failure to reach `node` on the host to what the client sees: the node is
+    /// stale (the kernel then looks its name up again).
+    fn gone(&self, e: Errno, node: &Known) -> Errno {
+        match e {
+            Errno::NOENT | Errno::NOTDIR | Errno::LOOP => {
+                tracing::debug!(node = node.node, store = %self.store_dir.display(), "host object gone or replaced: {e}");
+                Errno::STALE
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `f` on `node` found by name: with the descriptor of the directory holding it
+    /// and its name there. Each recorded name is tried in turn (hard links), the first that
+    /// works is tried first from then on.
+    fn resolve<T>(
+        &self,
+        node: &Arc<Known>,
+        f: impl Fn(BorrowedFd<'_>, &OsStr) -> Result<T>,
+    ) -> Result<T> {
+        let names = node.names.lock().clone();
+        let mut first_err = Errno::STALE;
+        for (i, name) in names.iter().enumerate() {
+            let result = match &name.parent {
+                None => f(self.store.as_fd(), &name.name),
+                Some(parent) => self
+                    .dir_fd(parent)
+                    .and_then(|dir| f(dir.fd.as_fd(), &name.name)),
+            };
+            match result {
+                Ok(v) => {
+                    if i > 0 {
+                        node.prefer(i);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if i == 0 => first_err = e,
+                Err(_) => {}
+            }
+        }
+        Err(first_err)
+    }
+
+    /// The host's current status of `node`, checked to still be the same object.
+    fn stat_node(&self, node: &Arc<Known>) -> Result<Statx> {
+        self.resolve(node, |dir, name| {
+            let st = statx_at(dir, name).map_err(|e| self.gone(e, node))?;
+            self.check_identity(&st, node)?;
+            Ok(st)
+        })
+    }
+
+    /// An `O_PATH` descriptor of `node`, checked to be its object.
+    fn path_fd(&self, node: &Arc<Known>) -> Result<(OwnedFd, Statx)> {
+        self.resolve(node, |dir, name| {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.gone(e, node))?;
+            let st = statx_fd(fd.as_fd())?;
+            self.check_identity(&st, node)?;
+            Ok((fd, st))
+        })
+    }
+
+    /// Hands out a record for `candidate` (counting one reference when `count`), and
+    /// returns it. Two different host objects never get the same number.
+    fn hand_out(&self, candidate: Candidate<'_>, count: bool) -> Arc<Known> {
+        let (host, kind) = match &candidate {
+            Candidate::Found { host, kind, .. } => (*host, *kind),
+            Candidate::Existing(r) => (r.host, r.kind),
+        };
+        if let Some(n) = self.inodes.direct(host.dev, host.mnt, host.ino) {
+            if let Some(record) = self.claim(n, host, kind, &candidate, count, false) {
+                return record;
+            }
+        }
+        loop {
+            let n = self.inodes.allocate(&host);
+            if let Some(record) = self.claim(n, host, kind, &candidate, count, true) {
+                return record;
+            }
+        }
+    }
+
+    /// Takes node number `n` for the object `host`; `None` when `n` is another object's
+    /// that clients still hold (or, for an allocated number, was released meanwhile).
+    fn claim(
+        &self,
+        n: NodeId,
+        host: HostId,
+        kind: Kind,
+        candidate: &Candidate<'_>,
+        count: bool,
+        allocated: bool,
+    ) -> Option<Arc<Known>> {
+        let mut evicted = None;
+        let record = {
+            // The live entry's lock serialises everything that changes node `n`'s record.
+            let live = self.live.entry(n);
+            if allocated && self.inodes.allocated(&host) != Some(n) {
+                return None;
+            }
+            let held = matches!(live, Entry::Occupied(_));
+            let existing = self.known.get(&n).map(|r| r.clone());
+            let record = match existing {
+                Some(r) if r.host == host && r.kind == kind => {
+                    if let Candidate::Found { parent, name, .. } = candidate {
+                        r.found_at(*parent, name);
+                    }
+                    r
+                }
+                Some(_) if held => return None,
+                // A forgotten record, or none: (re)create it. A record the view no longer
+                // has, but a child still refers to, comes back as it was.
+                other => {
+                    if let Some(old) = other {
+                        self.inodes.release(n, &old.host);
+                        self.dirs.remove(n);
+                    }
+                    let record = match candidate {
+                        Candidate::Existing(r) if r.node == n => Arc::clone(r),
+                        Candidate::Existing(r) => Arc::new(Known {
+                            node: n,
+                            host,
+                            kind,
+                            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                            names: Mutex::new(r.names.lock().clone()),
+                        }),
+                        Candidate::Found { parent, name, .. } => Arc::new(Known {
+                            node: n,
+                            host,
+                            kind,
+                            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                            names: Mutex::new(vec![Name {
+                                parent: parent.cloned(),
+                                name: name.to_os_string(),
+                            }]),
+                        }),
+                    };
+                    self.known.insert(n, record.clone());
+                    record
+                }
+            };
+            match live {
+                Entry::Occupied(mut e) if count => e.get_mut().lookups += 1,
+                Entry::Occupied(_) => {}
+                Entry::Vacant(v) if count => {
+                    v.insert(Live {
+                        lookups: 1,
+                        listing: None,
+                    });
+                    self.forgotten.lock().pop(&n);
+                }
+                Entry::Vacant(v) => {
+                    drop(v);
+                    evicted = self.remember_forgotten(n);
+                }
+            }
+            record
+        };
+        if let Some(old) = evicted {
+            self.evict(old);
+        }
+        Some(record)
+    }
+
+    /// Puts `n` among the forgotten nodes; returns the node that falls out, if any.
+    fn remember_forgotten(&self, n: NodeId) -> Option<NodeId> {
+        let mut forgotten = self.forgotten.lock();
+        forgotten.put(n, ());
+        if forgotten.len() > self.max_forgotten {
+            forgotten.pop_lru().map(|(old, ())| old)
+        } else {
+            None
+        }
+    }
+
+    /// Drops the record of forgotten node `n`, unless clients hold it again.
+    fn evict(&self, n: NodeId) {
+        let live = self.live.entry(n);
+        if let Entry::Vacant(_) = live {
+            if let Some((_, record)) = self.known.remove(&n) {
+                // Top-level paths keep their numbers: the root listing reports them.
+                if record.names.lock().iter().all(|name| name.parent.is_some()) {
+                    self.inodes.release(n, &record.host);
+                }
+                self.dirs.remove(n);
+            }
+        }
     }
 
     /// Looks `name` up in directory `parent` and, on success, counts one reference to the
     /// node returned (to be released with [`View::forget`]).
     pub fn lookup(&self, parent: NodeId, name: &OsStr) -> Result<Attr> {
+        self.find(parent, name, true)
+    }
+
+    /// What a lookup of `name` in `parent` would return, without counting a reference:
+    /// for transports that report node numbers in plain listings.
+    pub fn peek(&self, parent: NodeId, name: &OsStr) -> Result<Attr> {
+        self.find(parent, name, false)
+    }
+
+    fn find(&self, parent: NodeId, name: &OsStr, count: bool) -> Result<Attr> {
         if parent == ROOT_ID {
             if name == "." || name == ".." {
                 return Ok(self.root_attr);
             }
-            if self
+            let Ok(index) = self
                 .root_listing
                 .binary_search_by(|e| e.name.as_os_str().cmp(name))
-                .is_err()
-            {
+            else {
+                return Err(Errno::NOENT);
+            };
+            let st = statx_at(self.store.as_fd(), name).map_err(|e| {
+                warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path vanished: {e}");
+                Errno::NOENT
+            })?;
+            let host = HostId::of(&st);
+            let kind = kind_of(&st);
+            if host != self.root_hosts[index] || kind != self.root_listing[index].kind {
+                warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path replaced on the host since startup; refusing it");
                 return Err(Errno::NOENT);
             }
-            let st = rustix::fs::statat(self.store.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| {
-                    tracing::warn!(path = %self.store_dir.join(name).display(), "store path vanished: {e}");
-                    Errno::NOENT
-                })?;
-            return Ok(self.hand_out(ROOT_ID, name, &st));
+            let record = self.hand_out(
+                Candidate::Found {
+                    host,
+                    kind,
+                    parent: None,
+                    name,
+                },
+                count,
+            );
+            return Ok(attr_of(&st, record.node, record.generation));
         }
         let dir = self.known(parent)?;
         if name == "." {
             // How the kernel finds a node it has forgotten, from a file handle: `parent` is
             // then the node itself, of any kind.
-            let st = self.stat_node(parent, &dir)?;
-            return Ok(self.hand_out(dir.parent, &dir.name, &st));
+            let st = self.stat_node(&dir)?;
+            let record = self.hand_out(Candidate::Existing(&dir), count);
+            return Ok(attr_of(&st, record.node, record.generation));
         }
         if dir.kind != Kind::Directory {
             return Err(Errno::NOTDIR);
@@ -604,35 +1132,53 @@ impl View {
         if name == ".." {
             // Needed for re-export (FUSE_EXPORT_SUPPORT): the kernel asks for a
             // directory's parent when it reconnects a file handle.
-            if dir.parent == ROOT_ID {
+            let Some(grandparent) = dir.primary().parent else {
                 return Ok(self.root_attr);
-            }
-            let grandparent = self.known(dir.parent)?;
-            let st = self.stat_node(dir.parent, &grandparent)?;
-            return Ok(self.hand_out(grandparent.parent, &grandparent.name, &st));
+            };
+            let st = self.stat_node(&grandparent)?;
+            let record = self.hand_out(Candidate::Existing(&grandparent), count);
+            return Ok(attr_of(&st, record.node, record.generation));
         }
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
         }
-        let fd = self.dir_fd(parent)?;
-        let st = rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)?;
-        Ok(self.hand_out(parent, name, &st))
+        let fd = self.dir_fd(&dir)?;
+        let st = statx_at(fd.fd.as_fd(), name)?;
+        let host = HostId::of(&st);
+        if !self.cross_mounts && (host.mnt != dir.host.mnt || is_mount_root(&st)) {
+            warn_limited!(self.warnings, node = parent, name = ?name, store = %self.store_dir.display(), "a mount point below a closure path; not serving it");
+            return Err(Errno::NOENT);
+        }
+        let record = self.hand_out(
+            Candidate::Found {
+                host,
+                kind: kind_of(&st),
+                parent: Some(&dir),
+                name,
+            },
+            count,
+        );
+        Ok(attr_of(&st, record.node, record.generation))
     }
 
-    /// Releases `count` references to node `id`; the node's state goes once none are left.
+    /// Releases `count` references to node `id`; the node's state goes once none are left
+    /// (its record stays among the forgotten ones, up to the cap).
     pub fn forget(&self, id: NodeId, count: u64) {
         if id == ROOT_ID {
             return;
         }
-        // Increments happen under the same shard lock (in `hand_out`), so the count read
-        // here cannot change before the entry is removed.
+        let mut evicted = None;
         if let Entry::Occupied(mut e) = self.live.entry(id) {
             if e.get().lookups <= count {
                 e.remove();
                 self.dirs.remove(id);
+                evicted = self.remember_forgotten(id);
             } else {
                 e.get_mut().lookups -= count;
             }
+        }
+        if let Some(old) = evicted {
+            self.evict(old);
         }
     }
 
@@ -641,19 +1187,7 @@ impl View {
         if id == ROOT_ID {
             return Ok(ROOT_ID);
         }
-        Ok(self.known(id)?.parent)
-    }
-
-    /// The host's current `stat` of node `id`, checked to still be the same object.
-    fn stat_node(&self, id: NodeId, node: &Known) -> Result<Stat> {
-        let st = self.with_parent_fd(node, |dir| {
-            rustix::fs::statat(dir, node.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| gone(e, node, &self.store_dir))
-        })?;
-        if self.inodes.node_id(st.st_dev, st.st_ino) != id || kind_of(&st) != node.kind {
-            return Err(replaced(node, &self.store_dir));
-        }
-        Ok(st)
+        Ok(self.known(id)?.primary().parent_id())
     }
 
     /// The attributes of node `id`.
@@ -662,7 +1196,7 @@ impl View {
             return Ok(self.root_attr);
         }
         let node = self.known(id)?;
-        Ok(self.attr_from_stat(&self.stat_node(id, &node)?))
+        Ok(attr_of(&self.stat_node(&node)?, node.node, node.generation))
     }
 
     /// The target of symlink `id`, verbatim.
@@ -671,26 +1205,18 @@ impl View {
         if node.kind != Kind::Symlink {
             return Err(Errno::INVAL);
         }
-        // Open the link itself, then read it through that descriptor, so that the target
-        // read is the one of the object whose identity was checked.
-        let fd = self.with_parent_fd(&node, |dir| {
-            rustix::fs::openat(
-                dir,
-                node.name.as_os_str(),
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| gone(e, &node, &self.store_dir))
-        })?;
-        self.check_identity(&fd, id, &node)?;
+        // Read through the descriptor whose identity was checked.
+        let (fd, _) = self.path_fd(&node)?;
         let target = rustix::fs::readlinkat(&fd, "", Vec::new())?;
         Ok(target.into_bytes())
     }
 
     /// Opens regular file `id` for reading. Any request to write is refused with `EROFS`.
     ///
-    /// The descriptor returned is the host file itself, checked to be the node's object: a
-    /// transport may read from it or hand it to the kernel for passthrough.
+    /// The file is reached as `O_PATH` first and checked to be the node's object and a
+    /// regular file; only then is it opened for reading (through `/proc/self/fd`), so no
+    /// other kind of host object is ever opened. The descriptor returned is the host file
+    /// itself: a transport may read from it or hand it to the kernel for passthrough.
     pub fn open(&self, id: NodeId, write: bool) -> Result<HostFile> {
         if write {
             return Err(Errno::ROFS);
@@ -703,25 +1229,54 @@ impl View {
             // opening the host's objects.
             _ => return Err(Errno::ACCESS),
         }
-        let fd = self.with_parent_fd(&node, |dir| {
-            // O_NONBLOCK: should the name have become a FIFO, the open must not block.
-            rustix::fs::openat(
-                dir,
-                node.name.as_os_str(),
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::NOCTTY
-                    | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| gone(e, &node, &self.store_dir))
-        })?;
-        let st = self.check_identity(&fd, id, &node)?;
+        let (path, st) = self.path_fd(&node)?;
+        let fd = self.reopen(&path)?;
         Ok(HostFile {
             fd,
-            size: u64::try_from(st.st_size).unwrap_or(0),
+            size: st.stx_size,
         })
+    }
+
+    /// Opens regular file `name` in directory `parent` for reading, checked to be node
+    /// `id`: for walkers that open each file by the name they found it under.
+    pub fn open_entry(&self, parent: NodeId, name: &OsStr, id: NodeId) -> Result<HostFile> {
+        let node = self.known(id)?;
+        if node.kind != Kind::RegularFile {
+            return Err(Errno::ACCESS);
+        }
+        let dir_ref;
+        let dir_fd;
+        let dir: BorrowedFd<'_> = if parent == ROOT_ID {
+            self.store.as_fd()
+        } else {
+            dir_ref = self.known(parent)?;
+            dir_fd = self.dir_fd(&dir_ref)?;
+            dir_fd.fd.as_fd()
+        };
+        let path = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.gone(e, &node))?;
+        let st = statx_fd(path.as_fd())?;
+        self.check_identity(&st, &node)?;
+        let fd = self.reopen(&path)?;
+        Ok(HostFile {
+            fd,
+            size: st.stx_size,
+        })
+    }
+
+    /// Opens the object of a verified `O_PATH` descriptor for reading.
+    fn reopen(&self, path: &OwnedFd) -> Result<OwnedFd> {
+        rustix::fs::openat(
+            &self.proc_fd,
+            fd_path(path.as_raw_fd()).as_str(),
+            OFlags::RDONLY | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
     }
 
     /// The entries of directory `id` (without `.` and `..`), read from the host once.
@@ -736,7 +1291,9 @@ impl View {
         if let Some(listing) = self.live.get(&id).and_then(|l| l.listing.clone()) {
             return Ok(listing);
         }
-        let listing = self.read_listing(id)?;
+        let dir = self.dir_fd(&node)?;
+        let listing: Arc<[DirEntry]> =
+            read_entries(dir.fd.as_fd(), &node.host, &self.inodes)?.into();
         // Kept while the node is live; a node nobody holds is not worth the memory.
         if let Some(mut live) = self.live.get_mut(&id) {
             live.listing.get_or_insert_with(|| listing.clone());
@@ -744,41 +1301,54 @@ impl View {
         Ok(listing)
     }
 
-    fn read_listing(&self, id: NodeId) -> Result<Arc<[DirEntry]>> {
-        Ok(read_entries(self.dir_fd(id)?.as_fd(), &self.inodes)?.into())
-    }
-
     /// Statistics of the host filesystem holding the store.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(self.store.as_fd())
     }
+
+    /// The identity of the store directory itself.
+    pub fn store_host(&self) -> HostId {
+        self.store_host
+    }
+}
+
+/// The path of descriptor `fd` below `/proc`.
+fn fd_path(fd: i32) -> String {
+    format!("self/fd/{fd}")
+}
+
+/// Where the kernel places the object of `fd`: the target of its `/proc/self/fd` link.
+fn place_of(proc_fd: &OwnedFd, fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    let target = rustix::fs::readlinkat(proc_fd, fd_path(fd.as_raw_fd()).as_str(), Vec::new())?;
+    Ok(target.into_bytes())
 }
 
 /// The attributes of the host object `st`, reported as node `ino`.
-fn attr_of(st: &Stat, ino: NodeId) -> Attr {
-    let t = |secs: i64, nsecs: u64| Time {
-        secs,
-        nsecs: nsecs as u32,
+fn attr_of(st: &Statx, ino: NodeId, generation: u64) -> Attr {
+    let t = |ts: StatxTimestamp| Time {
+        secs: ts.tv_sec,
+        nsecs: ts.tv_nsec,
     };
     Attr {
         ino,
+        generation,
         kind: kind_of(st),
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        size: st.st_size as u64,
-        blocks: st.st_blocks as u64,
-        blksize: st.st_blksize as u32,
-        rdev: st.st_rdev,
-        atime: t(st.st_atime, st.st_atime_nsec),
-        mtime: t(st.st_mtime, st.st_mtime_nsec),
-        ctime: t(st.st_ctime, st.st_ctime_nsec),
+        perm: st.stx_mode & 0o7777,
+        nlink: st.stx_nlink,
+        uid: st.stx_uid,
+        gid: st.stx_gid,
+        size: st.stx_size,
+        blocks: st.stx_blocks,
+        blksize: st.stx_blksize,
+        rdev: rustix::fs::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+        atime: t(st.stx_atime),
+        mtime: t(st.stx_mtime),
+        ctime: t(st.stx_ctime),
     }
 }
 
 /// Opens directory `path` (`O_PATH`) as the base every resolution starts from.
-fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Stat), ViewError> {
+fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Statx), ViewError> {
     let err = |e: Errno| ViewError::StoreDir {
         path: path.to_owned(),
         source: io_err(e),
@@ -789,13 +1359,13 @@ fn open_dir(path: &Path) -> std::result::Result<(OwnedFd, Stat), ViewError> {
         Mode::empty(),
     )
     .map_err(err)?;
-    let st = rustix::fs::fstat(&fd).map_err(err)?;
+    let st = statx_fd(fd.as_fd()).map_err(err)?;
     Ok((fd, st))
 }
 
-/// The entries of the directory `dir` (an `O_PATH` descriptor), without `.` and `..`.
-fn read_entries(dir: BorrowedFd<'_>, inodes: &InodeMap) -> Result<Vec<DirEntry>> {
-    let dev = rustix::fs::fstat(dir)?.st_dev;
+/// The entries of the directory `dir` (an `O_PATH` descriptor of the object `host`),
+/// without `.` and `..`. An entry that vanishes while listed is left out.
+fn read_entries(dir: BorrowedFd<'_>, host: &HostId, inodes: &InodeMap) -> Result<Vec<DirEntry>> {
     // Reading entries needs a real open of the directory, reached through the verified
     // descriptor so that it is the same one.
     let fd = rustix::fs::openat(
@@ -815,29 +1385,17 @@ fn read_entries(dir: BorrowedFd<'_>, inodes: &InodeMap) -> Result<Vec<DirEntry>>
         let name = OsStr::from_bytes(name);
         let kind = match Kind::from_file_type(entry.file_type()) {
             Some(kind) => kind,
-            None => kind_of(&rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?),
+            None => match statx_at(dir, name) {
+                Ok(st) => kind_of(&st),
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e),
+            },
         };
         entries.push(DirEntry {
             name: name.to_owned(),
-            ino: inodes.node_id(dev, entry.ino()),
+            ino: inodes.direct(host.dev, host.mnt, entry.ino()).unwrap_or(0),
             kind,
         });
     }
     Ok(entries)
-}
-
-/// Maps a failure to reach `node` on the host to what the client sees: the object is gone.
-fn gone(e: Errno, node: &Known, store_dir: &Path) -> Errno {
-    match e {
-        Errno::NOENT | Errno::NOTDIR | Errno::LOOP => {
-            tracing::debug!(name = ?node.name, store = %store_dir.display(), "host object gone or replaced: {e}");
-            Errno::NOENT
-        }
-        other => other,
-    }
-}
-
-fn replaced(node: &Known, store_dir: &Path) -> Errno {
-    tracing::warn!(name = ?node.name, store = %store_dir.display(), "host object replaced while mounted; refusing it");
-    Errno::NOENT
 }

@@ -11,7 +11,8 @@ use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
 use mkimage::uuid::{derived_uuid, parse_uuid};
-use nixstorefs::cli::{init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
+use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::view::{View, ViewOptions, ROOT_ID};
 
 const EXAMPLES: &str = "\
@@ -30,9 +31,10 @@ Examples:
   mount -t erofs -o ro /dev/vdb /nix/.ro-store
 
 Exit status: 0 when the image is written; 2 for bad input (a malformed closure, closure
-paths missing from the store, bad options); 1 when writing fails. OUTPUT is replaced only
-by a complete image; on failure nothing is left behind. A block device given as OUTPUT is
-written in place, if it is large enough and not in use.";
+paths missing from the store, bad options); 1 when writing fails, or when the garbage
+collector roots asked for (--gc-roots daemon|local) cannot be taken. OUTPUT is replaced
+only by a complete image; on failure nothing is left behind. A block device given as
+OUTPUT is written in place, if it is large enough and not in use.";
 
 /// Writes a reproducible erofs image of a Nix closure (or of a directory with --dir).
 #[derive(Parser, Debug)]
@@ -119,19 +121,28 @@ fn runtime(message: impl Into<String>) -> Failure {
     Failure::runtime(message)
 }
 
-/// The view to snapshot, and the registration that comes with the input, if any.
-fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8>>), Failure> {
+/// The view to snapshot, the registration that comes with the input, if any, and the
+/// garbage collector roots that keep the closure's paths while they are read.
+type Opened = (View, Option<Vec<u8>>, Option<TempRoots>);
+
+/// Opens what to snapshot; a closure's paths are held as roots before they are looked for.
+fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
+    // Every node is needed again when its contents are written, after the walk has let
+    // go of it: keep every record.
     let options = ViewOptions {
+        max_forgotten_nodes: usize::MAX,
         cross_mounts: args.cross_mounts,
         ..ViewOptions::default()
     };
     if let Some(dir) = &args.dir {
+        // Any tree: nothing to root (a mounted view holds its own roots).
         let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
-        return Ok((view, None));
+        return Ok((view, None, None));
     }
     let closure_path = closure.expect("checked by the caller");
     let closure = load_closure(closure_path, &args.closure_options.store_dir)?;
     let store_dir = closure.store_dir.clone();
+    let roots = hold_roots(args.closure_options.gc_roots, &closure)?;
     let (view, setup) = View::new(&closure, args.closure_options.allow_missing, options)
         .map_err(|e| input(e.to_string()))?;
     if !setup.missing.is_empty() {
@@ -141,7 +152,7 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8
             store_dir.display()
         );
     }
-    Ok((view, closure.registration))
+    Ok((view, closure.registration, Some(roots)))
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
@@ -171,22 +182,23 @@ fn run(args: &Args) -> Result<(), Failure> {
         None => None,
     };
 
-    let (view, own_registration) = open_view(args, closure)?;
+    let (view, own_registration, roots) = open_view(args, closure)?;
     let registration = if args.no_registration {
         None
     } else {
         registration.or(own_registration)
     };
     let view = Arc::new(view);
-    let left_out = if args.cross_mounts {
-        Default::default()
+    let mounts = mkimage::mounts::mounts_below(view.store_dir()).map_err(|e| {
+        runtime(format!(
+            "cannot find the mounts below {}: {e}",
+            view.store_dir().display()
+        ))
+    })?;
+    let (left_out, loops) = if args.cross_mounts {
+        (Default::default(), mounts.loops)
     } else {
-        mkimage::mounts::mount_points_below(view.store_dir()).map_err(|e| {
-            runtime(format!(
-                "cannot find the mounts below {}: {e}",
-                view.store_dir().display()
-            ))
-        })?
+        (mounts.points, Default::default())
     };
     let uuid = match uuid {
         Some(uuid) => uuid,
@@ -204,6 +216,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         preserve_hardlinks: args.preserve_hardlinks,
         strip_case_hack: args.strip_case_hack,
         left_out,
+        loops,
         extra_root_files: registration
             .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
             .unwrap_or_default(),
@@ -258,6 +271,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     })?;
     out.commit()
         .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    // Every byte is read: the paths may go.
+    drop(roots);
     if !args.quiet {
         eprintln!(
             "mkimage: wrote {}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",

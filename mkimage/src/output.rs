@@ -80,12 +80,16 @@ impl AtomicOutput {
         let mut prefix = std::ffi::OsString::from(".");
         prefix.push(name);
         prefix.push(".");
+        // Signals are taken before the file exists: one arriving right after it is created
+        // must find it registered, not end the process with the file left behind.
+        watch_signals();
+        let mut pending = PENDING.lock();
         let temp = tempfile::Builder::new()
             .prefix(&prefix)
             .suffix(".tmp")
             .tempfile_in(dir)?;
-        watch_signals();
-        *PENDING.lock() = Some(temp.path().to_owned());
+        *pending = Some(temp.path().to_owned());
+        drop(pending);
         Ok(AtomicOutput {
             target: Target::Temp {
                 _watched: Watched(temp.path().to_owned()),

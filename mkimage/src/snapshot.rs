@@ -33,6 +33,9 @@ pub struct SnapshotOptions {
     /// Paths (relative to the view's root) where another filesystem is mounted: left out,
     /// with everything below them.
     pub left_out: HashSet<PathBuf>,
+    /// Paths (relative to the view's root) where a mount shows one of their own ancestors
+    /// (given with each), so that the tree would hold itself: an error when reached.
+    pub loops: HashMap<PathBuf, PathBuf>,
     /// Extra regular files at the image root: `(name, contents)`, e.g. the registration.
     pub extra_root_files: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -46,6 +49,7 @@ impl Default for SnapshotOptions {
             preserve_hardlinks: false,
             strip_case_hack: false,
             left_out: HashSet::new(),
+            loops: HashMap::new(),
             extra_root_files: Vec::new(),
         }
     }
@@ -81,13 +85,17 @@ impl std::error::Error for SnapshotError {}
 #[derive(Debug)]
 struct ViewFile {
     view: Arc<View>,
+    /// The directory it was found in and its name there: the file is opened by that name,
+    /// checked to be node `id`.
+    parent: NodeId,
+    name: std::ffi::OsString,
     id: NodeId,
 }
 
 impl OpenFile for ViewFile {
     fn open(&self) -> std::io::Result<OwnedFd> {
         self.view
-            .open(self.id, false)
+            .open_entry(self.parent, &self.name, self.id)
             .map(|file| file.fd)
             .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
     }
@@ -152,6 +160,20 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
         let mut entries: Vec<(Vec<u8>, usize)> = Vec::with_capacity(listing.len());
         for entry in listing.iter() {
             let path = dir_path.join(&entry.name);
+            if let Some(ancestor) = options.loops.get(&path) {
+                let ancestor = match ancestor.as_os_str() {
+                    a if a.is_empty() => Path::new("."),
+                    a => Path::new(a),
+                };
+                return Err(SnapshotError {
+                    cause: std::io::Error::other(format!(
+                        "a mount here shows {} again, an ancestor in the tree (which would \
+                         hold itself); without --cross-mounts it is left out",
+                        ancestor.display()
+                    )),
+                    path,
+                });
+            }
             if options.left_out.contains(&path) {
                 tracing::warn!(
                     "leaving out {}: another filesystem is mounted there (--cross-mounts \
@@ -204,6 +226,8 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
                             size: attr.size,
                             source: FileSource::Open(Arc::new(ViewFile {
                                 view: view.clone(),
+                                parent: id,
+                                name: entry.name.clone(),
                                 id: attr.ino,
                             })),
                         },

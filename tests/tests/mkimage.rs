@@ -535,10 +535,12 @@ fn dir_snapshot_stays_on_its_mount_and_refuses_loops() {
         "--cross-mounts over a loop: {stderr}"
     );
     assert!(
-        stderr.contains("a/b/loop/a"),
+        stderr.contains(&format!(
+            "{}/a/b/loop: a mount here shows . again",
+            tree.display()
+        )),
         "the error names the path: {stderr}"
     );
-    assert!(stderr.contains("already entered as a"), "{stderr}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(leftovers(d.path()).is_empty(), "{:?}", leftovers(d.path()));
 
