@@ -145,8 +145,9 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
     );
     // Host node -> arena index, for hard links (only filled when they are preserved).
     let mut linked: HashMap<NodeId, usize> = HashMap::new();
-    // Directory node -> arena index: a directory reached twice (only a mount can do that)
-    // would be written twice, or forever if it is its own ancestor.
+    // Directory node -> arena index. Directories have no hard links and a node is one
+    // host object on one mount, so a node reached twice means a filesystem reporting one
+    // identity for two directories; written as found, the tree could be endless.
     let mut entered: HashMap<NodeId, usize> = HashMap::from([(ROOT_ID, 0)]);
     // Directories still to list: (arena index, view node).
     let mut pending = vec![(0usize, ROOT_ID)];
@@ -207,8 +208,8 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
                         };
                         return Err(SnapshotError {
                             cause: std::io::Error::other(format!(
-                                "this directory was already entered as {} (a bind mount of \
-                                 it, or of an ancestor, which would never end)",
+                                "this directory has the identity of {}, entered before (the \
+                                 walk could go on forever)",
                                 first.display()
                             )),
                             path,
