@@ -7,6 +7,7 @@
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
 #   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
+#   strace             to see that mkimage syncs the output directory after its rename
 #   nix-bin            a real Nix (nix-build, nix-store --gc, nix-daemon) for the garbage
 #                      collection tests, which use private store and state directories
 #   virtiofsd          (cargo install) serves a nixstorefs mount to guests
@@ -17,7 +18,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config nix-bin)
+  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -16,6 +16,69 @@ use crate::store_path::{self, StorePath, NIX_BASE32};
 /// Longest part of an offending line quoted in a [`ClosureError`], in characters.
 const MAX_QUOTED: usize = 120;
 
+/// Largest closure input read, in bytes. Generous (a store-path list of three million
+/// paths fits), but bounded, so that a device or an endless pipe given by mistake is
+/// refused instead of filling memory.
+pub const MAX_INPUT_BYTES: u64 = 256 << 20;
+
+/// Why an input could not be read.
+#[derive(Debug)]
+enum ReadError {
+    Io(io::Error),
+    TooLarge,
+}
+
+impl ReadError {
+    fn at(self, origin: &str) -> ClosureError {
+        match self {
+            ReadError::Io(e) => ClosureError::io(origin, &e),
+            ReadError::TooLarge => ClosureError::new(
+                origin,
+                format!(
+                    "input is larger than {} MiB, the most a closure input may be (a device \
+                     or an endless stream?)",
+                    MAX_INPUT_BYTES >> 20
+                ),
+            ),
+        }
+    }
+}
+
+/// Reads all of `reader`, refusing more than [`MAX_INPUT_BYTES`].
+fn read_capped(reader: impl Read) -> Result<Vec<u8>, ReadError> {
+    read_at_most(reader, MAX_INPUT_BYTES)
+}
+
+/// Reads all of `reader`, refusing more than `cap` bytes.
+fn read_at_most(reader: impl Read, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let mut text = Vec::new();
+    reader
+        .take(cap + 1)
+        .read_to_end(&mut text)
+        .map_err(ReadError::Io)?;
+    if text.len() as u64 > cap {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(text)
+}
+
+/// Reads the file at `path` as closure inputs are read: at most [`MAX_INPUT_BYTES`], a
+/// device or an endless pipe refused; the error names the file.
+pub fn read_input_file(path: &Path) -> Result<Vec<u8>, ClosureError> {
+    read_file_capped(path).map_err(|e| e.at(&path.display().to_string()))
+}
+
+/// Reads the file at `path` with [`read_capped`]; a regular file that is too large is
+/// refused by its size, before anything is read.
+fn read_file_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
+    let file = fs::File::open(path).map_err(ReadError::Io)?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    if meta.is_file() && meta.len() > MAX_INPUT_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    read_capped(file)
+}
+
 /// A validated closure input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Closure {
@@ -120,11 +183,7 @@ impl Closure {
     pub fn load(input: &Path, store_dir: &Path) -> Result<Closure, ClosureError> {
         if input.as_os_str() == "-" {
             let origin = "<stdin>";
-            let mut text = Vec::new();
-            io::stdin()
-                .lock()
-                .read_to_end(&mut text)
-                .map_err(|e| ClosureError::io(origin, &e))?;
+            let text = read_capped(io::stdin().lock()).map_err(|e| e.at(origin))?;
             return Self::parse(&text, origin, store_dir);
         }
         let origin = input.display().to_string();
@@ -132,7 +191,7 @@ impl Closure {
         if metadata.is_dir() {
             return Self::load_closure_info(input, origin, store_dir);
         }
-        let text = fs::read(input).map_err(|e| ClosureError::io(&origin, &e))?;
+        let text = read_file_capped(input).map_err(|e| e.at(&origin))?;
         Self::parse(&text, &origin, store_dir)
     }
 
@@ -186,21 +245,21 @@ impl Closure {
     ) -> Result<Closure, ClosureError> {
         let list_path = dir.join("store-paths");
         let list_origin = list_path.display().to_string();
-        let list = match fs::read(&list_path) {
+        let list = match read_file_capped(&list_path) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ClosureError::new(
                     &origin,
                     "is a directory without a `store-paths` file (expected a closureInfo output)",
                 ));
             }
-            Err(e) => return Err(ClosureError::io(&list_origin, &e)),
+            Err(e) => return Err(e.at(&list_origin)),
         };
         let mut closure = Self::parse_as(&list, Format::StorePaths, &list_origin, store_dir)?;
 
         let registration_path = dir.join("registration");
         let registration_origin = registration_path.display().to_string();
-        match fs::read(&registration_path) {
+        match read_file_capped(&registration_path) {
             Ok(text) => {
                 // Validated too: it is handed to `nix-store --load-db`, which must register
                 // exactly the paths that are presented.
@@ -219,8 +278,8 @@ impl Closure {
                 }
                 closure.registration = registered.registration;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ClosureError::io(&registration_origin, &e)),
+            Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.at(&registration_origin)),
         }
         closure.origin = origin;
         Ok(closure)
@@ -496,7 +555,7 @@ impl Parser<'_> {
                     }
                 })
             })?;
-            paths.push(StorePath::from_validated(base));
+            paths.push((StorePath::from_validated(base), start));
 
             let mut field = |what: &str| {
                 lines.next().ok_or_else(|| {
@@ -581,8 +640,23 @@ impl Parser<'_> {
         if paths.is_empty() {
             return Err(ClosureError::new(self.origin, "no store paths"));
         }
-        paths.sort_unstable();
-        paths.dedup();
+        // Stable, so that of two records of one path the first comes first.
+        paths.sort_by(|a, b| a.0.cmp(&b.0));
+        // Two records of one path disagree or repeat each other; either way the input was
+        // not written by Nix, and which one `nix-store --load-db` keeps is not for us to say.
+        if let Some(pair) = paths.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (first, second) = (pair[0].1, pair[1].1);
+            let line = Lines::new(text)
+                .nth(second - 1)
+                .map_or(&[][..], |(_, line)| line);
+            return Err(ClosureError::at(
+                self.origin,
+                second,
+                line,
+                format!("a second record of this store path (the first starts at line {first})"),
+            ));
+        }
+        let paths: Vec<StorePath> = paths.into_iter().map(|(path, _)| path).collect();
         // `nix-store --load-db` refuses references to paths it does not know, and a
         // closure that is not closed would leave the guest with dangling references.
         for (number, base) in references {
@@ -955,6 +1029,75 @@ mod tests {
             "record cut short: the file ends before its NAR hash (does the reference count of \
              the record starting at line 1 match its references?)"
         );
+    }
+
+    #[test]
+    fn registration_duplicate_record() {
+        let a = sp(H1, "a");
+        let b = sp(H2, "b");
+        let text = record(&a, HEX, "", &[]) + &record(&b, HEX, "", &[]) + &record(&a, HEX, "", &[]);
+        assert_eq!(
+            parse_err(text).to_string(),
+            format!(
+                "closure.txt:11: a second record of this store path (the first starts at line \
+                 1): \"{a}\""
+            )
+        );
+        // In a store-path list, a repeated path is harmless and collapsed.
+        let closure = parse(&format!("{a}\n{b}\n{a}\n")).unwrap();
+        assert_eq!(bases(&closure), [format!("{H1}-a"), format!("{H2}-b")]);
+    }
+
+    #[test]
+    fn leading_period_names() {
+        let text = format!("{}\n{}\n", sp(H1, ".hidden"), sp(H2, "..a-b"));
+        let closure = parse(&text).unwrap();
+        assert_eq!(
+            bases(&closure),
+            [format!("{H1}-.hidden"), format!("{H2}-..a-b")]
+        );
+        let e = parse_err(format!("{}\n{}\n", sp(H1, "a"), sp(H2, "..-b")));
+        assert_eq!(e.line, Some(2));
+        assert_eq!(
+            e.reason,
+            "name or its first dash-separated component is `..`, which Nix refuses"
+        );
+    }
+
+    #[test]
+    fn oversized_inputs_are_refused() {
+        let expected = format!(
+            "input is larger than {} MiB, the most a closure input may be (a device or an \
+             endless stream?)",
+            MAX_INPUT_BYTES >> 20
+        );
+        // An endless device: read up to the cap, then refused.
+        let e = Closure::load(Path::new("/dev/zero"), nix()).unwrap_err();
+        assert_eq!(e.to_string(), format!("/dev/zero: {expected}"));
+
+        // A regular file that is too large is refused by its size, unread.
+        let tmp = tempfile::tempdir().unwrap();
+        let big = tmp.path().join("big.txt");
+        let file = fs::File::create(&big).unwrap();
+        file.set_len(MAX_INPUT_BYTES + 1).unwrap();
+        let e = Closure::load(&big, nix()).unwrap_err();
+        assert_eq!(e.origin, big.display().to_string());
+        assert_eq!(e.reason, expected);
+
+        // Exactly the cap is still read; one byte more is not.
+        assert_eq!(read_at_most(&b"abcd"[..], 4).unwrap(), b"abcd");
+        assert!(matches!(
+            read_at_most(&b"abcde"[..], 4),
+            Err(ReadError::TooLarge)
+        ));
+
+        // A closureInfo directory's files have the same cap.
+        let dir = tmp.path().join("info");
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("store-paths")).unwrap();
+        let e = Closure::load(&dir, nix()).unwrap_err();
+        assert_eq!(e.origin, dir.join("store-paths").display().to_string());
+        assert_eq!(e.reason, expected);
     }
 
     #[test]

@@ -24,7 +24,8 @@ impl Detached {
 }
 
 /// Forks. The parent waits until the child reports through [`Detached`] and exits with the
-/// child's verdict; only the child returns. Must be called before any thread is started.
+/// child's verdict; only the child returns, in a session of its own and in `/`. Must be
+/// called before any thread is started.
 pub fn detach() -> std::io::Result<Detached> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     // SAFETY: called while the process is single-threaded (checked by the caller's design:
@@ -35,6 +36,9 @@ pub fn detach() -> std::io::Result<Detached> {
             drop(read);
             // A session of its own: the daemon must not die with the shell that started it.
             let _ = rustix::process::setsid();
+            // Nor keep the directory it was started in busy: that filesystem could not be
+            // unmounted while the daemon runs.
+            std::env::set_current_dir("/")?;
             Ok(Detached {
                 pipe: std::fs::File::from(write),
             })

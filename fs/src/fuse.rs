@@ -736,6 +736,29 @@ impl Filesystem for StoreFs {
         reply.error(Errno::EROFS);
     }
 
+    // Store files carry no extended attributes (a NAR has none), so the view answers as a
+    // filesystem without any: an empty list and ENODATA. ENOTSUP instead would make tools
+    // that copy attributes (mkfs.erofs, `cp -a`, `rsync -X`) give up on the whole tree.
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        // A size of 0 asks how large a buffer the list needs; otherwise the list itself.
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
     fn fallocate(
         &self,
         _req: &Request,

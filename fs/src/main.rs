@@ -52,10 +52,10 @@ struct Args {
     #[arg(short, long)]
     foreground: bool,
 
-    /// Mount options, comma-separated: allow_other, allow_root, default_permissions,
-    /// auto_unmount, fsname=NAME, ro, nosuid, nodev, suid, dev, exec, noexec, noatime, and
-    /// store_dir=DIR, allow_missing, no_passthrough, gc_roots=MODE (the flags of the same
-    /// name).
+    /// Mount options, comma-separated: allow_other, allow_root, auto_unmount, fsname=NAME,
+    /// ro, nosuid, suid, exec, noexec, noatime, no_default_permissions (default_permissions,
+    /// the kernel checking modes, is on by default; dev is refused), and store_dir=DIR,
+    /// allow_missing, no_passthrough, gc_roots=MODE (the flags of the same name).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     options: Vec<String>,
 
@@ -68,9 +68,11 @@ struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
 
-    /// Directory descriptors to keep open at most.
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    max_cached_dirs: usize,
+    /// Directory descriptors to keep open at most (1 to 65536: each is a descriptor the
+    /// daemon holds).
+    #[arg(long, default_value_t = 512, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_cached_dirs: u32,
 
     /// Nodes the kernel has forgotten to remember at most, so that file handles of a
     /// re-exporting server (virtiofsd, NFS) keep working; older handles get ESTALE. About
@@ -120,7 +122,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
         &closure,
         allow_missing,
         ViewOptions {
-            max_cached_dirs: args.max_cached_dirs,
+            max_cached_dirs: args.max_cached_dirs as usize,
             max_forgotten_nodes: args.max_forgotten_nodes,
             cross_mounts: args.cross_mounts,
         },
@@ -255,7 +257,16 @@ fn serve(
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // The detached daemon works from `/` (so it keeps no directory busy): every path it
+    // uses after detaching must not depend on where it was started.
+    match std::path::absolute(&args.mountpoint) {
+        Ok(path) => args.mountpoint = path,
+        Err(e) => {
+            eprintln!("nixstorefs: mountpoint {}: {e}", args.mountpoint.display());
+            return ExitCode::from(2);
+        }
+    }
     if let Err(f) = init_logging(args.verbose, args.log_file.as_deref()) {
         eprintln!("nixstorefs: {}", f.message);
         return ExitCode::from(f.status);

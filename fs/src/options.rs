@@ -13,7 +13,7 @@ use crate::gc_roots::GcRootsMode;
 /// Mount options after parsing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountOptions {
-    /// Options for the kernel mount, starting from `ro,nosuid,nodev`.
+    /// Options for the kernel mount, starting from `ro,nosuid,nodev,default_permissions`.
     pub mount: Vec<MountOption>,
     /// Who may use the mount.
     pub acl: SessionACL,
@@ -34,6 +34,10 @@ impl Default for MountOptions {
                 MountOption::RO,
                 MountOption::NoSuid,
                 MountOption::NoDev,
+                // The daemon reads every host file it may, as root usually: without this,
+                // any user who can reach the mount (`allow_other`) could read a file whatever
+                // its mode. With it, the kernel checks the mode bits against the caller.
+                MountOption::DefaultPermissions,
                 // As a kernel option, so the mount table says `fuse.nixstorefs` however the
                 // mount is made (fuser passes its own Subtype only to fusermount3).
                 MountOption::CUSTOM("subtype=nixstorefs".into()),
@@ -100,8 +104,17 @@ impl MountOptions {
             "rw" => tracing::debug!("ignoring `rw`: the view is read-only"),
             "nosuid" => self.replace(&[M::Suid], M::NoSuid),
             "suid" => self.replace(&[M::NoSuid], M::Suid),
-            "nodev" => self.replace(&[M::Dev], M::NoDev),
-            "dev" => self.replace(&[M::NoDev], M::Dev),
+            "nodev" => self.replace(&[], M::NoDev),
+            // Nix cannot put a device node in the store (a NAR has none), so one in a closure
+            // path was placed there behind its back; with `dev` it would open the host
+            // device for anyone who can reach the mount.
+            "dev" => {
+                return Err(
+                    "mount option `dev` is refused: a device node in a closure path \
+                            would open the host device; the mount is always `nodev`"
+                        .into(),
+                )
+            }
             "exec" => self.replace(&[M::NoExec], M::Exec),
             "noexec" => self.replace(&[M::Exec], M::NoExec),
             "atime" => self.replace(&[M::NoAtime], M::Atime),
@@ -110,6 +123,7 @@ impl MountOptions {
             "async" => self.replace(&[M::Sync], M::Async),
             "dirsync" => self.replace(&[], M::DirSync),
             "default_permissions" => self.replace(&[], M::DefaultPermissions),
+            "no_default_permissions" => self.mount.retain(|o| *o != M::DefaultPermissions),
             "auto_unmount" => self.replace(&[], M::AutoUnmount),
             "allow_other" => self.acl = SessionACL::All,
             "allow_root" => self.acl = SessionACL::RootAndOwner,
@@ -173,20 +187,42 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_ro_nosuid_nodev() {
+    fn defaults_are_ro_nosuid_nodev_default_permissions() {
         let o = parse(&[]).unwrap();
         assert!(o.mount.contains(&M::RO));
         assert!(o.mount.contains(&M::NoSuid));
         assert!(o.mount.contains(&M::NoDev));
+        assert!(o.mount.contains(&M::DefaultPermissions));
         assert_eq!(o.acl, SessionACL::Owner);
     }
 
     #[test]
     fn later_options_override_defaults() {
-        let o = parse(&["suid,dev", "exec"]).unwrap();
+        let o = parse(&["suid,nodev", "exec"]).unwrap();
         assert!(o.mount.contains(&M::Suid) && !o.mount.contains(&M::NoSuid));
-        assert!(o.mount.contains(&M::Dev) && !o.mount.contains(&M::NoDev));
+        assert!(o.mount.contains(&M::NoDev));
         assert!(o.mount.contains(&M::Exec));
+    }
+
+    #[test]
+    fn default_permissions_can_be_turned_off_and_on() {
+        let o = parse(&["no_default_permissions"]).unwrap();
+        assert!(!o.mount.contains(&M::DefaultPermissions));
+        let o = parse(&["no_default_permissions", "default_permissions"]).unwrap();
+        assert_eq!(
+            o.mount
+                .iter()
+                .filter(|m| **m == M::DefaultPermissions)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn dev_is_refused() {
+        let e = parse(&["ro,dev"]).unwrap_err();
+        assert!(e.starts_with("mount option `dev` is refused"), "{e}");
+        assert!(!parse(&["nodev"]).unwrap().mount.contains(&M::Dev));
     }
 
     #[test]

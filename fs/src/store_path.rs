@@ -121,8 +121,12 @@ pub enum InvalidStorePath {
     EmptyName,
     /// The name has a `/`, so it would name something inside a store path.
     NameSlash,
-    /// The name starts with `.`, which would allow `.` and `..`.
-    NameLeadingDot,
+    /// The name is `.` or `..`, or its first dash-separated component is: Nix refuses
+    /// these (it accepts other names that start with a period since 2.21).
+    NameDotComponent {
+        /// `.` or `..`.
+        component: &'static str,
+    },
     /// The name has a character Nix does not allow.
     NameChar {
         /// The character.
@@ -202,7 +206,10 @@ impl fmt::Display for InvalidStorePath {
             ),
             Self::EmptyName => f.write_str("name is empty"),
             Self::NameSlash => f.write_str("name contains `/`"),
-            Self::NameLeadingDot => f.write_str("name starts with `.`"),
+            Self::NameDotComponent { component } => write!(
+                f,
+                "name or its first dash-separated component is `{component}`, which Nix refuses"
+            ),
             Self::NameChar { ch } => write!(
                 f,
                 "character `{}` in name is not allowed (only letters, digits and + - . _ ? =)",
@@ -320,7 +327,7 @@ pub(crate) fn check_base_name(base: &str) -> Result<(), InvalidStorePath> {
     let fast_ok = bytes.len() > HASH_LEN + 1
         && bytes.len() <= HASH_LEN + 1 + MAX_NAME_LEN
         && bytes[HASH_LEN] == b'-'
-        && bytes[HASH_LEN + 1] != b'.'
+        && (bytes[HASH_LEN + 1] != b'.' || dot_component(&bytes[HASH_LEN + 1..]).is_none())
         && bytes[..HASH_LEN].iter().all(|&b| IS_BASE32[usize::from(b)])
         && bytes[HASH_LEN + 1..]
             .iter()
@@ -329,6 +336,18 @@ pub(crate) fn check_base_name(base: &str) -> Result<(), InvalidStorePath> {
         Ok(())
     } else {
         Err(diagnose_base_name(base))
+    }
+}
+
+/// `.` or `..` when that is the name's first dash-separated component: the names Nix's
+/// `checkName` refuses among those that start with a period. A name like `.hidden`,
+/// `...` or `..a-b` is valid.
+fn dot_component(name: &[u8]) -> Option<&'static str> {
+    let first = name.split(|&b| b == b'-').next().unwrap_or_default();
+    match first {
+        b"." => Some("."),
+        b".." => Some(".."),
+        _ => None,
     }
 }
 
@@ -367,8 +386,8 @@ fn diagnose_base_name(base: &str) -> InvalidStorePath {
     if name.contains('/') {
         return InvalidStorePath::NameSlash;
     }
-    if name.starts_with('.') {
-        return InvalidStorePath::NameLeadingDot;
+    if let Some(component) = dot_component(name.as_bytes()) {
+        return InvalidStorePath::NameDotComponent { component };
     }
     if let Some(ch) = name
         .chars()
@@ -413,7 +432,24 @@ mod tests {
         assert_eq!(p.name(), "hello-2.12");
         assert_eq!(p.to_string(), p.base_name());
 
-        for name in ["a", "A+b-c.d_e?f=g", "source", "x..y", "-dash-first", "1"] {
+        // Names that start with a period are valid unless their first dash-separated
+        // component is `.` or `..` (Nix 2.21 and later).
+        for name in [
+            "a",
+            "A+b-c.d_e?f=g",
+            "source",
+            "x..y",
+            "-dash-first",
+            "1",
+            ".hidden",
+            "...",
+            "...-x",
+            "..a",
+            "..a-b",
+            ".a-.",
+            ".x-..",
+            "._",
+        ] {
             let p = StorePath::new(&format!("{HASH}-{name}")).unwrap();
             assert_eq!(p.name(), name);
         }
@@ -501,9 +537,14 @@ mod tests {
         assert_eq!(name_err(""), "name is empty");
         assert_eq!(name_err("foo/bar"), "name contains `/`");
         assert_eq!(name_err("../etc"), "name contains `/`");
-        assert_eq!(name_err(".."), "name starts with `.`");
-        assert_eq!(name_err("."), "name starts with `.`");
-        assert_eq!(name_err(".hidden"), "name starts with `.`");
+        let dot = |c: &str| {
+            format!("name or its first dash-separated component is `{c}`, which Nix refuses")
+        };
+        assert_eq!(name_err("."), dot("."));
+        assert_eq!(name_err(".."), dot(".."));
+        assert_eq!(name_err(".-foo"), dot("."));
+        assert_eq!(name_err("..-foo"), dot(".."));
+        assert_eq!(name_err("..-"), dot(".."));
         assert_eq!(
             name_err("foo%bar"),
             "character `%` in name is not allowed (only letters, digits and + - . _ ? =)"
@@ -594,7 +635,7 @@ mod tests {
         );
         assert_eq!(
             abs_err(&format!("/nix/store/{HASH}-.."), dir),
-            "name starts with `.`"
+            "name or its first dash-separated component is `..`, which Nix refuses"
         );
         // The base name is checked before complaining about what follows it.
         assert_eq!(

@@ -5,8 +5,10 @@
 //! * [`erofs`] lays that tree out as an uncompressed erofs image.
 //! * [`prefetch`] reads ahead of the writer in parallel.
 //! * [`output`] makes OUTPUT appear only when the image is complete.
+//! * [`mounts`] finds the mount points a snapshot leaves out.
 
 pub mod erofs;
+pub mod mounts;
 pub mod output;
 pub mod prefetch;
 pub mod snapshot;

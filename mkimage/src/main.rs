@@ -1,5 +1,6 @@
 //! `mkimage`: writes a reproducible erofs image of a Nix closure, or of any directory tree.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,13 +10,10 @@ use clap::Parser;
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
-use mkimage::uuid::parse_uuid;
+use mkimage::uuid::{derived_uuid, parse_uuid};
 use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::gc_roots::TempRoots;
-use nixstorefs::view::{View, ViewOptions};
-
-/// The UUID images get unless told otherwise: fixed, so that images are reproducible.
-const DEFAULT_UUID: &str = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
+use nixstorefs::view::{View, ViewOptions, ROOT_ID};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -35,7 +33,8 @@ Examples:
 Exit status: 0 when the image is written; 2 for bad input (a malformed closure, closure
 paths missing from the store, bad options); 1 when writing fails, or when the garbage
 collector roots asked for (--gc-roots daemon|local) cannot be taken. OUTPUT is replaced
-only by a complete image; on failure nothing is left behind.";
+only by a complete image; on failure nothing is left behind. A block device given as
+OUTPUT is written in place, if it is large enough and not in use.";
 
 /// Writes a reproducible erofs image of a Nix closure (or of a directory with --dir).
 #[derive(Parser, Debug)]
@@ -49,6 +48,11 @@ struct Args {
     /// Snapshot this directory tree instead of a closure.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+
+    /// Include what is mounted below the tree (by default a mount point is left out with
+    /// everything below it, as another filesystem; a bind mount that loops is an error).
+    #[arg(long)]
+    cross_mounts: bool,
 
     #[command(flatten)]
     closure_options: ClosureOptions,
@@ -73,9 +77,10 @@ struct Args {
     #[arg(short = 'L', default_value = "nix-store", value_name = "LABEL")]
     label: String,
 
-    /// Volume UUID.
-    #[arg(short = 'U', default_value = DEFAULT_UUID, value_name = "UUID")]
-    uuid: String,
+    /// Volume UUID. By default it is derived from the closure's store paths: the same
+    /// closure always gets the same UUID, different closures get different ones.
+    #[arg(short = 'U', value_name = "UUID")]
+    uuid: Option<String>,
 
     /// Keep hard links as one inode (by default they are separate files, so optimised and
     /// unoptimised stores give the same image).
@@ -126,6 +131,7 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
     // go of it: keep every record.
     let options = ViewOptions {
         max_forgotten_nodes: usize::MAX,
+        cross_mounts: args.cross_mounts,
         ..ViewOptions::default()
     };
     if let Some(dir) = &args.dir {
@@ -157,7 +163,10 @@ fn run(args: &Args) -> Result<(), Failure> {
         (Some(_), _) => return Err(input("with --dir, give only OUTPUT")),
         (None, _) => return Err(input("give CLOSURE and OUTPUT (or --dir DIR OUTPUT)")),
     };
-    let uuid = parse_uuid(&args.uuid).map_err(|e| input(format!("-U {}: {e}", args.uuid)))?;
+    let uuid = match &args.uuid {
+        Some(text) => Some(parse_uuid(text).map_err(|e| input(format!("-U {text}: {e}")))?),
+        None => None,
+    };
     if args.label.len() > 15 {
         return Err(input(format!(
             "-L {:?}: a label has at most 15 bytes, this one has {}",
@@ -167,8 +176,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let registration = match &args.registration {
         Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| input(format!("registration {}: {e}", path.display())))?,
+            nixstorefs::closure::read_input_file(path)
+                .map_err(|e| input(format!("--registration {e}")))?,
         ),
         None => None,
     };
@@ -180,12 +189,34 @@ fn run(args: &Args) -> Result<(), Failure> {
         registration.or(own_registration)
     };
     let view = Arc::new(view);
+    let mounts = mkimage::mounts::mounts_below(view.store_dir()).map_err(|e| {
+        runtime(format!(
+            "cannot find the mounts below {}: {e}",
+            view.store_dir().display()
+        ))
+    })?;
+    let (left_out, loops) = if args.cross_mounts {
+        (Default::default(), mounts.loops)
+    } else {
+        (mounts.points, Default::default())
+    };
+    let uuid = match uuid {
+        Some(uuid) => uuid,
+        None => {
+            let root = view
+                .list(ROOT_ID)
+                .map_err(|e| runtime(format!("{}: {e}", view.store_dir().display())))?;
+            derived_uuid(root.iter().map(|e| e.name.as_bytes()))
+        }
+    };
     let snapshot_options = SnapshotOptions {
         uid: args.force_uid,
         gid: args.force_gid,
         mtime: (!args.preserve_mtime).then_some(args.timestamp as i64),
         preserve_hardlinks: args.preserve_hardlinks,
         strip_case_hack: args.strip_case_hack,
+        left_out,
+        loops,
         extra_root_files: registration
             .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
             .unwrap_or_default(),
@@ -194,10 +225,16 @@ fn run(args: &Args) -> Result<(), Failure> {
         .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
 
     let out = AtomicOutput::create(output).map_err(|e| {
-        runtime(format!(
-            "cannot create a file beside {}: {e}",
-            output.display()
-        ))
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            input(format!("OUTPUT {}: {e}", output.display()))
+        } else if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
+            runtime(format!(
+                "cannot write {}: the device is in use (mounted?)",
+                output.display()
+            ))
+        } else {
+            runtime(format!("cannot write {}: {e}", output.display()))
+        }
     })?;
     let image_options = ImageOptions {
         uuid,

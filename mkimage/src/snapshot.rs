@@ -5,7 +5,7 @@
 //! Only metadata is gathered here; file contents are opened through the view again while
 //! the image is written, so no descriptor is held per file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -30,6 +30,12 @@ pub struct SnapshotOptions {
     pub preserve_hardlinks: bool,
     /// Drop the `~nix~case~hack~N` suffixes macOS stores give names that differ only in case.
     pub strip_case_hack: bool,
+    /// Paths (relative to the view's root) where another filesystem is mounted: left out,
+    /// with everything below them.
+    pub left_out: HashSet<PathBuf>,
+    /// Paths (relative to the view's root) where a mount shows one of their own ancestors
+    /// (given with each), so that the tree would hold itself: an error when reached.
+    pub loops: HashMap<PathBuf, PathBuf>,
     /// Extra regular files at the image root: `(name, contents)`, e.g. the registration.
     pub extra_root_files: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -42,6 +48,8 @@ impl Default for SnapshotOptions {
             mtime: Some(0),
             preserve_hardlinks: false,
             strip_case_hack: false,
+            left_out: HashSet::new(),
+            loops: HashMap::new(),
             extra_root_files: Vec::new(),
         }
     }
@@ -93,17 +101,32 @@ impl OpenFile for ViewFile {
     }
 }
 
+/// What Nix appends to names that differ only in case from another in the same directory,
+/// on case-insensitive filesystems (followed by a number).
 const CASE_HACK: &[u8] = b"~nix~case~hack~";
 
-/// `name` without a trailing `~nix~case~hack~N`, if it has one.
+/// `name` as Nix reads it back with `use-case-hack`: cut at the first `~nix~case~hack~`,
+/// whatever follows it.
 fn strip_case_hack(name: &[u8]) -> &[u8] {
-    if let Some(pos) = name.windows(CASE_HACK.len()).rposition(|w| w == CASE_HACK) {
-        let digits = &name[pos + CASE_HACK.len()..];
-        if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
-            return &name[..pos];
-        }
+    match name.windows(CASE_HACK.len()).position(|w| w == CASE_HACK) {
+        Some(pos) => &name[..pos],
+        None => name,
     }
-    name
+}
+
+/// A device number as the image stores it: erofs has 32 bits for it, which hold Linux's
+/// 12-bit major and 20-bit minor in the encoding `stat` uses for them.
+fn image_rdev(rdev: u64) -> Result<u32, std::io::Error> {
+    u32::try_from(rdev).map_err(|_| {
+        let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "device number {major}:{minor} does not fit an erofs image (majors up to \
+                 4095, minors up to 1048575)"
+            ),
+        )
+    })
 }
 
 /// Walks `view` from its root and returns the inode tree for the writer.
@@ -122,6 +145,10 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
     );
     // Host node -> arena index, for hard links (only filled when they are preserved).
     let mut linked: HashMap<NodeId, usize> = HashMap::new();
+    // Directory node -> arena index. Directories have no hard links and a node is one
+    // host object on one mount, so a node reached twice means a filesystem reporting one
+    // identity for two directories; written as found, the tree could be endless.
+    let mut entered: HashMap<NodeId, usize> = HashMap::from([(ROOT_ID, 0)]);
     // Directories still to list: (arena index, view node).
     let mut pending = vec![(0usize, ROOT_ID)];
     while let Some((index, id)) = pending.pop() {
@@ -134,16 +161,62 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
         let mut entries: Vec<(Vec<u8>, usize)> = Vec::with_capacity(listing.len());
         for entry in listing.iter() {
             let path = dir_path.join(&entry.name);
+            if let Some(ancestor) = options.loops.get(&path) {
+                let ancestor = match ancestor.as_os_str() {
+                    a if a.is_empty() => Path::new("."),
+                    a => Path::new(a),
+                };
+                return Err(SnapshotError {
+                    cause: std::io::Error::other(format!(
+                        "a mount here shows {} again, an ancestor in the tree (which would \
+                         hold itself); without --cross-mounts it is left out",
+                        ancestor.display()
+                    )),
+                    path,
+                });
+            }
+            if options.left_out.contains(&path) {
+                tracing::warn!(
+                    "leaving out {}: another filesystem is mounted there (--cross-mounts \
+                     includes it)",
+                    path.display()
+                );
+                continue;
+            }
             let attr = view.lookup(id, &entry.name).map_err(|e| fail(&path, e))?;
             // The walk holds no references: what it needs later is reachable by number.
             view.forget(attr.ino, 1);
             let mut name = entry.name.as_bytes();
             if options.strip_case_hack {
                 name = strip_case_hack(name);
+                if name.is_empty() {
+                    return Err(SnapshotError {
+                        path,
+                        cause: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "nothing is left of this name without its case-hack suffix",
+                        ),
+                    });
+                }
             }
             let child = match (attr.kind, linked.get(&attr.ino)) {
                 (Kind::Directory, _) => {
+                    if let Some(&first) = entered.get(&attr.ino) {
+                        let first = match snap.paths[first].as_os_str() {
+                            f if f.is_empty() => Path::new("."),
+                            f => Path::new(f),
+                        };
+                        return Err(SnapshotError {
+                            cause: std::io::Error::other(format!(
+                                "this directory has the identity of {}, entered before (the \
+                                 walk could go on forever)",
+                                first.display()
+                            )),
+                            path,
+                        });
+                    }
                     let child = snap.push(dir_inode(&attr, options, attr.perm), path);
+                    entered.insert(attr.ino, child);
                     pending.push((child, attr.ino));
                     child
                 }
@@ -163,10 +236,16 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
                             target: view.readlink(attr.ino).map_err(|e| fail(&path, e))?,
                         },
                         Kind::CharDevice => InodeKind::CharDevice {
-                            rdev: attr.rdev as u32,
+                            rdev: image_rdev(attr.rdev).map_err(|cause| SnapshotError {
+                                path: path.clone(),
+                                cause,
+                            })?,
                         },
                         Kind::BlockDevice => InodeKind::BlockDevice {
-                            rdev: attr.rdev as u32,
+                            rdev: image_rdev(attr.rdev).map_err(|cause| SnapshotError {
+                                path: path.clone(),
+                                cause,
+                            })?,
                         },
                         Kind::Fifo => InodeKind::Fifo,
                         Kind::Socket => InodeKind::Socket,
@@ -199,7 +278,7 @@ pub fn snapshot(view: &Arc<View>, options: &SnapshotOptions) -> Result<Snapshot,
                 entries.push((name.clone(), child));
             }
         }
-        check_unique(&mut entries, &dir_path)?;
+        check_unique(&mut entries, &snap.paths)?;
         snap.inodes[index].kind = InodeKind::Directory { entries };
     }
     Ok(snap)
@@ -214,15 +293,18 @@ impl Snapshot {
 }
 
 /// Refuses two entries of one directory with the same name (possible once case-hack
-/// suffixes are stripped, or with an extra root file).
-fn check_unique(entries: &mut [(Vec<u8>, usize)], dir: &Path) -> Result<(), SnapshotError> {
+/// suffixes are stripped, or with an extra root file), naming both.
+fn check_unique(entries: &mut [(Vec<u8>, usize)], paths: &[PathBuf]) -> Result<(), SnapshotError> {
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(SnapshotError {
-            path: dir.join(OsStr::from_bytes(&w[0].0)),
+            path: paths[w[1].1].clone(),
             cause: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                "two entries of this directory have this name in the image",
+                format!(
+                    "has the same name in the image as {}",
+                    paths[w[0].1].display()
+                ),
             ),
         });
     }
@@ -269,14 +351,80 @@ mod tests {
     use super::*;
 
     #[test]
-    fn case_hack_suffix_is_stripped() {
+    fn case_hack_suffix_is_stripped_as_nix_does() {
         assert_eq!(strip_case_hack(b"Makefile~nix~case~hack~1"), b"Makefile");
         assert_eq!(strip_case_hack(b"a~nix~case~hack~12"), b"a");
-        assert_eq!(strip_case_hack(b"a~nix~case~hack~"), b"a~nix~case~hack~");
-        assert_eq!(
-            strip_case_hack(b"a~nix~case~hack~1x"),
-            b"a~nix~case~hack~1x"
-        );
+        // Nix cuts at the first suffix, whatever follows it.
+        assert_eq!(strip_case_hack(b"a~nix~case~hack~"), b"a");
+        assert_eq!(strip_case_hack(b"a~nix~case~hack~1x"), b"a");
+        assert_eq!(strip_case_hack(b"a~nix~case~hack~1~nix~case~hack~2"), b"a");
+        assert_eq!(strip_case_hack(b"~nix~case~hack~1"), b"");
+        assert_eq!(strip_case_hack(b"a~nix~case~hac"), b"a~nix~case~hac");
         assert_eq!(strip_case_hack(b"plain"), b"plain");
+    }
+
+    #[test]
+    fn device_numbers_must_fit_the_image() {
+        let fits = rustix::fs::makedev(4095, 1_048_575);
+        assert_eq!(image_rdev(fits).unwrap() as u64, fits);
+        assert_eq!(image_rdev(rustix::fs::makedev(8, 1)).unwrap(), 0x801);
+        let e = image_rdev(rustix::fs::makedev(4096, 0)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "device number 4096:0 does not fit an erofs image (majors up to 4095, minors up \
+             to 1048575)"
+        );
+        assert!(image_rdev(rustix::fs::makedev(1, 1_048_576)).is_err());
+    }
+
+    /// Snapshots a directory tree through a whole-directory view.
+    fn snapshot_of(dir: &Path, options: &SnapshotOptions) -> Result<Snapshot, SnapshotError> {
+        let view = View::whole_directory(dir, nixstorefs::view::ViewOptions::default()).unwrap();
+        snapshot(&Arc::new(view), options)
+    }
+
+    fn root_names(snap: &Snapshot) -> Vec<String> {
+        match &snap.inodes[0].kind {
+            InodeKind::Directory { entries } => entries
+                .iter()
+                .map(|(n, _)| String::from_utf8(n.clone()).unwrap())
+                .collect(),
+            _ => panic!("the root is not a directory"),
+        }
+    }
+
+    #[test]
+    fn case_hack_names_in_a_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["Makefile", "makefile~nix~case~hack~1", "x~nix~case~hack~1x"] {
+            std::fs::write(tmp.path().join(name), name).unwrap();
+        }
+        let options = SnapshotOptions {
+            strip_case_hack: true,
+            ..SnapshotOptions::default()
+        };
+        let snap = snapshot_of(tmp.path(), &options).unwrap();
+        assert_eq!(root_names(&snap), ["Makefile", "makefile", "x"]);
+        let plain = snapshot_of(tmp.path(), &SnapshotOptions::default()).unwrap();
+        assert_eq!(
+            root_names(&plain),
+            ["Makefile", "makefile~nix~case~hack~1", "x~nix~case~hack~1x"]
+        );
+
+        // A true collision, as Nix reports one, names both entries.
+        std::fs::write(tmp.path().join("Makefile~nix~case~hack~2"), "").unwrap();
+        let e = snapshot_of(tmp.path(), &options).unwrap_err();
+        let cause = e.cause.to_string();
+        let other = cause
+            .strip_prefix("has the same name in the image as ")
+            .unwrap_or_else(|| panic!("{e}"));
+        let mut both = [e.path.to_str().unwrap(), other];
+        both.sort();
+        assert_eq!(both, ["Makefile", "Makefile~nix~case~hack~2"], "{e}");
+        std::fs::remove_file(tmp.path().join("Makefile~nix~case~hack~2")).unwrap();
+
+        std::fs::write(tmp.path().join("~nix~case~hack~1"), "").unwrap();
+        let e = snapshot_of(tmp.path(), &options).unwrap_err();
+        assert_eq!(e.path, Path::new("~nix~case~hack~1"));
     }
 }

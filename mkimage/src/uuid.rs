@@ -1,4 +1,29 @@
-//! Parsing the volume UUID given with `-U`.
+//! The volume UUID: given with `-U`, or derived from the closure.
+
+use sha2::{Digest, Sha256};
+
+/// A UUID derived from the names at the root of the tree (for a closure, its store paths,
+/// whose hashes stand for their contents): an image of the same closure always gets the
+/// same UUID, images of different closures get different ones, so two of them attached to
+/// one machine are still told apart. Version 8 (RFC 9562: derived by the application), from
+/// SHA-256 of the sorted names.
+pub fn derived_uuid<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> [u8; 16] {
+    let mut names: Vec<&[u8]> = names.into_iter().collect();
+    names.sort_unstable();
+    let mut hash = Sha256::new();
+    hash.update(b"mkimage volume uuid of root names\0");
+    for name in names {
+        hash.update(name);
+        // Names hold no NUL, so this keeps ["ab"] and ["a", "b"] apart.
+        hash.update(b"\0");
+    }
+    let digest = hash.finalize();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&digest[..16]);
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    uuid
+}
 
 /// Parses a UUID written as 32 hex digits, with or without the usual dashes.
 pub fn parse_uuid(text: &str) -> Result<[u8; 16], String> {
@@ -33,6 +58,20 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a[0], 0x8f);
         assert_eq!(a[15], 0x5b);
+    }
+
+    #[test]
+    fn derived_uuids_follow_the_names() {
+        let a = derived_uuid([b"aaa-x".as_slice(), b"bbb-y".as_slice()]);
+        assert_eq!(a, derived_uuid([b"bbb-y".as_slice(), b"aaa-x".as_slice()]));
+        assert_ne!(a, derived_uuid([b"aaa-x".as_slice()]));
+        assert_ne!(
+            derived_uuid([b"ab".as_slice()]),
+            derived_uuid([b"a".as_slice(), b"b".as_slice()])
+        );
+        // Version 8, RFC variant.
+        assert_eq!(a[6] >> 4, 8);
+        assert_eq!(a[8] >> 6, 0b10);
     }
 
     #[test]

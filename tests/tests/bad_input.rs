@@ -22,6 +22,8 @@ enum Input {
     File(Vec<u8>),
     /// A directory holding these files.
     Dir(Vec<(&'static str, Vec<u8>)>),
+    /// A symlink to this path (a device, say).
+    Symlink(&'static str),
 }
 
 fn corpus(s: &SampleStore) -> Vec<Case> {
@@ -49,7 +51,7 @@ fn corpus(s: &SampleStore) -> Vec<Case> {
         r
     };
     let c = |name, input, line| Case { name, input, line };
-    use Input::{Dir, File};
+    use Input::{Dir, File, Symlink};
     vec![
         c("empty", File(vec![]), None),
         c("only-blank-lines", File(b"\n  \n\t\n".to_vec()), None),
@@ -116,8 +118,8 @@ fn corpus(s: &SampleStore) -> Vec<Case> {
             Some(2),
         ),
         c(
-            "name-dot",
-            File(with_good(&format!("{store}/{hash}-.hidden"))),
+            "name-dot-component",
+            File(with_good(&format!("{store}/{hash}-.-hidden"))),
             Some(2),
         ),
         c(
@@ -186,6 +188,20 @@ fn corpus(s: &SampleStore) -> Vec<Case> {
             Some(6),
         ),
         c(
+            "registration-duplicate-record",
+            File(
+                [
+                    record(g0, "0", &[]),
+                    record(&good[1], "0", &[]),
+                    record(g0, "0", &[]),
+                ]
+                .concat()
+                .into_bytes(),
+            ),
+            Some(11),
+        ),
+        c("endless-device", Symlink("/dev/zero"), None),
+        c(
             "directory-without-store-paths",
             Dir(vec![("registration", vec![])]),
             None,
@@ -223,6 +239,7 @@ fn every_malformed_input_is_refused_by_both_binaries() {
         let path = dir.path().join(case.name);
         match &case.input {
             Input::File(bytes) => fs::write(&path, bytes).unwrap(),
+            Input::Symlink(target) => std::os::unix::fs::symlink(target, &path).unwrap(),
             Input::Dir(files) => {
                 fs::create_dir(&path).unwrap();
                 for (name, bytes) in files {

@@ -502,12 +502,12 @@ fn rejects_short_hash() {
 }
 
 #[test]
-fn rejects_name_starting_with_dot() {
+fn rejects_name_whose_first_component_is_dotdot() {
     let (_d, s) = sample::temp(&SampleOptions::small());
     let bad = format!(
-        "{}/{}-.hidden",
+        "{}/{}-..-hidden",
         s.store_dir.display(),
-        sample::store_hash("", ".hidden")
+        sample::store_hash("", "..-hidden")
     );
     drop(s);
     reject_third_line("dotname.txt", bad.as_bytes(), &[&bad]);

@@ -245,6 +245,23 @@ fn bad_input_writes_nothing() {
     assert!(stderr.contains("bad.txt:1"), "{stderr}");
     assert!(!img.exists());
     assert!(leftovers(&out_dir).is_empty(), "{:?}", leftovers(&out_dir));
+
+    // A registration file is read with the closure's cap: an endless one is refused.
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        "--registration".as_ref(),
+        "/dev/zero".as_ref(),
+        s.closure_file.as_os_str(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("--registration /dev/zero: input is larger than 256 MiB"),
+        "{stderr}"
+    );
+    assert!(!img.exists());
 }
 
 #[test]
@@ -397,5 +414,333 @@ fn same_tree_as_mkfs_erofs() {
     println!(
         "image sizes: mkimage {ours} bytes, mkfs.erofs {theirs} bytes ({:+.2}%)",
         (ours as f64 / theirs as f64 - 1.0) * 100.0
+    );
+}
+
+/// Something mounted at a path for the length of a test; unmounted (lazily, if need be) on
+/// drop, whatever happened. Declared after the directory it is in, so it goes first.
+struct MountedAt(PathBuf);
+
+impl MountedAt {
+    fn new(args: &[&str], source: &Path, at: &Path) -> MountedAt {
+        fs::create_dir_all(at).unwrap();
+        let o = harness::run(
+            Command::new("mount").args(args).arg(source).arg(at),
+            TIMEOUT,
+        );
+        assert!(
+            o.status.success(),
+            "mount {args:?} {source:?} {at:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        MountedAt(at.to_owned())
+    }
+}
+
+impl Drop for MountedAt {
+    fn drop(&mut self) {
+        harness::force_unmount(&self.0);
+    }
+}
+
+/// A loop device over a file of `bytes` bytes in `dir`; detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn new(dir: &Path, name: &str, bytes: u64) -> LoopDevice {
+        let backing = dir.join(name);
+        fs::File::create(&backing).unwrap().set_len(bytes).unwrap();
+        let o = harness::run(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&backing),
+            TIMEOUT,
+        );
+        assert!(
+            o.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        LoopDevice(PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = harness::run_bounded(
+            Command::new("losetup").arg("-d").arg(&self.0),
+            Duration::from_secs(20),
+        );
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// `mkimage --dir` over a tree holding a bind mount of its own ancestor and a tmpfs: by
+/// default both are left out; with --cross-mounts the tmpfs is in, and the loop is an
+/// error naming the path, within seconds.
+#[test]
+fn dir_snapshot_stays_on_its_mount_and_refuses_loops() {
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("tree");
+    fs::create_dir_all(tree.join("a/b")).unwrap();
+    fs::write(tree.join("a/b/file"), b"in the tree\n").unwrap();
+    let img = d.path().join("tree.img");
+    // A tmpfs holding a file, and (after it) a bind mount of the tree's root two levels
+    // down: a walk that follows it never ends.
+    let tmpfs = MountedAt::new(&["-t", "tmpfs"], Path::new("none"), &tree.join("scratch"));
+    fs::write(tree.join("scratch/other-fs"), b"on a tmpfs\n").unwrap();
+    let bind = MountedAt::new(&["--bind"], &tree, &tree.join("a/b/loop"));
+    let run = |extra: &[&str]| {
+        let started = std::time::Instant::now();
+        let mut args: Vec<&std::ffi::OsStr> = extra.iter().map(|a| a.as_ref()).collect();
+        args.extend(["--dir".as_ref(), tree.as_os_str(), img.as_os_str()]);
+        let o = mkimage(&args);
+        (o, started.elapsed())
+    };
+
+    let (o, _) = run(&[]);
+    assert!(
+        o.status.success(),
+        "default: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fsck(&img);
+    {
+        let m = ImageMount::new(&img);
+        assert_eq!(
+            fs::read(m.path().join("a/b/file")).unwrap(),
+            b"in the tree\n"
+        );
+        assert!(
+            !m.path().join("a/b/loop").exists(),
+            "the bind mount is in the image"
+        );
+        assert!(
+            !m.path().join("scratch").exists(),
+            "the tmpfs is in the image"
+        );
+    }
+
+    let (o, took) = run(&["--cross-mounts"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "--cross-mounts over a loop: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{}/a/b/loop: a mount here shows . again",
+            tree.display()
+        )),
+        "the error names the path: {stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(leftovers(d.path()).is_empty(), "{:?}", leftovers(d.path()));
+
+    // Without the loop, --cross-mounts takes in the other filesystem.
+    drop(bind);
+    let (o, _) = run(&["--cross-mounts"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = ImageMount::new(&img);
+    assert_eq!(
+        fs::read(m.path().join("scratch/other-fs")).unwrap(),
+        b"on a tmpfs\n"
+    );
+    drop(m);
+    drop(tmpfs);
+}
+
+/// A block device as OUTPUT is written in place, not replaced by a file; one too small is
+/// refused before anything is written; a character device is refused outright.
+#[test]
+fn block_device_output_is_written_in_place() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let file_img = d.path().join("file.img");
+    image_of(&s, &file_img, &[]);
+    let image_len = fs::metadata(&file_img).unwrap().len();
+
+    let dev = LoopDevice::new(d.path(), "disk", image_len + (1 << 20));
+    image_of(&s, &dev.0, &[]);
+    assert!(is_block_device(&dev.0), "{:?} was replaced", dev.0);
+    // The device holds exactly the image a file gets.
+    let written = {
+        use std::io::Read;
+        let mut buf = vec![0u8; image_len as usize];
+        fs::File::open(&dev.0)
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+        buf
+    };
+    assert!(
+        written == fs::read(&file_img).unwrap(),
+        "device and file images differ"
+    );
+    fsck(&dev.0);
+    {
+        let m = ImageMount::new(&dev.0);
+        // While it is mounted, the device is not written to.
+        let o = mkimage(&[
+            "--store-dir".as_ref(),
+            s.store_dir.as_os_str(),
+            s.closure_file.as_os_str(),
+            dev.0.as_os_str(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("the device is in use (mounted?)"),
+            "{stderr}"
+        );
+        check_tree(
+            &s,
+            m.path(),
+            Expect {
+                mtime: Some((0, 0)),
+                links: Links::Separate,
+                dir_sizes: false,
+            },
+        );
+    }
+
+    // Too small: refused with both sizes, and the device left as it was.
+    let small = LoopDevice::new(d.path(), "small", 1 << 20);
+    fs::write(&small.0, b"old contents").unwrap();
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        s.closure_file.as_os_str(),
+        small.0.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&small.0.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the image needs {image_len} bytes, the device has 1048576"
+        )),
+        "{stderr}"
+    );
+    assert!(is_block_device(&small.0));
+    let mut head = [0u8; 12];
+    use std::io::Read;
+    fs::File::open(&small.0)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"old contents", "a refused device was written to");
+
+    // A character device is never replaced.
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        s.closure_file.as_os_str(),
+        "/dev/null".as_ref(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
+
+fn uuid_of(image: &Path) -> String {
+    let o = harness::run(
+        Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "UUID"])
+            .arg(image),
+        TIMEOUT,
+    );
+    let uuid = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_eq!(uuid.len(), 36, "blkid {image:?}: {o:?}");
+    uuid
+}
+
+/// Without -U, the UUID comes from the closure: the same closure gets the same one (the
+/// images are reproducible), a different closure another.
+#[test]
+fn default_uuid_is_derived_from_the_closure() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let (a, b, c) = (
+        d.path().join("a.img"),
+        d.path().join("b.img"),
+        d.path().join("c.img"),
+    );
+    image_of(&s, &a, &[]);
+    image_of(&s, &b, &[]);
+    assert_eq!(uuid_of(&a), uuid_of(&b));
+    assert_eq!(sha256(&a), sha256(&b));
+
+    let fewer = d.path().join("fewer.txt");
+    let paths = s.closure_paths();
+    let text: String = paths[1..]
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    fs::write(&fewer, text).unwrap();
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        fewer.as_os_str(),
+        c.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(uuid_of(&a), uuid_of(&c), "two closures share a UUID");
+}
+
+/// After renaming the image into place, mkimage syncs the directory holding it: without
+/// that, the rename itself may not survive a crash. Seen with strace, in order.
+#[test]
+fn output_directory_is_synced_after_the_rename() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let out_dir = d.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let out_dir = out_dir.canonicalize().unwrap();
+    let img = out_dir.join("store.img");
+    let log = d.path().join("strace.log");
+    let o = harness::run(
+        Command::new("strace")
+            .args([
+                "-f",
+                "-y",
+                "-e",
+                "trace=rename,renameat,renameat2,fsync,fdatasync",
+            ])
+            .arg("-o")
+            .arg(&log)
+            .arg(harness::bin("mkimage"))
+            .arg("--store-dir")
+            .arg(&s.store_dir)
+            .arg(&s.closure_file)
+            .arg(&img)
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trace = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let renamed = lines
+        .iter()
+        .position(|l| l.contains("rename") && l.contains(&format!("\"{}\"", img.display())))
+        .unwrap_or_else(|| panic!("no rename onto {img:?}:\n{trace}"));
+    let dir_fd = format!("<{}>)", out_dir.display());
+    assert!(
+        lines[renamed..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&dir_fd) && l.ends_with("= 0")),
+        "no fsync of {out_dir:?} after the rename:\n{trace}"
     );
 }

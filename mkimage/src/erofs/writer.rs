@@ -123,6 +123,7 @@ pub fn write_image_with_progress(
     check_output(out).map_err(image_error)?;
     let walk = Walk::new(tree)?;
     let layout = Layout::new(tree, &walk, options).map_err(|e| walk.name(e))?;
+    check_room(out, layout.total_blocks << layout.bits).map_err(image_error)?;
 
     let mut writer = ImageWriter::new(out, tree, &layout);
     let mut stats = ImageStats {
@@ -214,6 +215,24 @@ fn check_output(out: &File) -> io::Result<()> {
         return Err(invalid("the output is open for appending"));
     }
     Ok(())
+}
+
+/// Refuses a block device too small for the image before anything is written to it; on
+/// one large enough, clears the superblock's block first: the superblock is written last,
+/// and until then the device must not look like an image (or like the one it held).
+fn check_room(out: &File, image_bytes: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if !out.metadata()?.file_type().is_block_device() {
+        return Ok(());
+    }
+    let size = rustix::fs::seek(out, rustix::fs::SeekFrom::End(0))?;
+    if size < image_bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("the image needs {image_bytes} bytes, the device has {size}"),
+        ));
+    }
+    out.write_all_at(&[0; 4096], 0)
 }
 
 /// One directory entry as written: `.` and `..` included, `target` an arena index.
