@@ -306,9 +306,35 @@ struct Known {
     /// file hard-linked into several places may have a few, so that it still resolves
     /// when the place it was first found is gone.
     names: Mutex<Vec<Name>>,
+    /// The size and modification time last reported for the object: what the client's
+    /// kernel believes. A file found changed at open is refused rather than served in
+    /// ways that differ between passthrough and reads through the daemon.
+    reported: Mutex<Version>,
+}
+
+/// What tells one version of a file's contents from another, as far as the status shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Version {
+    size: u64,
+    mtime: (i64, u32),
+}
+
+impl Version {
+    fn of(st: &Statx) -> Version {
+        Version {
+            size: st.stx_size,
+            mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
+        }
+    }
 }
 
 impl Known {
+    /// Returns the attributes of `st` as this node's, remembering what was reported.
+    fn report(&self, st: &Statx) -> Attr {
+        *self.reported.lock() = Version::of(st);
+        attr_of(st, self.node, self.generation)
+    }
+
     fn primary(&self) -> Name {
         self.names.lock()[0].clone()
     }
@@ -1089,6 +1115,7 @@ impl View {
                             kind,
                             generation: self.generations.fetch_add(1, Ordering::Relaxed),
                             names: Mutex::new(r.names.lock().clone()),
+                            reported: Mutex::new(*r.reported.lock()),
                         }),
                         Candidate::Found { parent, name, .. } => Arc::new(Known {
                             node: n,
@@ -1099,6 +1126,7 @@ impl View {
                                 parent: parent.cloned(),
                                 name: name.to_os_string(),
                             }]),
+                            reported: Mutex::new(Version::default()),
                         }),
                     };
                     self.known.insert(n, record.clone());
@@ -1194,7 +1222,7 @@ impl View {
                 },
                 count,
             );
-            return Ok(attr_of(&st, record.node, record.generation));
+            return Ok(record.report(&st));
         }
         let dir = self.known(parent)?;
         if name == "." {
@@ -1202,7 +1230,7 @@ impl View {
             // then the node itself, of any kind.
             let st = self.stat_node(&dir)?;
             let record = self.hand_out(Candidate::Existing(&dir), count);
-            return Ok(attr_of(&st, record.node, record.generation));
+            return Ok(record.report(&st));
         }
         if dir.kind != Kind::Directory {
             return Err(Errno::NOTDIR);
@@ -1215,7 +1243,7 @@ impl View {
             };
             let st = self.stat_node(&grandparent)?;
             let record = self.hand_out(Candidate::Existing(&grandparent), count);
-            return Ok(attr_of(&st, record.node, record.generation));
+            return Ok(record.report(&st));
         }
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
@@ -1235,7 +1263,7 @@ impl View {
             },
             count,
         );
-        Ok(attr_of(&st, record.node, record.generation))
+        Ok(record.report(&st))
     }
 
     /// Releases `count` references to node `id`; the node's state goes once none are left
@@ -1273,7 +1301,7 @@ impl View {
             return Ok(self.root_attr);
         }
         let node = self.known(id)?;
-        Ok(attr_of(&self.stat_node(&node)?, node.node, node.generation))
+        Ok(node.report(&self.stat_node(&node)?))
     }
 
     /// The target of symlink `id`, verbatim.
@@ -1307,6 +1335,7 @@ impl View {
             _ => return Err(Errno::ACCESS),
         }
         let (path, st) = self.path_fd(&node)?;
+        self.check_unchanged(&node, &st)?;
         let fd = self.reopen(&path)?;
         Ok(HostFile {
             fd,
@@ -1339,11 +1368,23 @@ impl View {
         .map_err(|e| self.gone(e, &node))?;
         let status = status_fd(path.as_fd())?;
         self.check_identity(&status, &node)?;
+        self.check_unchanged(&node, &status.st)?;
         let fd = self.reopen(&path)?;
         Ok(HostFile {
             fd,
             size: status.st.stx_size,
         })
+    }
+
+    /// Refuses (`EIO`) to open a file whose size or modification time changed on the host
+    /// since they were reported: the client's kernel would clip or zero-fill its reads
+    /// by the size it believes, and differently with and without passthrough.
+    fn check_unchanged(&self, node: &Known, st: &Statx) -> Result<()> {
+        if *node.reported.lock() != Version::of(st) {
+            warn_limited!(self.warnings, node = node.node, store = %self.store_dir.display(), "a file changed on the host since it was looked up; refusing to open it");
+            return Err(Errno::IO);
+        }
+        Ok(())
     }
 
     /// Opens the object of a verified `O_PATH` descriptor for reading.

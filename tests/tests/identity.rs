@@ -469,3 +469,33 @@ fn node_records_stay_under_their_cap_through_churn() {
         "RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+/// A file that changed on the host after the client learnt its size fails to open with
+/// EIO, the same with passthrough and without, instead of reads clipped or zero-filled to
+/// the size the client's kernel believes.
+#[test]
+fn a_file_changed_before_it_is_opened_fails_alike_in_both_modes() {
+    let (_d, s) = sample::temp(&SampleOptions::small());
+    for (i, args) in [&[][..], &["--no-passthrough"][..]].iter().enumerate() {
+        let m = Mount::foreground(&s.store_dir, &s.closure_file, args);
+        let rel = &s.small_files[2 + i];
+        let host = s.host(rel);
+        let original = fs::read(&host).unwrap();
+        assert_eq!(fs::read(m.mountpoint().join(rel)).unwrap(), original);
+        let mut grown = original.clone();
+        grown.extend_from_slice(b"appended on the host");
+        fs::write(&host, &grown).unwrap();
+        assert_eq!(
+            errno_of(File::open(m.mountpoint().join(rel))),
+            libc::EIO,
+            "{args:?}"
+        );
+        // Looked up afresh, the new contents are served whole.
+        drop_caches();
+        assert_eq!(
+            fs::read(m.mountpoint().join(rel)).unwrap(),
+            grown,
+            "{args:?}"
+        );
+    }
+}
