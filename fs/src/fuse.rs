@@ -33,11 +33,18 @@ const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct FuseOptions {
     /// Hand regular files to the kernel (FUSE passthrough) so reads bypass the daemon.
     pub passthrough: bool,
+    /// Let the kernel answer POSIX ACL queries itself, from what it cached (FUSE_POSIX_ACL).
+    /// The kernel then checks permissions itself too, so this goes with
+    /// `default_permissions`. Without it every `ls -l` asks the daemon twice per entry.
+    pub posix_acl: bool,
 }
 
 impl Default for FuseOptions {
     fn default() -> Self {
-        FuseOptions { passthrough: true }
+        FuseOptions {
+            passthrough: true,
+            posix_acl: true,
+        }
     }
 }
 
@@ -282,6 +289,9 @@ impl Filesystem for StoreFs {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
             }
+        }
+        if self.options.posix_acl && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_err() {
+            tracing::debug!("kernel lacks FUSE_POSIX_ACL");
         }
         // A warm walk of a directory tree then costs no request at all: without it, every
         // opendir and releasedir is a round trip even when the contents are cached.

@@ -192,6 +192,7 @@ fn serve(
         view.clone(),
         FuseOptions {
             passthrough: !(args.no_passthrough || opts.no_passthrough),
+            posix_acl: opts.mount.contains(&fuser::MountOption::DefaultPermissions),
         },
     );
     let mut config = fuser::Config::default();
