@@ -128,7 +128,7 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
         },
     )
     .map_err(|e| match e {
-        ViewError::Stat { .. } => Failure::runtime(e.to_string()),
+        ViewError::Stat { .. } | ViewError::Proc { .. } => Failure::runtime(e.to_string()),
         _ => Failure::input(e.to_string()),
     })?;
     if !setup.missing.is_empty() {

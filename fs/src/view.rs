@@ -1248,7 +1248,11 @@ impl View {
         if name.as_bytes().contains(&b'/') {
             return Err(Errno::INVAL);
         }
-        let fd = self.dir_fd(&dir)?;
+        // A name in a directory that is gone or was replaced on the host is not there.
+        let fd = self.dir_fd(&dir).map_err(|e| match e {
+            Errno::STALE => Errno::NOENT,
+            e => e,
+        })?;
         let Status { st, host } = status_at(fd.fd.as_fd(), name)?;
         if !self.cross_mounts && (host.mnt != dir.host.mnt || is_mount_root(&st)) {
             warn_limited!(self.warnings, node = parent, name = ?name, store = %self.store_dir.display(), "a mount point below a closure path; not serving it");
