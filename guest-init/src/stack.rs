@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use rustix::fs::CWD;
 use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags};
 
-use crate::config::{Config, Device, StoreSource, Writable};
+use crate::config::{deadline, Config, StoreSource, Writable};
 use crate::modules::Modules;
-use crate::probe;
+use crate::probe::{self, NotFound};
+use crate::say;
 
 /// Relative to a root (`/` or the real root being prepared).
 const RO_STORE: &str = "nix/.ro-store";
@@ -47,27 +48,57 @@ fn mount(
 /// Loads what the store's filesystem and device need. Failures are reported by the mount
 /// that follows, which names the filesystem; here they are only worth a line.
 pub fn load_modules(modules: &mut Modules, source: &StoreSource, writable: Writable) {
-    let mut wanted = vec!["virtio_pci"];
+    // Virtio devices sit on PCI or, on microvm-style machines, on MMIO.
+    let mut wanted = vec!["virtio_pci", "virtio_mmio"];
     match source {
         StoreSource::Virtiofs(_) => wanted.push("virtiofs"),
-        StoreSource::Erofs(_) => {
-            // libcrc32c asks the crypto API for crc32c, which would call modprobe.
-            wanted.extend(["virtio_blk", "crc32c_intel", "crc32c_generic", "erofs"])
-        }
+        // erofs's libcrc32c names its crc32c through a soft dependency, resolved through
+        // modules.alias; loop lets an image attached later with losetup be found.
+        StoreSource::Erofs(_) => wanted.extend(["virtio_blk", "erofs", "loop"]),
     }
     if writable == Writable::Tmpfs {
         wanted.push("overlay");
     }
     for name in wanted {
         match modules.load(name) {
-            // The accelerated crc32c needs SSE 4.2; crc32c_generic stands in for it.
-            Err(e) if name == "crc32c_intel" => {
-                let _ = e;
-            }
-            Err(e) => println!("guest-init: {e}"),
+            Err(e) => say(&e),
+            // Neither a file nor built in: the kernel may still have it under another
+            // name, and the mount that follows says what is missing.
+            Ok(None) if name != "virtio_mmio" && name != "loop" => say(&format!(
+                "kernel module {name} is neither in modules.dep nor built in"
+            )),
             Ok(_) => {}
         }
     }
+}
+
+/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`: the
+/// mount call itself blocks until virtiofsd replies, so it runs on a thread of its own.
+fn mount_virtiofs(
+    tag: &str,
+    target: &Path,
+    flags: MountFlags,
+    deadline: Instant,
+) -> Result<rustix::io::Result<()>, String> {
+    let (send, receive) = std::sync::mpsc::channel();
+    let (t, p) = (tag.to_owned(), target.to_owned());
+    std::thread::Builder::new()
+        .name("virtiofs-mount".into())
+        .spawn(move || {
+            let _ = send.send(mount(&t, &p, "virtiofs", flags, None));
+        })
+        .map_err(|e| format!("cannot start a thread to mount virtiofs: {e}"))?;
+    // Even at the deadline the share gets a moment to answer a mount already sent.
+    let wait = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(2));
+    receive.recv_timeout(wait).map_err(|_| {
+        format!(
+            "the virtiofs share `{tag}` did not answer the mount within {:.1} s \
+             (is virtiofsd running?)",
+            wait.as_secs_f64()
+        )
+    })
 }
 
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
@@ -111,11 +142,11 @@ pub fn mount_source(
     target: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline(timeout)?;
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
     loop {
         let why: String = match source {
-            StoreSource::Virtiofs(tag) => match mount(tag, target, "virtiofs", ro, None) {
+            StoreSource::Virtiofs(tag) => match mount_virtiofs(tag, target, ro, deadline)? {
                 Ok(()) => return Ok(tag.clone()),
                 // The device may not have been probed yet: the tag is unknown until then.
                 Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => {
@@ -130,7 +161,9 @@ pub fn mount_source(
                 Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
             },
             StoreSource::Erofs(device) => match probe::find(device) {
-                Ok(node) => {
+                Err(NotFound::Ambiguous(why)) => return Err(why),
+                Ok(found) => {
+                    let node = found.node.clone();
                     let node_str = node.to_string_lossy().into_owned();
                     return match mount(&node_str, target, "erofs", ro, None) {
                         Ok(()) => Ok(node_str),
@@ -144,7 +177,9 @@ pub fn mount_source(
                         )),
                     };
                 }
-                Err(found) => format!("no erofs image with {device}; found {found}"),
+                Err(NotFound::Absent(found)) => {
+                    format!("no erofs image with {device}; found {found}")
+                }
             },
         };
         if Instant::now() >= deadline {
@@ -258,22 +293,41 @@ fn top_mount(mounts: &[MountEntry], path: &Path) -> Option<MountEntry> {
     mounts.iter().rev().find(|m| m.mount_point == path).cloned()
 }
 
+/// The device a block device node stands for, compared by number: the same device
+/// however its path was spelled (a symlink, another node).
+fn device_number(node: &str) -> Option<u64> {
+    let st = rustix::fs::stat(node).ok()?;
+    (st.st_mode & 0o170000 == 0o060000).then_some(st.st_rdev)
+}
+
+/// Whether the filesystem mounted at `path` lives on the block device `node`.
+fn mounted_from(path: &Path, node: &str) -> bool {
+    match (rustix::fs::stat(path), device_number(node)) {
+        (Ok(st), Some(rdev)) => st.st_dev == rdev,
+        _ => false,
+    }
+}
+
 /// Whether `/nix` already holds the stack `config` asks for.
 fn already_mounted(config: &Config, source: &str) -> bool {
     let mounts = mountinfo();
-    let want_fs = match config.store {
-        StoreSource::Virtiofs(_) => "virtiofs",
-        StoreSource::Erofs(_) => "erofs",
-    };
-    let Some(ro) = top_mount(&mounts, Path::new("/nix/.ro-store")) else {
+    let ro_path = Path::new("/nix/.ro-store");
+    let Some(ro) = top_mount(&mounts, ro_path) else {
         return false;
     };
-    if ro.fstype != want_fs || ro.source != source {
+    let same = match config.store {
+        StoreSource::Virtiofs(_) => ro.fstype == "virtiofs" && ro.source == source,
+        StoreSource::Erofs(_) => ro.fstype == "erofs" && mounted_from(ro_path, source),
+    };
+    if !same {
         return false;
     }
     match (config.writable, top_mount(&mounts, Path::new("/nix/store"))) {
         (Writable::Tmpfs, Some(store)) => store.fstype == "overlay",
-        (Writable::None, Some(store)) => store.fstype == want_fs && store.source == source,
+        (Writable::None, Some(store)) => {
+            store.fstype == ro.fstype && mounted_from(Path::new("/nix/store"), source)
+                || store.fstype == "virtiofs" && store.source == source
+        }
         (_, None) => false,
     }
 }
@@ -282,12 +336,12 @@ fn already_mounted(config: &Config, source: &str) -> bool {
 fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, String> {
     match source {
         StoreSource::Virtiofs(tag) => Ok(tag.clone()),
-        StoreSource::Erofs(Device::Path(p)) => Ok(p.to_string_lossy().into_owned()),
         StoreSource::Erofs(device) => {
-            let deadline = Instant::now() + timeout;
+            let deadline = deadline(timeout)?;
             loop {
                 match probe::find(device) {
-                    Ok(node) => return Ok(node.to_string_lossy().into_owned()),
+                    Ok(found) => return Ok(found.node.to_string_lossy().into_owned()),
+                    Err(NotFound::Ambiguous(why)) => return Err(why),
                     Err(found) if Instant::now() >= deadline => {
                         return Err(format!(
                             "expected an erofs image with {device} within {:.1} s; found {found}",
@@ -312,11 +366,11 @@ fn replace_mount(from: &Path, to: &Path, occupied: bool) -> Result<(), String> {
                 return rustix::mount::unmount(to, UnmountFlags::DETACH)
                     .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()))
             }
-            Err(rustix::io::Errno::INVAL) => println!(
-                "guest-init: this kernel cannot put a mount beneath another (Linux 6.5); \
+            Err(rustix::io::Errno::INVAL) => say(&format!(
+                "this kernel cannot put a mount beneath another (Linux 6.5); \
                  the previous {} stays mounted underneath until reboot",
                 to.display()
-            ),
+            )),
             Err(e) => {
                 return Err(format!(
                     "moving {} beneath {}: {e}",
