@@ -298,6 +298,10 @@ impl Config {
         let mut reg_info = None;
         let mut read_only = true;
         for word in words(cmdline) {
+            // What follows `--` is the kernel's word for init, not for guest-init.
+            if word == "--" {
+                break;
+            }
             match word.as_str() {
                 "ro" => read_only = true,
                 "rw" => read_only = false,
@@ -476,6 +480,10 @@ mod tests {
         assert!(root("root=/dev/vda").unwrap().read_only);
         assert!(!root("ro root=/dev/vda rw").unwrap().read_only);
         assert!(root("rw root=/dev/vda ro").unwrap().read_only);
+        assert!(
+            !root("rw root=/dev/vda -- ro").unwrap().read_only,
+            "after --"
+        );
     }
 
     #[test]

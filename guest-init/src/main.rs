@@ -162,9 +162,8 @@ fn mount_root(
         .or_else(|| found.fs.as_ref().map(|fs| fs.fstype.to_owned()));
     if let Some(fstype) = &fstype {
         // The root's filesystem may be a module (ext4 is, in Debian's kernel).
-        match modules.load(fstype) {
-            Err(e) => say(&e),
-            Ok(_) => {}
+        if let Err(e) = modules.load(fstype) {
+            say(&e);
         }
     }
     mount_root_node(&found, fstype, root)

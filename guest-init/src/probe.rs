@@ -319,7 +319,8 @@ mod tests {
 
     #[test]
     fn reads_each_superblock() {
-        let cases: [(&str, Vec<(u64, &[u8])>); 4] = [
+        type Writes<'a> = Vec<(u64, &'a [u8])>;
+        let cases: [(&str, Writes); 4] = [
             (
                 "erofs",
                 vec![

@@ -43,8 +43,12 @@ pub const STORE_MODULES: &[&str] = &[
     "crc32c_generic",
     "overlay",
 ];
-/// Modules included when the kernel has them (crc32c-intel needs SSE 4.2 to load).
-pub const OPTIONAL_STORE_MODULES: &[&str] = &["crc32c_intel"];
+/// Modules included when the kernel has them: crc32c-intel (it needs SSE 4.2 to load),
+/// loop (for images attached with losetup), virtio-mmio (microvm-style machines).
+pub const OPTIONAL_STORE_MODULES: &[&str] = &["crc32c_intel", "loop", "virtio_mmio"];
+/// Where scripts/install-deps.sh extracts the second guest kernel; overridden by
+/// `NIXSTOREFS_KERNELS`.
+pub const KERNELS_DIR: &str = "/var/tmp/nixstorefs-kernels";
 /// The `modules.*` files copied unchanged into initramfs images, when the host has them.
 pub const MODULE_INDEX_FILES: &[&str] = &[
     "modules.dep",
@@ -202,6 +206,22 @@ impl Kernel {
             panic!(
                 "no guest kernel: {e}; VM tests need Debian's kernel \
                  (apt-get install linux-image-amd64)"
+            )
+        })
+    }
+
+    /// Debian's 6.12 kernel with its modules as the package ships them (`.ko.xz`), as
+    /// scripts/install-deps.sh extracts it under [`KERNELS_DIR`]. Panics, saying how to get
+    /// it, when it is missing.
+    pub fn compressed_modules() -> Kernel {
+        let base = std::env::var_os("NIXSTOREFS_KERNELS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(KERNELS_DIR))
+            .join("6.12");
+        Kernel::find_in(&base.join("boot"), &base.join("lib/modules")).unwrap_or_else(|e| {
+            panic!(
+                "no 6.12 guest kernel: {e}; scripts/install-deps.sh extracts Debian's \
+                 linux-image-6.12 package there"
             )
         })
     }
