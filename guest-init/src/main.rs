@@ -58,6 +58,10 @@ enum Commands {
         /// tmpfs: a writable overlay on /nix/store; none: read-only.
         #[arg(long, default_value = "none", value_name = "tmpfs|none")]
         writable: Writable,
+        /// With --writable tmpfs: start from an empty upper layer instead of keeping what
+        /// was written to the store before.
+        #[arg(long)]
+        discard_writes: bool,
         /// Seconds to wait for the device or tag.
         #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = config::parse_timeout)]
         timeout: Duration,
@@ -417,6 +421,7 @@ fn main() -> ExitCode {
         Commands::MountStore {
             store,
             writable,
+            discard_writes,
             timeout,
         } => {
             let config = Config {
@@ -428,7 +433,7 @@ fn main() -> ExitCode {
                 root: None,
                 reg_info: None,
             };
-            match stack::mount_store(&config) {
+            match stack::mount_store(&config, discard_writes) {
                 Ok(done) => {
                     say(&done);
                     ExitCode::SUCCESS

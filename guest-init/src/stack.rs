@@ -198,6 +198,12 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
     let store = root.join(STORE);
     mkdir_p(&ro_store)?;
     mkdir_p(&store)?;
+    // /nix its own mount: the kernel puts nothing beneath a child of the namespace root,
+    // and an initramfs that stays the root is that root. A later `mount-store` can then
+    // switch /nix/store with MOVE_MOUNT_BENEATH.
+    let nix = root.join("nix");
+    rustix::mount::mount_bind(&nix, &nix)
+        .map_err(|e| format!("bind-mounting {} on itself: {e}", nix.display()))?;
     let from = mount_source(&config.store, &ro_store, config.timeout)?;
     match config.writable {
         Writable::Tmpfs => {
@@ -208,6 +214,26 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
         Writable::None => read_only_bind(&ro_store, &store)?,
     }
     Ok(from)
+}
+
+/// The overlay at `target` of `lower` with `upper` and `work`.
+/// `extra` options are appended (`,index=off` where another overlay shares the upper
+/// layer until it is detached: the index would refuse that).
+fn overlay_on(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    extra: &str,
+) -> Result<(), String> {
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}{extra}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
+        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
 }
 
 /// A tmpfs at `rw` holding upper and work directories, and the overlay at `target`.
@@ -224,14 +250,7 @@ fn overlay(lower: &Path, rw: &Path, target: &Path) -> Result<(), String> {
     let work = rw.join("work");
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
-        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
+    overlay_on(lower, &upper, &work, target, "")
 }
 
 fn read_only_bind(from: &Path, to: &Path) -> Result<(), String> {
@@ -355,38 +374,92 @@ fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, St
     }
 }
 
-/// Moves the mount at `from` onto `to`. When something is mounted there already, the new
-/// mount goes beneath it and the old one is detached (Linux 6.5); older kernels stack the
-/// new mount on top, which is just as atomic for path lookups but leaves the old one
-/// mounted, hidden, until reboot.
-fn replace_mount(from: &Path, to: &Path, occupied: bool) -> Result<(), String> {
-    if occupied {
-        match rustix::mount::move_mount(CWD, from, CWD, to, MoveMountFlags::MOVE_MOUNT_BENEATH) {
-            Ok(()) => {
-                return rustix::mount::unmount(to, UnmountFlags::DETACH)
-                    .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()))
-            }
-            Err(rustix::io::Errno::INVAL) => say(&format!(
-                "this kernel cannot put a mount beneath another (Linux 6.5); \
-                 the previous {} stays mounted underneath until reboot",
-                to.display()
-            )),
-            Err(e) => {
-                return Err(format!(
-                    "moving {} beneath {}: {e}",
-                    from.display(),
-                    to.display()
-                ))
-            }
-        }
+/// Whether this kernel can put a mount beneath another (MOVE_MOUNT_BENEATH, Linux 6.5),
+/// found by trying it inside `scratch` (a private tmpfs of ours, whose mounts are not the
+/// namespace root's children), not by reading an error of the real switch.
+fn beneath_supported(scratch: &Path) -> bool {
+    let top = scratch.join("probe-top");
+    let new = scratch.join("probe-new");
+    if mkdir_p(&top).is_err() || mkdir_p(&new).is_err() {
+        return false;
+    }
+    let tmpfs = |at: &Path| mount("tmpfs", at, "tmpfs", MountFlags::empty(), Some("size=4k"));
+    if tmpfs(&top).is_err() || tmpfs(&new).is_err() {
+        let _ = rustix::mount::unmount(&top, UnmountFlags::DETACH);
+        let _ = rustix::mount::unmount(&new, UnmountFlags::DETACH);
+        return false;
+    }
+    let ok =
+        rustix::mount::move_mount(CWD, &new, CWD, &top, MoveMountFlags::MOVE_MOUNT_BENEATH).is_ok();
+    // Two mounts either way: stacked at `top`, or one at each.
+    let _ = rustix::mount::unmount(&top, UnmountFlags::DETACH);
+    let second = if ok { &top } else { &new };
+    let _ = rustix::mount::unmount(second, UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(&top);
+    let _ = std::fs::remove_dir(&new);
+    ok
+}
+
+/// Puts the mount at `from` in place at `to`: beneath what is there, which is then
+/// detached (`beneath`), or on top of it on kernels without MOVE_MOUNT_BENEATH. Either
+/// way one path lookup sees the old mount and the next the new one.
+fn replace_mount(from: &Path, to: &Path, occupied: bool, beneath: bool) -> Result<(), String> {
+    if occupied && beneath {
+        rustix::mount::move_mount(CWD, from, CWD, to, MoveMountFlags::MOVE_MOUNT_BENEATH)
+            .map_err(|e| format!("moving {} beneath {}: {e}", from.display(), to.display()))?;
+        return rustix::mount::unmount(to, UnmountFlags::DETACH)
+            .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()));
     }
     rustix::mount::mount_move(from, to)
         .map_err(|e| format!("moving {} to {}: {e}", from.display(), to.display()))
 }
 
+/// Serialises `mount-store` runs: two switches interleaving their moves would leave a
+/// stack made of both.
+fn lock() -> Result<std::fs::File, String> {
+    let path = Path::new("/run/guest-init.mount-store.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    Ok(file)
+}
+
+/// The mounts directly below /nix/store (paths relative to it), to carry over to the new
+/// store as NixOS carries the mounts below /etc over when it switches /etc.
+fn submounts(mounts: &[MountEntry]) -> Vec<PathBuf> {
+    let store = Path::new("/nix/store");
+    let mut subs: Vec<PathBuf> = mounts
+        .iter()
+        .filter_map(|m| m.mount_point.strip_prefix(store).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    subs.sort();
+    subs.dedup();
+    // Only the outermost: a recursive bind brings what is below them.
+    let mut outer: Vec<PathBuf> = Vec::new();
+    for s in subs {
+        if !outer.iter().any(|o| s.starts_with(o)) {
+            outer.push(s);
+        }
+    }
+    outer
+}
+
 /// `guest-init mount-store`: establishes the stack on a running system, or replaces the
-/// one there atomically. Returns what it did, for the log.
-pub fn mount_store(config: &Config) -> Result<String, String> {
+/// one there. Returns what it did, for the log.
+///
+/// The new stack is built at a private scratch mount, then moved into place, /nix/store
+/// first: that one move is the switch. Until it, a failure leaves the old stack as it was.
+/// With a writable store the new overlay takes over the existing upper layer (so nothing
+/// written before the switch is lost) unless `discard_writes`.
+pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, String> {
+    let _lock = lock()?;
     let mut modules = Modules::open();
     load_modules(&mut modules, &config.store, config.writable);
     let source = resolved_source(&config.store, config.timeout)?;
@@ -396,6 +469,13 @@ pub fn mount_store(config: &Config) -> Result<String, String> {
     for dir in ["/nix/.ro-store", "/nix/store"] {
         mkdir_p(Path::new(dir))?;
     }
+    let before = mountinfo();
+    let occupied = |p: &str| top_mount(&before, Path::new(p)).is_some();
+    // The existing upper layer, when there is one to keep.
+    let keep_upper = config.writable == Writable::Tmpfs
+        && !discard_writes
+        && top_mount(&before, Path::new("/nix/store")).is_some_and(|m| m.fstype == "overlay")
+        && Path::new("/nix/.rw-store/store").is_dir();
     if config.writable == Writable::Tmpfs {
         mkdir_p(Path::new("/nix/.rw-store"))?;
     }
@@ -414,29 +494,76 @@ pub fn mount_store(config: &Config) -> Result<String, String> {
         .map_err(|e| format!("mounting a scratch tmpfs at {}: {e}", scratch.display()))?;
         rustix::mount::mount_change(&scratch, MountPropagationFlags::PRIVATE)
             .map_err(|e| format!("making {} private: {e}", scratch.display()))?;
-        let from = mount_stack(&scratch, config)?;
-        let mounts = mountinfo();
-        let occupied = |p: &str| top_mount(&mounts, Path::new(p)).is_some();
-        if config.writable == Writable::Tmpfs {
+        let beneath = beneath_supported(&scratch);
+        if !beneath {
+            say(
+                "this kernel cannot put a mount beneath another (Linux 6.5): the previous \
+                 store stays mounted, hidden, until reboot",
+            );
+        }
+        let ro = scratch.join(RO_STORE);
+        let store = scratch.join(STORE);
+        mkdir_p(&ro)?;
+        mkdir_p(&store)?;
+        let from = mount_source(&config.store, &ro, config.timeout)?;
+        match config.writable {
+            Writable::Tmpfs if keep_upper => {
+                // A fresh work directory: the old overlay still holds its own until it
+                // is detached.
+                let work = Path::new("/nix/.rw-store").join(format!("work.{}", std::process::id()));
+                mkdir_p(&work)?;
+                overlay_on(
+                    &ro,
+                    Path::new("/nix/.rw-store/store"),
+                    &work,
+                    &store,
+                    ",index=off",
+                )?;
+            }
+            Writable::Tmpfs => overlay(&ro, &scratch.join(RW_STORE), &store)?,
+            Writable::None => read_only_bind(&ro, &store)?,
+        }
+        for rel in submounts(&before) {
+            let (old, new) = (Path::new("/nix/store").join(&rel), store.join(&rel));
+            if !new.is_dir() {
+                say(&format!(
+                    "not carrying {} over: the new store has no such directory",
+                    old.display()
+                ));
+                continue;
+            }
+            rustix::mount::mount_bind_recursive(&old, &new)
+                .map_err(|e| format!("carrying {} over: {e}", old.display()))?;
+        }
+        // The switch.
+        replace_mount(
+            &store,
+            Path::new("/nix/store"),
+            occupied("/nix/store"),
+            beneath,
+        )?;
+        replace_mount(
+            &ro,
+            Path::new("/nix/.ro-store"),
+            occupied("/nix/.ro-store"),
+            beneath,
+        )?;
+        if config.writable == Writable::Tmpfs && !keep_upper {
             replace_mount(
                 &scratch.join(RW_STORE),
                 Path::new("/nix/.rw-store"),
                 occupied("/nix/.rw-store"),
+                beneath,
             )?;
         }
-        replace_mount(
-            &scratch.join(RO_STORE),
-            Path::new("/nix/.ro-store"),
-            occupied("/nix/.ro-store"),
-        )?;
-        replace_mount(
-            &scratch.join(STORE),
-            Path::new("/nix/store"),
-            occupied("/nix/store"),
-        )?;
         Ok(format!(
-            "mounted {} from {from} at /nix/store",
-            config.store
+            "mounted {} from {from} at /nix/store{}",
+            config.store,
+            if keep_upper {
+                " (keeping what was written to the store)"
+            } else {
+                ""
+            }
         ))
     })();
     let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);

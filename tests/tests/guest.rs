@@ -69,6 +69,8 @@ on_both_kernels!(
     absurd_timeout_fails_cleanly,
     one_label_on_two_images_is_refused,
     modules_in_every_format,
+    mount_store_keeps_writes_and_detaches_the_old_store,
+    mount_store_finds_an_image_attached_with_losetup,
 );
 
 /// The erofs UUID mkimage writes by default.
@@ -704,4 +706,127 @@ fn modules_in_every_format(kernel: Kernel) {
     assert_booted_ok(&boot);
     boot.assert_marker("STORE-WRITABLE");
     println!("module files: {renamed:?}");
+}
+
+/// The second closure of the switch tests: the sample's closure and one more path, as an
+/// image labelled `second`. Returns the image and the extra path's base name.
+fn second_image(t: &Setup) -> (PathBuf, String) {
+    let extra = vm::add_store_path(&t.s, "only-in-second", &[("data", b"second closure\n")])
+        .expect("add the extra store path");
+    let closure2 = t.dir.path().join("closure2.txt");
+    fs::copy(&t.s.closure_file, &closure2).unwrap();
+    let mut s2 = t.s.clone();
+    s2.closure_file = closure2.clone();
+    vm::append_to_closure(&mut s2, &extra).unwrap();
+    (t.image(&closure2, "second.img", &["-L", "second"]), extra)
+}
+
+/// A writable store switched to a second image: what was written before the switch is
+/// still there, and on a kernel with MOVE_MOUNT_BENEATH (6.12) the first image's device
+/// is no longer mounted anywhere. Two more runs at once are serialised and change nothing.
+fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
+    let extra = sample::base_name("only-in-second");
+    let Some(t) = Setup::new(kernel, |_| {
+        format!(
+            "echo GUEST-START\n\
+             echo before-switch > /nix/store/written-before\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"WRITTEN $(cat /nix/store/written-before)\"\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             if grep -q '^/dev/vda ' /proc/mounts; then echo OLD-DEVICE-MOUNTED; else echo OLD-DEVICE-GONE; fi\n\
+             echo \"STORE-MOUNTS $(grep -c ' /nix/store ' /proc/self/mountinfo)\"\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/a.out 2>&1 &\n\
+             a=$!\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/b.out 2>&1\n\
+             echo \"B-STATUS $?\"\n\
+             wait $a\n\
+             echo \"A-STATUS $?\"\n\
+             cat /tmp/a.out /tmp/b.out | sed 's/^/AGAIN: /'\n\
+             echo \"STORE-MOUNTS-AFTER $(grep -c ' /nix/store ' /proc/self/mountinfo)\"\n\
+             grep /nix /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
+             echo GUEST-OK\n"
+        )
+    }) else {
+        return;
+    };
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let (second, added) = second_image(&t);
+    assert_eq!(added, extra);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store nixstore.writable=tmpfs")
+        .disk(&first)
+        .disk(&second)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert_eq!(boot.expect_value("WRITTEN "), "before-switch");
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
+    assert_eq!(boot.expect_value("A-STATUS "), "0");
+    assert_eq!(boot.expect_value("B-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .filter(|l| l.starts_with("AGAIN: "))
+            .all(|l| l.contains("already mounted")),
+        "a repeated switch did something"
+    );
+    assert_eq!(
+        boot.expect_value("STORE-MOUNTS "),
+        boot.expect_value("STORE-MOUNTS-AFTER ")
+    );
+    if t.kernel.version.starts_with("6.1.") {
+        // No MOVE_MOUNT_BENEATH: the old stack stays mounted underneath, and says so.
+        boot.assert_marker("cannot put a mount beneath another");
+        boot.assert_marker("OLD-DEVICE-MOUNTED");
+    } else {
+        boot.assert_no_marker("cannot put a mount beneath another");
+        boot.assert_marker("OLD-DEVICE-GONE");
+        assert_eq!(boot.expect_value("STORE-MOUNTS "), "1");
+    }
+}
+
+/// An image attached with losetup on the running system is found by its label.
+fn mount_store_finds_an_image_attached_with_losetup(kernel: Kernel) {
+    let extra = sample::base_name("only-in-second");
+    let Some(mut t) = Setup::new(kernel, |_| String::new()) else {
+        return;
+    };
+    let (second, added) = second_image(&t);
+    assert_eq!(added, extra);
+    // The second image travels inside the first store, as a file.
+    let data = fs::read(&second).unwrap();
+    let made = vm::add_store_path(&t.s, "second-image", &[("second.img", &data)]).unwrap();
+    vm::append_to_closure(&mut t.s, &made).unwrap();
+    let img_path = format!("/nix/store/{made}/second.img");
+    let prog = vm::add_guest_program(
+        &mut t.s,
+        "losetup-test",
+        &format!(
+            "echo GUEST-START\n\
+             losetup /dev/loop0 {img_path} && echo LOOP-ATTACHED\n\
+             /init mount-store --store erofs:LABEL=second >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             echo GUEST-OK\n"
+        ),
+    )
+    .unwrap();
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let boot = Guest::new(&t.kernel, &t.initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store")
+        .cmdline(&prog.init_arg())
+        .disk(&first)
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_marker("LOOP-ATTACHED");
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .any(|l| l.starts_with("SWITCH: ") && l.contains("from /dev/loop0")),
+        "mount-store did not mount the loop device"
+    );
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
 }
