@@ -6,6 +6,7 @@
 #   busybox-static     a static shell for test guests
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
+#   cpio, kmod         guest-init/mkinitramfs.sh builds the test guests' initramfs with them
 #   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
 #   virtiofsd          (cargo install) serves a nixstorefs mount to guests
 set -euo pipefail
@@ -15,7 +16,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config)
+  libcap-ng-dev libseccomp-dev pkg-config cpio kmod)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -67,9 +68,9 @@ if ! $runtime_only; then
         "$mirror" >"$backports"
       apt-get update -qq
     fi
-    # The newest 6.12 image package bookworm-backports has (its name carries the ABI).
-    # The generic flavour only (not -rt or -cloud). Debian moved 6.12 for bookworm into
-    # bookworm-security as well, so either suite may be the one that serves it.
+    # The newest generic (not -rt or -cloud) 6.12 image package; its name carries the ABI.
+    # Debian serves 6.12 for bookworm from bookworm-security as well as from backports,
+    # so either suite may be the one that has it.
     package=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+[a-z0-9.]+-amd64$' |
       awk '{print $1}' | sort -V | tail -n 1)
     if [ -z "$package" ]; then

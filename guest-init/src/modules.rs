@@ -274,7 +274,8 @@ impl Modules {
     fn load_file(&self, rel: &str) -> Result<(), String> {
         let path = self.dir.join(rel);
         let compression = Compression::of(rel)?;
-        let open = || File::open(&path).map_err(|e| format!("module {}: {e}", path.display()));
+        let open =
+            || File::open(&path).map_err(|e| format!("loading module {}: {e}", path.display()));
         let file = open()?;
         let flags = match compression {
             Compression::None => 0,

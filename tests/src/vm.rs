@@ -392,6 +392,36 @@ impl ModuleIndex {
     }
 }
 
+/// `guest-init/mkinitramfs.sh`, the script the README gives users.
+pub fn mkinitramfs_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-init/mkinitramfs.sh")
+}
+
+/// Writes to `out` the initramfs for `kernel` that `guest-init/mkinitramfs.sh` builds
+/// with this guest-init and the store's modules plus `extra`, as the README tells users
+/// to. Panics with the script's output if it fails.
+pub fn mkinitramfs(kernel: &Kernel, extra: &[&str], out: &Path) {
+    let script = mkinitramfs_script();
+    let o = harness::run(
+        Command::new("bash")
+            .arg(&script)
+            .arg(guest_init_bin())
+            .arg(&kernel.modules_dir)
+            .arg(out)
+            .args(extra)
+            .stdin(Stdio::null()),
+        Duration::from_secs(120),
+    );
+    assert!(
+        o.status.success(),
+        "{} failed ({}):\n{}{}",
+        script.display(),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 enum Source {
     Bytes(Vec<u8>),
     Host(PathBuf),
