@@ -49,6 +49,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Commands {
+    /// Exits 0 if this kernel can put a mount beneath another (run by mount-store, in a
+    /// mount namespace of its own).
+    #[command(hide = true)]
+    ProbeBeneath,
     /// Mount the store on a running system, or switch it atomically to another source.
     /// A second run with the same options changes nothing.
     MountStore {
@@ -418,6 +422,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
+        Commands::ProbeBeneath => {
+            if stack::probe_beneath() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
         Commands::MountStore {
             store,
             writable,

@@ -6,16 +6,22 @@
 //! * `/nix/store`: an overlay of the two when writable, else a read-only bind mount of
 //!   `/nix/.ro-store`.
 //!
-//! A running system replaces the stack by building the new one at a private temporary
-//! mount and moving each piece into place, /nix/store last, so that no process ever sees a
-//! missing or half-built store.
+//! A running system replaces the stack by building the new one as detached mounts and
+//! putting it beneath the old one, which is then detached (see [`mount_store`]), so that
+//! no process ever sees a missing or half-built store.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+use std::process::Command;
+
 use rustix::fs::CWD;
-use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
+    OpenTreeFlags, UnmountFlags,
+};
 
 use crate::config::{deadline, Config, StoreSource, Writable};
 use crate::modules::Modules;
@@ -72,33 +78,40 @@ pub fn load_modules(modules: &mut Modules, source: &StoreSource, writable: Writa
     }
 }
 
-/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`: the
-/// mount call itself blocks until virtiofsd replies, so it runs on a thread of its own.
-fn mount_virtiofs(
-    tag: &str,
-    target: &Path,
-    flags: MountFlags,
+/// Runs `f` on a thread of its own and waits for it until `deadline` (and at least 2 s):
+/// a virtiofs mount blocks until virtiofsd replies, and one that never answers must not
+/// hang PID 1. `None` when it did not finish in time (the thread is left blocked).
+fn bounded<T: Send + 'static>(
     deadline: Instant,
-) -> Result<rustix::io::Result<()>, String> {
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<Option<T>, String> {
     let (send, receive) = std::sync::mpsc::channel();
-    let (t, p) = (tag.to_owned(), target.to_owned());
     std::thread::Builder::new()
         .name("virtiofs-mount".into())
         .spawn(move || {
-            let _ = send.send(mount(&t, &p, "virtiofs", flags, None));
+            let _ = send.send(f());
         })
         .map_err(|e| format!("cannot start a thread to mount virtiofs: {e}"))?;
     // Even at the deadline the share gets a moment to answer a mount already sent.
     let wait = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(2));
-    receive.recv_timeout(wait).map_err(|_| {
-        format!(
-            "the virtiofs share `{tag}` did not answer the mount within {:.1} s \
-             (is virtiofsd running?)",
-            wait.as_secs_f64()
-        )
-    })
+    Ok(receive.recv_timeout(wait).ok())
+}
+
+fn no_answer(tag: &str) -> String {
+    format!("the virtiofs share `{tag}` did not answer the mount in time (is virtiofsd running?)")
+}
+
+/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`.
+fn mount_virtiofs(
+    tag: &str,
+    target: &Path,
+    flags: MountFlags,
+    deadline: Instant,
+) -> Result<rustix::io::Result<()>, String> {
+    let (t, p) = (tag.to_owned(), target.to_owned());
+    bounded(deadline, move || mount(&t, &p, "virtiofs", flags, None))?.ok_or_else(|| no_answer(tag))
 }
 
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
@@ -375,43 +388,158 @@ fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, St
 }
 
 /// Whether this kernel can put a mount beneath another (MOVE_MOUNT_BENEATH, Linux 6.5),
-/// found by trying it inside `scratch` (a private tmpfs of ours, whose mounts are not the
-/// namespace root's children), not by reading an error of the real switch.
-fn beneath_supported(scratch: &Path) -> bool {
-    let top = scratch.join("probe-top");
-    let new = scratch.join("probe-new");
-    if mkdir_p(&top).is_err() || mkdir_p(&new).is_err() {
+/// found by trying it, not by reading an error of the real switch. `guest-init
+/// probe-beneath` runs [`probe_beneath`] in a mount namespace of its own, so that the trial
+/// mounts are seen nowhere.
+fn beneath_supported() -> bool {
+    match Command::new("/proc/self/exe")
+        .arg("probe-beneath")
+        .stdin(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) => s.success(),
+        Err(e) => {
+            say(&format!("cannot probe for MOVE_MOUNT_BENEATH: {e}"));
+            false
+        }
+    }
+}
+
+/// `guest-init probe-beneath`: in a private mount namespace, puts a tmpfs beneath another
+/// on a scratch tmpfs (not the namespace root's child, which the kernel refuses).
+pub fn probe_beneath() -> bool {
+    use rustix::thread::UnshareFlags;
+    // SAFETY: this process is single-threaded here and shares no file system state with
+    // another thread.
+    if unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.is_err() {
         return false;
     }
+    if rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let scratch = PathBuf::from(format!("/run/guest-init.probe.{}", std::process::id()));
     let tmpfs = |at: &Path| mount("tmpfs", at, "tmpfs", MountFlags::empty(), Some("size=4k"));
-    if tmpfs(&top).is_err() || tmpfs(&new).is_err() {
-        let _ = rustix::mount::unmount(&top, UnmountFlags::DETACH);
-        let _ = rustix::mount::unmount(&new, UnmountFlags::DETACH);
-        return false;
-    }
-    let ok =
-        rustix::mount::move_mount(CWD, &new, CWD, &top, MoveMountFlags::MOVE_MOUNT_BENEATH).is_ok();
-    // Two mounts either way: stacked at `top`, or one at each.
-    let _ = rustix::mount::unmount(&top, UnmountFlags::DETACH);
-    let second = if ok { &top } else { &new };
-    let _ = rustix::mount::unmount(second, UnmountFlags::DETACH);
-    let _ = std::fs::remove_dir(&top);
-    let _ = std::fs::remove_dir(&new);
+    let (top, new) = (scratch.join("top"), scratch.join("new"));
+    let ok = mkdir_p(&scratch).is_ok()
+        && tmpfs(&scratch).is_ok()
+        && mkdir_p(&top).is_ok()
+        && mkdir_p(&new).is_ok()
+        && tmpfs(&top).is_ok()
+        && tmpfs(&new).is_ok()
+        && rustix::mount::move_mount(CWD, &new, CWD, &top, MoveMountFlags::MOVE_MOUNT_BENEATH)
+            .is_ok();
+    let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(&scratch);
     ok
 }
 
-/// Puts the mount at `from` in place at `to`: beneath what is there, which is then
-/// detached (`beneath`), or on top of it on kernels without MOVE_MOUNT_BENEATH. Either
-/// way one path lookup sees the old mount and the next the new one.
-fn replace_mount(from: &Path, to: &Path, occupied: bool, beneath: bool) -> Result<(), String> {
-    if occupied && beneath {
-        rustix::mount::move_mount(CWD, from, CWD, to, MoveMountFlags::MOVE_MOUNT_BENEATH)
-            .map_err(|e| format!("moving {} beneath {}: {e}", from.display(), to.display()))?;
-        return rustix::mount::unmount(to, UnmountFlags::DETACH)
-            .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()));
+/// A new mount of `fstype` from `source`, detached: seen nowhere until attached.
+fn fs_mount(
+    fstype: &str,
+    source: Option<&str>,
+    options: &[(&str, Option<&str>)],
+    attrs: MountAttrFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let fs = rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    if let Some(source) = source {
+        rustix::mount::fsconfig_set_string(&fs, "source", source)?;
     }
-    rustix::mount::mount_move(from, to)
-        .map_err(|e| format!("moving {} to {}: {e}", from.display(), to.display()))
+    for (key, value) in options {
+        match value {
+            Some(v) => rustix::mount::fsconfig_set_string(&fs, *key, *v)?,
+            None => rustix::mount::fsconfig_set_flag(&fs, *key)?,
+        }
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+}
+
+const RO_ATTRS: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_RDONLY
+    .union(MountAttrFlags::MOUNT_ATTR_NOSUID)
+    .union(MountAttrFlags::MOUNT_ATTR_NODEV);
+
+/// The store as a detached read-only mount, waiting up to `timeout` for its device or tag.
+/// Returns it with its source (device node or tag) for the log.
+fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, String), String> {
+    let deadline = deadline(timeout)?;
+    loop {
+        let why: String = match source {
+            StoreSource::Virtiofs(tag) => {
+                let t = tag.clone();
+                let mounted = bounded(deadline, move || {
+                    fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)
+                })?
+                .ok_or_else(|| no_answer(tag))?;
+                match mounted {
+                    Ok(fd) => return Ok((fd, tag.clone())),
+                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
+                        "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
+                        virtiofs_shares()
+                    ),
+                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
+                }
+            }
+            StoreSource::Erofs(device) => match probe::find(device) {
+                Err(NotFound::Ambiguous(why)) => return Err(why),
+                Ok(found) => {
+                    let node = found.node.to_string_lossy().into_owned();
+                    return fs_mount("erofs", Some(&node), &[("ro", None)], RO_ATTRS)
+                        .map(|fd| (fd, node.clone()))
+                        .map_err(|e| {
+                            format!("{node} ({device}) does not mount as erofs: {e}; {found}")
+                        });
+                }
+                Err(NotFound::Absent(found)) => {
+                    format!("no erofs image with {device}; found {found}")
+                }
+            },
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "expected {source} within {:.1} s: {why}",
+                timeout.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The path through which a mount held by descriptor is reached, for options (overlay's
+/// layers) that take paths.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Attaches the detached mount `fd` at `to`: beneath what is there (`beneath`; what was
+/// there stays on top until [`detach_top`]), or on top of it.
+fn attach(fd: &OwnedFd, to: &Path, occupied: bool, beneath: bool) -> Result<(), String> {
+    let mut flags = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH;
+    if occupied && beneath {
+        flags |= MoveMountFlags::MOVE_MOUNT_BENEATH;
+    }
+    rustix::mount::move_mount(fd, "", CWD, to, flags).map_err(|e| {
+        format!(
+            "attaching the new mount {}at {}: {e}",
+            if flags.contains(MoveMountFlags::MOVE_MOUNT_BENEATH) {
+                "beneath the one "
+            } else {
+                ""
+            },
+            to.display()
+        )
+    })
+}
+
+/// Detaches the top mount at `at` (the old one, once the new one is beneath it).
+fn detach_top(at: &Path) -> Result<(), String> {
+    rustix::mount::unmount(at, UnmountFlags::DETACH)
+        .map_err(|e| format!("detaching the previous mount at {}: {e}", at.display()))
 }
 
 /// Serialises `mount-store` runs: two switches interleaving their moves would leave a
@@ -429,8 +557,9 @@ fn lock() -> Result<std::fs::File, String> {
     Ok(file)
 }
 
-/// The mounts directly below /nix/store (paths relative to it), to carry over to the new
-/// store as NixOS carries the mounts below /etc over when it switches /etc.
+/// The mounts below /nix/store (paths relative to it, outermost only: a recursive clone
+/// brings what is below them), to carry over to the new store as NixOS carries the mounts
+/// below /etc over when it switches /etc.
 fn submounts(mounts: &[MountEntry]) -> Vec<PathBuf> {
     let store = Path::new("/nix/store");
     let mut subs: Vec<PathBuf> = mounts
@@ -441,7 +570,6 @@ fn submounts(mounts: &[MountEntry]) -> Vec<PathBuf> {
         .collect();
     subs.sort();
     subs.dedup();
-    // Only the outermost: a recursive bind brings what is below them.
     let mut outer: Vec<PathBuf> = Vec::new();
     for s in subs {
         if !outer.iter().any(|o| s.starts_with(o)) {
@@ -454,10 +582,14 @@ fn submounts(mounts: &[MountEntry]) -> Vec<PathBuf> {
 /// `guest-init mount-store`: establishes the stack on a running system, or replaces the
 /// one there. Returns what it did, for the log.
 ///
-/// The new stack is built at a private scratch mount, then moved into place, /nix/store
-/// first: that one move is the switch. Until it, a failure leaves the old stack as it was.
-/// With a writable store the new overlay takes over the existing upper layer (so nothing
-/// written before the switch is lost) unless `discard_writes`.
+/// The new store is built as detached mounts (fsmount, open_tree), seen nowhere until
+/// attached; the mounts below /nix/store are cloned into it; then it goes beneath
+/// /nix/store and the old one is detached: that is the switch, and until it the old stack
+/// is what every process sees. With a writable store the new overlay takes over the
+/// existing upper layer (nothing written before the switch is lost) unless
+/// `discard_writes`. Kernels without MOVE_MOUNT_BENEATH get the new mounts on top.
+/// A failure before the switch leaves the old stack in place (the new read-only layer may
+/// then stay attached, unseen, beneath /nix/.ro-store).
 pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, String> {
     let _lock = lock()?;
     let mut modules = Modules::open();
@@ -466,109 +598,147 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
     if already_mounted(config, &source) {
         return Ok(format!("already mounted ({} from {source})", config.store));
     }
-    for dir in ["/nix/.ro-store", "/nix/store"] {
-        mkdir_p(Path::new(dir))?;
+    let (ro_path, store_path, rw_path) = (
+        Path::new("/nix/.ro-store"),
+        Path::new("/nix/store"),
+        Path::new("/nix/.rw-store"),
+    );
+    for dir in [ro_path, store_path] {
+        mkdir_p(dir)?;
     }
     let before = mountinfo();
-    let occupied = |p: &str| top_mount(&before, Path::new(p)).is_some();
-    // The existing upper layer, when there is one to keep.
+    let occupied = |p: &Path| top_mount(&before, p).is_some();
     let keep_upper = config.writable == Writable::Tmpfs
         && !discard_writes
-        && top_mount(&before, Path::new("/nix/store")).is_some_and(|m| m.fstype == "overlay")
-        && Path::new("/nix/.rw-store/store").is_dir();
-    if config.writable == Writable::Tmpfs {
-        mkdir_p(Path::new("/nix/.rw-store"))?;
+        && top_mount(&before, store_path).is_some_and(|m| m.fstype == "overlay")
+        && rw_path.join("store").is_dir();
+    let beneath = beneath_supported();
+    if !beneath {
+        say(
+            "this kernel cannot put a mount beneath another (Linux 6.5): the previous \
+             store stays mounted, hidden, until reboot",
+        );
     }
 
-    // A private scratch mount: nothing built here propagates anywhere before it is moved.
-    let scratch = PathBuf::from(format!("/run/guest-init.{}", std::process::id()));
-    mkdir_p(&scratch)?;
-    let result = (|| {
-        mount(
-            "tmpfs",
-            &scratch,
-            "tmpfs",
-            MountFlags::empty(),
-            Some("mode=0700"),
-        )
-        .map_err(|e| format!("mounting a scratch tmpfs at {}: {e}", scratch.display()))?;
-        rustix::mount::mount_change(&scratch, MountPropagationFlags::PRIVATE)
-            .map_err(|e| format!("making {} private: {e}", scratch.display()))?;
-        let beneath = beneath_supported(&scratch);
-        if !beneath {
-            say(
-                "this kernel cannot put a mount beneath another (Linux 6.5): the previous \
-                 store stays mounted, hidden, until reboot",
-            );
-        }
-        let ro = scratch.join(RO_STORE);
-        let store = scratch.join(STORE);
-        mkdir_p(&ro)?;
-        mkdir_p(&store)?;
-        let from = mount_source(&config.store, &ro, config.timeout)?;
-        match config.writable {
-            Writable::Tmpfs if keep_upper => {
-                // A fresh work directory: the old overlay still holds its own until it
-                // is detached.
-                let work = Path::new("/nix/.rw-store").join(format!("work.{}", std::process::id()));
-                mkdir_p(&work)?;
-                overlay_on(
-                    &ro,
-                    Path::new("/nix/.rw-store/store"),
-                    &work,
-                    &store,
-                    ",index=off",
-                )?;
-            }
-            Writable::Tmpfs => overlay(&ro, &scratch.join(RW_STORE), &store)?,
-            Writable::None => read_only_bind(&ro, &store)?,
-        }
-        for rel in submounts(&before) {
-            let (old, new) = (Path::new("/nix/store").join(&rel), store.join(&rel));
-            if !new.is_dir() {
-                say(&format!(
-                    "not carrying {} over: the new store has no such directory",
-                    old.display()
-                ));
-                continue;
-            }
-            rustix::mount::mount_bind_recursive(&old, &new)
-                .map_err(|e| format!("carrying {} over: {e}", old.display()))?;
-        }
-        // The switch.
-        replace_mount(
-            &store,
-            Path::new("/nix/store"),
-            occupied("/nix/store"),
-            beneath,
-        )?;
-        replace_mount(
+    let (ro, from) = detached_source(&config.store, config.timeout)?;
+    // Before Linux 6.15 neither open_tree nor overlay takes a detached mount: the new
+    // read-only store (and a new upper tmpfs) go beneath the old ones first, where nobody
+    // sees them yet.
+    attach(&ro, ro_path, occupied(ro_path), beneath)?;
+    let mut replaced = vec![ro_path];
+    let store = match config.writable {
+        Writable::None => rustix::mount::open_tree(
             &ro,
-            Path::new("/nix/.ro-store"),
-            occupied("/nix/.ro-store"),
-            beneath,
-        )?;
-        if config.writable == Writable::Tmpfs && !keep_upper {
-            replace_mount(
-                &scratch.join(RW_STORE),
-                Path::new("/nix/.rw-store"),
-                occupied("/nix/.rw-store"),
-                beneath,
-            )?;
-        }
-        Ok(format!(
-            "mounted {} from {from} at /nix/store{}",
-            config.store,
-            if keep_upper {
-                " (keeping what was written to the store)"
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_EMPTY_PATH,
+        )
+        .map_err(|e| format!("cloning the new store's mount: {e}"))?,
+        Writable::Tmpfs => {
+            let (upper, work, extra) = if keep_upper {
+                // A fresh work directory: the old overlay holds its own until detached.
+                let work = rw_path.join(format!("work.{}", std::process::id()));
+                mkdir_p(&work)?;
+                (rw_path.join("store"), work, ",index=off")
             } else {
-                ""
+                mkdir_p(rw_path)?;
+                let rw = fs_mount(
+                    "tmpfs",
+                    Some("tmpfs"),
+                    &[("mode", Some("0755"))],
+                    MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+                )
+                .map_err(|e| format!("mounting a tmpfs for the writable layer: {e}"))?;
+                for d in ["store", "work"] {
+                    rustix::fs::mkdirat(&rw, d, rustix::fs::Mode::from_raw_mode(0o755))
+                        .map_err(|e| format!("creating {d} in the new writable layer: {e}"))?;
+                }
+                attach(&rw, rw_path, occupied(rw_path), beneath)?;
+                replaced.push(rw_path);
+                (fd_path(&rw).join("store"), fd_path(&rw).join("work"), "")
+            };
+            let lower = fd_path(&ro);
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}{extra}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            );
+            let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+                .map_err(|e| format!("the kernel has no overlay filesystem: {e}"))?;
+            for option in data.split(',') {
+                let (k, v) = option
+                    .split_once('=')
+                    .map_or((option, None), |(k, v)| (k, Some(v)));
+                match v {
+                    Some(v) => rustix::mount::fsconfig_set_string(&fs, k, v),
+                    None => rustix::mount::fsconfig_set_flag(&fs, k),
+                }
+                .map_err(|e| format!("overlay option {option}: {e}"))?;
             }
-        ))
-    })();
-    let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);
-    let _ = std::fs::remove_dir(&scratch);
-    result
+            rustix::mount::fsconfig_create(&fs)
+                .and_then(|()| {
+                    rustix::mount::fsmount(
+                        &fs,
+                        FsMountFlags::FSMOUNT_CLOEXEC,
+                        MountAttrFlags::MOUNT_ATTR_NODEV,
+                    )
+                })
+                .map_err(|e| format!("mounting the overlay ({data}): {e}"))?
+        }
+    };
+    // The mounts below the old store, cloned while it is still the one at /nix/store.
+    let mut carried = Vec::new();
+    for rel in submounts(&before) {
+        let old = store_path.join(&rel);
+        let clone = rustix::mount::open_tree(
+            CWD,
+            &old,
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_RECURSIVE,
+        )
+        .map_err(|e| format!("cloning {} to carry it over: {e}", old.display()))?;
+        carried.push((rel, clone));
+    }
+    attach(&store, store_path, occupied(store_path), beneath)?;
+    // Beneath the old store the new one is reached only through its descriptor: the
+    // clones go into it before it shows.
+    for (rel, clone) in carried {
+        if let Err(e) = rustix::mount::move_mount(
+            &clone,
+            "",
+            &store,
+            &rel,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        ) {
+            say(&format!(
+                "not carrying {} over: {e}",
+                store_path.join(&rel).display()
+            ));
+        }
+    }
+    if beneath {
+        if occupied(store_path) {
+            // The switch.
+            detach_top(store_path)?;
+        }
+        for p in replaced {
+            if occupied(p) {
+                detach_top(p)?;
+            }
+        }
+    }
+    Ok(format!(
+        "mounted {} from {from} at /nix/store{}",
+        config.store,
+        if keep_upper {
+            " (keeping what was written to the store)"
+        } else {
+            ""
+        }
+    ))
 }
 
 #[cfg(test)]

@@ -721,17 +721,21 @@ fn second_image(t: &Setup) -> (PathBuf, String) {
 
 /// A writable store switched to a second image: what was written before the switch is
 /// still there, and on a kernel with MOVE_MOUNT_BENEATH (6.12) the first image's device
-/// is no longer mounted anywhere. Two more runs at once are serialised and change nothing.
+/// is no longer mounted anywhere. A mount below /nix/store is carried over. Two more runs
+/// at once are serialised and change nothing.
 fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
     let extra = sample::base_name("only-in-second");
-    let Some(t) = Setup::new(kernel, |_| {
+    let Some(t) = Setup::new(kernel, |s| {
+        let hello = s.path_named("hello-2.12");
         format!(
             "echo GUEST-START\n\
              echo before-switch > /nix/store/written-before\n\
+             mount -t tmpfs -o size=64k sub /nix/store/{hello}/share && echo carried > /nix/store/{hello}/share/marker\n\
              /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/switch.out 2>&1\n\
              echo \"SWITCH-STATUS $?\"\n\
              sed 's/^/SWITCH: /' /tmp/switch.out\n\
              echo \"WRITTEN $(cat /nix/store/written-before)\"\n\
+             echo \"SUBMOUNT $(cat /nix/store/{hello}/share/marker)\"\n\
              echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
              if grep -q '^/dev/vda ' /proc/mounts; then echo OLD-DEVICE-MOUNTED; else echo OLD-DEVICE-GONE; fi\n\
              echo \"STORE-MOUNTS $(grep -c ' /nix/store ' /proc/self/mountinfo)\"\n\
@@ -760,6 +764,7 @@ fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
     assert_booted_ok(&boot);
     assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
     assert_eq!(boot.expect_value("WRITTEN "), "before-switch");
+    assert_eq!(boot.expect_value("SUBMOUNT "), "carried");
     assert_eq!(boot.expect_value("EXTRA "), "second closure");
     assert_eq!(boot.expect_value("A-STATUS "), "0");
     assert_eq!(boot.expect_value("B-STATUS "), "0");
