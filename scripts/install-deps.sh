@@ -7,6 +7,7 @@
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
 #   cpio, kmod         guest-init/mkinitramfs.sh builds the test guests' initramfs with them
+#   xfsprogs, btrfs-progs   root filesystems for the guest tests of root=
 #   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
 #   virtiofsd          (cargo install) serves a nixstorefs mount to guests
 set -euo pipefail
@@ -16,7 +17,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config cpio kmod)
+  libcap-ng-dev libseccomp-dev pkg-config cpio kmod xfsprogs btrfs-progs)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -12,7 +12,7 @@
 //! (`RUSTFLAGS="-C target-feature=+crt-static" cargo build -p guest-init --target
 //! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -71,6 +71,8 @@ on_both_kernels!(
     modules_in_every_format,
     mount_store_keeps_writes_and_detaches_the_old_store,
     mount_store_finds_an_image_attached_with_losetup,
+    real_root_on_btrfs_by_partuuid,
+    real_root_on_xfs_by_uuid,
 );
 
 /// The erofs UUID mkimage writes by default.
@@ -832,4 +834,116 @@ fn mount_store_finds_an_image_attached_with_losetup(kernel: Kernel) {
         "mount-store did not mount the loop device"
     );
     assert_eq!(boot.expect_value("EXTRA "), "second closure");
+}
+
+/// Runs a mkfs, panicking with its output if it fails.
+fn mkfs(cmd: &mut Command) {
+    let o = harness::run(cmd.stdin(Stdio::null()), MKIMAGE_TIMEOUT);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A disk with an MBR (disk signature `signature`) whose one partition, from 1 MiB, holds
+/// the filesystem image `fs`: the kernel names it PARTUUID=<signature>-01.
+fn mbr_disk(fs: &Path, signature: u32, out: &Path) {
+    let data = fs::read(fs).unwrap();
+    let start: u32 = 2048;
+    let sectors = u32::try_from(data.len().div_ceil(512)).unwrap();
+    let mut disk = vec![0u8; start as usize * 512];
+    disk[440..444].copy_from_slice(&signature.to_le_bytes());
+    let entry = &mut disk[446..462];
+    entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[4] = 0x83; // Linux
+    entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[8..12].copy_from_slice(&start.to_le_bytes());
+    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk.extend_from_slice(&data);
+    disk.resize(disk.len().div_ceil(512) * 512, 0);
+    fs::write(out, disk).unwrap();
+}
+
+/// A btrfs root on the first partition of an MBR disk, named by `root=PARTUUID=`: the
+/// partition table read by guest-init, the btrfs module (with raid6_pq and xor) loaded
+/// for what the superblock says.
+fn real_root_on_btrfs_by_partuuid(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let tree = t.dir.path().join("btrfs-tree");
+    fs::create_dir_all(tree.join("nix")).unwrap();
+    fs::write(tree.join("root-marker"), "the real root\n").unwrap();
+    let fs_img = t.dir.path().join("btrfs.img");
+    File::create(&fs_img)
+        .and_then(|f| f.set_len(128 << 20))
+        .unwrap();
+    mkfs(
+        Command::new("mkfs.btrfs")
+            .args(["-q", "-L", "broot", "--rootdir"])
+            .arg(&tree)
+            .arg(&fs_img),
+    );
+    let disk = t.dir.path().join("btrfs-disk.img");
+    mbr_disk(&fs_img, 0x1234_abcd, &disk);
+    let initramfs = t.dir.path().join("initramfs-btrfs.cpio");
+    vm::mkinitramfs(&t.kernel, &["btrfs"], &initramfs);
+    let boot = Guest::new(&t.kernel, initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=PARTUUID=1234ABCD-01 rw")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&disk)
+        .boot();
+    assert_booted_ok(&boot);
+    let line = boot.assert_marker("guest-init: root /dev/vdb1 (btrfs, LABEL=broot");
+    assert!(line.contains("PARTUUID=1234abcd-01"), "{line}");
+    boot.assert_marker("ROOTFS btrfs");
+    boot.assert_marker("MARKER the real root");
+    boot.assert_marker("ROOT-WRITABLE");
+    boot.assert_marker("STORE-OK");
+}
+
+/// An xfs root named by `/dev/disk/by-uuid/` (a link no udev makes in an initramfs:
+/// guest-init reads the UUID from the superblock).
+fn real_root_on_xfs_by_uuid(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let uuid = "5d3c2b1a-0f9e-4d8c-b7a6-112233445566";
+    let fs_img = t.dir.path().join("xfs.img");
+    // The smallest xfs that mkfs.xfs makes; sparse, so it costs little.
+    File::create(&fs_img)
+        .and_then(|f| f.set_len(300 << 20))
+        .unwrap();
+    mkfs(
+        Command::new("mkfs.xfs")
+            .args(["-q", "-L", "xroot", "-m"])
+            .arg(format!("uuid={uuid}"))
+            .arg(&fs_img),
+    );
+    let initramfs = t.dir.path().join("initramfs-xfs.cpio");
+    vm::mkinitramfs(&t.kernel, &["xfs"], &initramfs);
+    let boot = Guest::new(&t.kernel, initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline(&format!(
+            "nixstore=erofs:LABEL=nix-store root=/dev/disk/by-uuid/{uuid} rw"
+        ))
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&fs_img)
+        .boot();
+    assert_booted_ok(&boot);
+    let line = boot.assert_marker("guest-init: root /dev/vdb (xfs, LABEL=xroot");
+    assert!(line.contains(uuid), "{line}");
+    boot.assert_marker("ROOTFS xfs");
+    boot.assert_marker("ROOT-WRITABLE");
+    boot.assert_marker("STORE-OK");
 }
