@@ -434,6 +434,7 @@ fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
     );
 }
 
+/// A second run changes nothing, however the same source is spelt.
 fn mount_store_twice_changes_nothing(kernel: Kernel) {
     let Some(t) = Setup::new(kernel, |_| {
         "echo GUEST-START\n\
@@ -444,6 +445,11 @@ fn mount_store_twice_changes_nothing(kernel: Kernel) {
          /init mount-store --store erofs:LABEL=nix-store >/tmp/second.out 2>&1\n\
          echo \"SECOND-STATUS $?\"\n\
          sed 's/^/SECOND: /' /tmp/second.out\n\
+         for spec in erofs:UUID=8F1B6C3E-2A4D-4E5F-9A7B-0C1D2E3F4A5B erofs:/dev/vda \
+           erofs:/dev/disk/by-label/nix-store; do\n\
+           /init mount-store --store $spec >/tmp/other.out 2>&1\n\
+           echo \"RESPELT-STATUS $? $(cat /tmp/other.out)\"\n\
+         done\n\
          cat /proc/self/mountinfo > /tmp/mountinfo.after\n\
          echo \"LINES-BEFORE $(wc -l < /tmp/mountinfo.before)\"\n\
          echo \"LINES-AFTER $(wc -l < /tmp/mountinfo.after)\"\n\
@@ -465,6 +471,18 @@ fn mount_store_twice_changes_nothing(kernel: Kernel) {
             .any(|l| l.starts_with("SECOND: ") && l.contains("already mounted")),
         "the second mount-store did not say it was already mounted: {second:?}"
     );
+    // The same image by UUID, by device node, by a by-label path: the same source.
+    let respelt: Vec<&str> = boot
+        .lines()
+        .filter(|l| l.starts_with("RESPELT-STATUS "))
+        .collect();
+    assert_eq!(respelt.len(), 3, "{respelt:?}");
+    for l in &respelt {
+        assert!(
+            l.starts_with("RESPELT-STATUS 0 ") && l.contains("already mounted"),
+            "{l}"
+        );
+    }
     assert_eq!(
         boot.expect_value("LINES-BEFORE "),
         boot.expect_value("LINES-AFTER "),
