@@ -111,7 +111,12 @@ fn mount_virtiofs(
     deadline: Instant,
 ) -> Result<rustix::io::Result<()>, String> {
     let (t, p) = (tag.to_owned(), target.to_owned());
-    bounded(deadline, move || mount(&t, &p, "virtiofs", flags, None))?.ok_or_else(|| no_answer(tag))
+    // The mount returns before virtiofsd has answered FUSE_INIT; statfs waits for it.
+    bounded(deadline, move || {
+        mount(&t, &p, "virtiofs", flags, None)?;
+        rustix::fs::statfs(&p).map(|_| ())
+    })?
+    .ok_or_else(|| no_answer(tag))
 }
 
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
@@ -471,8 +476,10 @@ fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, 
         let why: String = match source {
             StoreSource::Virtiofs(tag) => {
                 let t = tag.clone();
+                // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
                 let mounted = bounded(deadline, move || {
-                    fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)
+                    let fd = fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)?;
+                    rustix::fs::fstatfs(&fd).map(|_| fd)
                 })?
                 .ok_or_else(|| no_answer(tag))?;
                 match mounted {
