@@ -6,14 +6,17 @@
 //! | key | meaning | default |
 //! |---|---|---|
 //! | `nixstore=virtiofs:TAG` | the virtiofs share with tag TAG | (required) |
-//! | `nixstore=erofs:LABEL=L`, `erofs:UUID=U`, `erofs:/dev/X` | an erofs image on a block device | |
+//! | `nixstore=erofs:DEV` | an erofs image on a block device (DEV as for `root=`) | |
 //! | `nixstore.writable=tmpfs\|none` | a tmpfs overlay on top, or read-only | `none` |
 //! | `nixstore.timeout=SECONDS` | how long to wait for the device or tag | `10` |
 //! | `nixstore.rescue=PATH` | a shell to start when mounting fails | power off |
 //! | `init=PATH` | what to execute once the store is mounted | `/sbin/init` |
 //! | `root=DEV`, `rootfstype=`, `rootflags=` | a real root to switch to | the initramfs |
+//! | | DEV: `/dev/X`, `LABEL=`, `UUID=`, `PARTUUID=`, `/dev/disk/by-{label,uuid,partuuid}/N` | |
 //! | `ro`, `rw` | mount the real root read-only or read-write | `ro`, as the kernel |
 //! | `regInfo=PATH` | a registration to load with `nix-store --load-db` | none |
+//!
+//! Words after `--` are init's: guest-init reads none of them.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -35,6 +35,7 @@ As PID 1 (the /init of an initramfs), guest-init reads the kernel command line:
                                   a real root to switch to (default: stay in the initramfs)
   rootfstype= rootflags= ro|rw    its type (default: read from it), options, ro (default) or rw
   regInfo=PATH                    a registration for nix-store --load-db
+  other words (single, what follows --) are passed on to init
 
 The store is mounted read-only at /nix/.ro-store; /nix/store is an overlay with a tmpfs
 at /nix/.rw-store (writable=tmpfs) or a read-only bind mount of it.";
