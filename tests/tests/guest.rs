@@ -73,6 +73,7 @@ on_both_kernels!(
     mount_store_finds_an_image_attached_with_losetup,
     real_root_on_btrfs_by_partuuid,
     real_root_on_xfs_by_uuid,
+    erofs_image_on_a_virtio_mmio_machine,
 );
 
 /// The erofs UUID mkimage writes by default.
@@ -964,4 +965,20 @@ fn real_root_on_xfs_by_uuid(kernel: Kernel) {
     boot.assert_marker("ROOTFS xfs");
     boot.assert_marker("ROOT-WRITABLE");
     boot.assert_marker("STORE-OK");
+}
+
+/// A microvm machine has no PCI: the disk is a virtio-mmio device, which guest-init's
+/// virtio_mmio module finds.
+fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store")
+        .virtio_mmio()
+        .disk(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_store_seen(&boot, &t.s);
 }
