@@ -6,6 +6,8 @@
 #   busybox-static     a static shell for test guests
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
+#   cpio, kmod         guest-init/mkinitramfs.sh builds the test guests' initramfs with them
+#   xfsprogs, btrfs-progs   root filesystems for the guest tests of root=
 #   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
 #   strace             to see that mkimage syncs the output directory after its rename
 #   nix-bin            a real Nix (nix-build, nix-store --gc, nix-daemon) for the garbage
@@ -18,7 +20,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace)
+  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace cpio kmod xfsprogs btrfs-progs)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -49,3 +51,47 @@ if ! $runtime_only && ! command -v virtiofsd >/dev/null && [ ! -x "${CARGO_HOME:
   cargo install --locked virtiofsd --version 1.14.0
 fi
 
+
+# A second guest kernel whose modules ship compressed (.ko.xz), as the kernels most
+# distributions boot do: Debian's bookworm-backports kernel, extracted under
+# $NIXSTOREFS_KERNELS (not installed as a host kernel). The guest tests boot both.
+if ! $runtime_only; then
+  kernels="${NIXSTOREFS_KERNELS:-/var/tmp/nixstorefs-kernels}"
+  if ! ls "$kernels"/6.12/boot/vmlinuz-6.12* >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "install-deps: need root to add bookworm-backports for the 6.12 guest kernel" >&2
+      exit 1
+    fi
+    backports=/etc/apt/sources.list.d/nixstorefs-bookworm-backports.sources
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      # The same mirror as the machine's own Debian source.
+      mirror=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null)
+      [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+      [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$mirror" >"$backports"
+      apt-get update -qq
+    fi
+    # The newest generic (not -rt or -cloud) 6.12 image package; its name carries the ABI.
+    # Debian serves 6.12 for bookworm from bookworm-security as well as from backports,
+    # so either suite may be the one that has it.
+    package=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+[a-z0-9.]+-amd64$' |
+      awk '{print $1}' | sort -V | tail -n 1)
+    if [ -z "$package" ]; then
+      echo "install-deps: bookworm-backports has no linux-image-6.12*-amd64 package" >&2
+      exit 1
+    fi
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true # apt downloads as _apt where it can
+    (cd "$tmp" && apt-get download -qq "$package")
+    rm -rf "$kernels/6.12.partial"
+    mkdir -p "$kernels"
+    dpkg-deb -x "$tmp"/*.deb "$kernels/6.12.partial"
+    # The package leaves modules.dep to its postinst: make it as that would.
+    for dir in "$kernels"/6.12.partial/lib/modules/*; do
+      depmod -b "$kernels/6.12.partial" "$(basename "$dir")"
+    done
+    rm -rf "$tmp" "$kernels/6.12"
+    mv "$kernels/6.12.partial" "$kernels/6.12"
+  fi
+fi

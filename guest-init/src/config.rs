@@ -6,17 +6,21 @@
 //! | key | meaning | default |
 //! |---|---|---|
 //! | `nixstore=virtiofs:TAG` | the virtiofs share with tag TAG | (required) |
-//! | `nixstore=erofs:LABEL=L`, `erofs:UUID=U`, `erofs:/dev/X` | an erofs image on a block device | |
+//! | `nixstore=erofs:DEV` | an erofs image on a block device (DEV as for `root=`) | |
 //! | `nixstore.writable=tmpfs\|none` | a tmpfs overlay on top, or read-only | `none` |
 //! | `nixstore.timeout=SECONDS` | how long to wait for the device or tag | `10` |
 //! | `nixstore.rescue=PATH` | a shell to start when mounting fails | power off |
 //! | `init=PATH` | what to execute once the store is mounted | `/sbin/init` |
 //! | `root=DEV`, `rootfstype=`, `rootflags=` | a real root to switch to | the initramfs |
+//! | | DEV: `/dev/X`, `LABEL=`, `UUID=`, `PARTUUID=`, `/dev/disk/by-{label,uuid,partuuid}/N` | |
+//! | `ro`, `rw` | mount the real root read-only or read-write | `ro`, as the kernel |
 //! | `regInfo=PATH` | a registration to load with `nix-store --load-db` | none |
+//!
+//! Words after `--` are init's: guest-init reads none of them.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where the store comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +38,9 @@ pub enum Device {
     Label(String),
     /// By filesystem UUID.
     Uuid([u8; 16]),
+    /// By partition UUID: a GPT partition's GUID, or an MBR disk signature and partition
+    /// number (`SSSSSSSS-PP`), lower case, as the kernel spells it.
+    PartUuid(String),
     /// By device node.
     Path(PathBuf),
 }
@@ -52,6 +59,7 @@ impl fmt::Display for Device {
         match self {
             Device::Label(l) => write!(f, "LABEL={l}"),
             Device::Uuid(u) => write!(f, "UUID={}", format_uuid(u)),
+            Device::PartUuid(u) => write!(f, "PARTUUID={u}"),
             Device::Path(p) => write!(f, "{}", p.display()),
         }
     }
@@ -83,6 +91,79 @@ fn parse_uuid(text: &str) -> Result<[u8; 16], String> {
     Ok(uuid)
 }
 
+/// A partition UUID as the kernel prints it: a GUID, or an MBR `SSSSSSSS-PP`.
+fn parse_part_uuid(text: &str) -> Result<String, String> {
+    let t = text.to_ascii_lowercase();
+    let mbr = t.len() == 11
+        && t.as_bytes()[8] == b'-'
+        && t.bytes()
+            .enumerate()
+            .all(|(i, b)| i == 8 || b.is_ascii_hexdigit());
+    if mbr {
+        return Ok(t);
+    }
+    parse_uuid(&t)
+        .map(|u| format_uuid(&u))
+        .map_err(|_| format!("`{text}` is not a partition UUID (a GUID, or SSSSSSSS-PP)"))
+}
+
+/// Undoes udev's `\xHH` escapes in a /dev/disk/by-* name.
+fn unescape_udev(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&name[i + 2..i + 4], 16) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `LABEL=`, `UUID=`, `PARTUUID=`, `/dev/disk/by-{label,uuid,partuuid}/NAME` (read
+    /// from the filesystems themselves: an initramfs has no udev to make those links) or
+    /// a device node `/dev/X`.
+    fn from_str(dev: &str) -> Result<Self, String> {
+        let by = |kind: &str| {
+            dev.strip_prefix("/dev/disk/")
+                .and_then(|r| r.strip_prefix(kind))
+        };
+        if let Some(label) = dev.strip_prefix("LABEL=") {
+            Ok(Device::Label(label.into()))
+        } else if let Some(uuid) = dev.strip_prefix("UUID=") {
+            Ok(Device::Uuid(parse_uuid(uuid)?))
+        } else if let Some(uuid) = dev.strip_prefix("PARTUUID=") {
+            Ok(Device::PartUuid(parse_part_uuid(uuid)?))
+        } else if let Some(label) = by("by-label/") {
+            Ok(Device::Label(unescape_udev(label)))
+        } else if let Some(uuid) = by("by-uuid/") {
+            Ok(Device::Uuid(parse_uuid(&unescape_udev(uuid))?))
+        } else if let Some(uuid) = by("by-partuuid/") {
+            Ok(Device::PartUuid(parse_part_uuid(&unescape_udev(uuid))?))
+        } else if dev.starts_with("/dev/disk/") {
+            Err(format!(
+                "`{dev}`: of /dev/disk/ only by-label, by-uuid and by-partuuid are known"
+            ))
+        } else if dev.starts_with("/dev/") && dev.len() > 5 && dev != "/dev/nfs" {
+            Ok(Device::Path(dev.into()))
+        } else {
+            Err(format!(
+                "`{dev}`: expected /dev/X, LABEL=..., UUID=..., PARTUUID=... or \
+                 /dev/disk/by-{{label,uuid,partuuid}}/..."
+            ))
+        }
+    }
+}
+
 impl std::str::FromStr for StoreSource {
     type Err = String;
 
@@ -94,18 +175,7 @@ impl std::str::FromStr for StoreSource {
             return Ok(StoreSource::Virtiofs(tag.into()));
         }
         if let Some(dev) = spec.strip_prefix("erofs:") {
-            let device = if let Some(label) = dev.strip_prefix("LABEL=") {
-                Device::Label(label.into())
-            } else if let Some(uuid) = dev.strip_prefix("UUID=") {
-                Device::Uuid(parse_uuid(uuid)?)
-            } else if dev.starts_with('/') {
-                Device::Path(dev.into())
-            } else {
-                return Err(format!(
-                    "`{spec}`: expected erofs:LABEL=..., erofs:UUID=... or erofs:/dev/..."
-                ));
-            };
-            return Ok(StoreSource::Erofs(device));
+            return Ok(StoreSource::Erofs(dev.parse()?));
         }
         Err(format!(
             "`{spec}`: expected virtiofs:TAG or erofs:LABEL=.../UUID=.../DEVICE"
@@ -143,6 +213,8 @@ pub struct Root {
     pub fstype: Option<String>,
     /// Mount options (`rootflags=`).
     pub flags: Option<String>,
+    /// Read-only (`ro`, the default, as for the kernel) or read-write (`rw`).
+    pub read_only: bool,
 }
 
 /// Everything guest-init needs to know.
@@ -162,6 +234,31 @@ pub struct Config {
     pub root: Option<Root>,
     /// A registration to load.
     pub reg_info: Option<PathBuf>,
+}
+
+/// The instant `timeout` from now; an error (not a panic) when the clock cannot count
+/// that far.
+pub fn deadline(timeout: Duration) -> Result<Instant, String> {
+    Instant::now().checked_add(timeout).ok_or_else(|| {
+        format!(
+            "a timeout of {} s is beyond what the clock can count",
+            timeout.as_secs()
+        )
+    })
+}
+
+/// Parses a number of seconds: finite, not negative, and within what the clock counts.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{text}`: expected a number of seconds"));
+    }
+    let d = Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("`{text}` seconds is too long a timeout"))?;
+    deadline(d).map_err(|_| format!("`{text}` seconds is too long a timeout"))?;
+    Ok(d)
 }
 
 /// The default wait for the store's device or tag.
@@ -202,7 +299,17 @@ impl Config {
         let mut fstype = None;
         let mut flags = None;
         let mut reg_info = None;
+        let mut read_only = true;
         for word in words(cmdline) {
+            // What follows `--` is the kernel's word for init, not for guest-init.
+            if word == "--" {
+                break;
+            }
+            match word.as_str() {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                _ => {}
+            }
             let Some((key, value)) = word.split_once('=') else {
                 continue;
             };
@@ -210,26 +317,16 @@ impl Config {
             match key {
                 "nixstore" => store = Some(value.parse().map_err(bad)?),
                 "nixstore.writable" => writable = value.parse().map_err(bad)?,
-                "nixstore.timeout" => {
-                    let secs: f64 = value
-                        .parse()
-                        .ok()
-                        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                        .ok_or_else(|| bad("expected a number of seconds".into()))?;
-                    timeout = Duration::from_secs_f64(secs);
-                }
+                "nixstore.timeout" => timeout = parse_timeout(value).map_err(bad)?,
                 "nixstore.rescue" => rescue = Some(PathBuf::from(value)),
                 "init" => init = PathBuf::from(value),
                 "root" => {
-                    root_device = Some(
-                        match format!("erofs:{value}")
-                            .parse::<StoreSource>()
-                            .map_err(bad)?
-                        {
-                            StoreSource::Erofs(d) => d,
-                            StoreSource::Virtiofs(_) => unreachable!("parsed as erofs"),
-                        },
-                    )
+                    root_device = Some(value.parse::<Device>().map_err(|e| {
+                        bad(format!(
+                            "{e}; guest-init cannot serve this form of root= (no network, \
+                             no PARTLABEL=, no device numbers)"
+                        ))
+                    })?)
                 }
                 "rootfstype" => fstype = Some(value.to_owned()),
                 "rootflags" => flags = Some(value.to_owned()),
@@ -252,6 +349,7 @@ impl Config {
                 device,
                 fstype,
                 flags,
+                read_only,
             }),
             reg_info,
         })
@@ -297,7 +395,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        for bad in ["virtiofs:", "erofs:vdb", "nfs:x", "erofs:UUID=123"] {
+        for bad in [
+            "virtiofs:",
+            "erofs:vdb",
+            "nfs:x",
+            "erofs:UUID=123",
+            "erofs:PARTLABEL=x",
+            "erofs:/dev/disk/by-path/pci-0",
+        ] {
             assert!(bad.parse::<StoreSource>().is_err(), "{bad}");
         }
     }
@@ -310,6 +415,78 @@ mod tests {
         assert!(e.contains("nixstore.writable=yes"), "{e}");
         let e = Config::from_cmdline("nixstore=virtiofs:a nixstore.timeout=-1").unwrap_err();
         assert!(e.contains("timeout"), "{e}");
+        // Values that would overflow a Duration or the clock are errors, not panics.
+        for absurd in ["1e300", "1e19", "18446744073709551616", "inf", "NaN"] {
+            let e = Config::from_cmdline(&format!("nixstore=virtiofs:a nixstore.timeout={absurd}"))
+                .unwrap_err();
+            assert!(e.contains("nixstore.timeout"), "{absurd}: {e}");
+        }
+        assert!(deadline(Duration::MAX).is_err());
+    }
+
+    #[test]
+    fn every_root_form() {
+        let root = |words: &str| {
+            Config::from_cmdline(&format!("nixstore=virtiofs:s {words}"))
+                .map(|c| c.root.expect("a root"))
+        };
+        let u = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
+        let uuid = parse_uuid(u).unwrap();
+        assert_eq!(
+            root("root=/dev/vda").unwrap().device,
+            Device::Path("/dev/vda".into())
+        );
+        assert_eq!(
+            root("root=LABEL=nixos").unwrap().device,
+            Device::Label("nixos".into())
+        );
+        assert_eq!(
+            root("root=/dev/disk/by-label/my\\x2fdisk").unwrap().device,
+            Device::Label("my/disk".into())
+        );
+        assert_eq!(
+            root(&format!("root=UUID={u}")).unwrap().device,
+            Device::Uuid(uuid)
+        );
+        assert_eq!(
+            root(&format!("root=/dev/disk/by-uuid/{}", u.to_uppercase()))
+                .unwrap()
+                .device,
+            Device::Uuid(uuid)
+        );
+        assert_eq!(
+            root(&format!("root=PARTUUID={}", u.to_uppercase()))
+                .unwrap()
+                .device,
+            Device::PartUuid(u.into())
+        );
+        assert_eq!(
+            root("root=/dev/disk/by-partuuid/1234ABCD-02")
+                .unwrap()
+                .device,
+            Device::PartUuid("1234abcd-02".into())
+        );
+        for refused in [
+            "root=/dev/nfs",
+            "root=PARTLABEL=root",
+            "root=fe01",
+            "root=8:1",
+            "root=PARTUUID=1234abcd-02/PARTNROFF=1",
+            "root=/dev/disk/by-id/virtio-x",
+        ] {
+            let e = root(refused).unwrap_err();
+            assert!(
+                e.contains(refused) && e.contains("cannot serve"),
+                "{refused}: {e}"
+            );
+        }
+        assert!(root("root=/dev/vda").unwrap().read_only);
+        assert!(!root("ro root=/dev/vda rw").unwrap().read_only);
+        assert!(root("rw root=/dev/vda ro").unwrap().read_only);
+        assert!(
+            !root("rw root=/dev/vda -- ro").unwrap().read_only,
+            "after --"
+        );
     }
 
     #[test]

@@ -6,20 +6,27 @@
 //! * `/nix/store`: an overlay of the two when writable, else a read-only bind mount of
 //!   `/nix/.ro-store`.
 //!
-//! A running system replaces the stack by building the new one at a private temporary
-//! mount and moving each piece into place, /nix/store last, so that no process ever sees a
-//! missing or half-built store.
+//! A running system replaces the stack by building the new one as detached mounts and
+//! putting it beneath the old one, which is then detached (see [`mount_store`]), so that
+//! no process ever sees a missing or half-built store.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fs::CWD;
-use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags};
+use std::os::fd::OwnedFd;
+use std::process::Command;
 
-use crate::config::{Config, Device, StoreSource, Writable};
+use rustix::fs::CWD;
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
+    OpenTreeFlags, UnmountFlags,
+};
+
+use crate::config::{deadline, Config, StoreSource, Writable};
 use crate::modules::Modules;
-use crate::probe;
+use crate::probe::{self, NotFound};
+use crate::say;
 
 /// Relative to a root (`/` or the real root being prepared).
 const RO_STORE: &str = "nix/.ro-store";
@@ -47,27 +54,69 @@ fn mount(
 /// Loads what the store's filesystem and device need. Failures are reported by the mount
 /// that follows, which names the filesystem; here they are only worth a line.
 pub fn load_modules(modules: &mut Modules, source: &StoreSource, writable: Writable) {
-    let mut wanted = vec!["virtio_pci"];
+    // Virtio devices sit on PCI or, on microvm-style machines, on MMIO.
+    let mut wanted = vec!["virtio_pci", "virtio_mmio"];
     match source {
         StoreSource::Virtiofs(_) => wanted.push("virtiofs"),
-        StoreSource::Erofs(_) => {
-            // libcrc32c asks the crypto API for crc32c, which would call modprobe.
-            wanted.extend(["virtio_blk", "crc32c_intel", "crc32c_generic", "erofs"])
-        }
+        // erofs's libcrc32c names its crc32c through a soft dependency, resolved through
+        // modules.alias; loop lets an image attached later with losetup be found.
+        StoreSource::Erofs(_) => wanted.extend(["virtio_blk", "erofs", "loop"]),
     }
     if writable == Writable::Tmpfs {
         wanted.push("overlay");
     }
     for name in wanted {
         match modules.load(name) {
-            // The accelerated crc32c needs SSE 4.2; crc32c_generic stands in for it.
-            Err(e) if name == "crc32c_intel" => {
-                let _ = e;
-            }
-            Err(e) => println!("guest-init: {e}"),
+            Err(e) => say(&e),
+            // Neither a file nor built in: the kernel may still have it under another
+            // name, and the mount that follows says what is missing.
+            Ok(None) if name != "virtio_mmio" && name != "loop" => say(&format!(
+                "kernel module {name} is neither in modules.dep nor built in"
+            )),
             Ok(_) => {}
         }
     }
+}
+
+/// Runs `f` on a thread of its own and waits for it until `deadline` (and at least 2 s):
+/// a virtiofs mount blocks until virtiofsd replies, and one that never answers must not
+/// hang PID 1. `None` when it did not finish in time (the thread is left blocked).
+fn bounded<T: Send + 'static>(
+    deadline: Instant,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<Option<T>, String> {
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("virtiofs-mount".into())
+        .spawn(move || {
+            let _ = send.send(f());
+        })
+        .map_err(|e| format!("cannot start a thread to mount virtiofs: {e}"))?;
+    // Even at the deadline the share gets a moment to answer a mount already sent.
+    let wait = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(2));
+    Ok(receive.recv_timeout(wait).ok())
+}
+
+fn no_answer(tag: &str) -> String {
+    format!("the virtiofs share `{tag}` did not answer the mount in time (is virtiofsd running?)")
+}
+
+/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`.
+fn mount_virtiofs(
+    tag: &str,
+    target: &Path,
+    flags: MountFlags,
+    deadline: Instant,
+) -> Result<rustix::io::Result<()>, String> {
+    let (t, p) = (tag.to_owned(), target.to_owned());
+    // The mount returns before virtiofsd has answered FUSE_INIT; statfs waits for it.
+    bounded(deadline, move || {
+        mount(&t, &p, "virtiofs", flags, None)?;
+        rustix::fs::statfs(&p).map(|_| ())
+    })?
+    .ok_or_else(|| no_answer(tag))
 }
 
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
@@ -111,11 +160,11 @@ pub fn mount_source(
     target: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline(timeout)?;
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
     loop {
         let why: String = match source {
-            StoreSource::Virtiofs(tag) => match mount(tag, target, "virtiofs", ro, None) {
+            StoreSource::Virtiofs(tag) => match mount_virtiofs(tag, target, ro, deadline)? {
                 Ok(()) => return Ok(tag.clone()),
                 // The device may not have been probed yet: the tag is unknown until then.
                 Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => {
@@ -130,7 +179,9 @@ pub fn mount_source(
                 Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
             },
             StoreSource::Erofs(device) => match probe::find(device) {
-                Ok(node) => {
+                Err(NotFound::Ambiguous(why)) => return Err(why),
+                Ok(found) => {
+                    let node = found.node.clone();
                     let node_str = node.to_string_lossy().into_owned();
                     return match mount(&node_str, target, "erofs", ro, None) {
                         Ok(()) => Ok(node_str),
@@ -144,7 +195,9 @@ pub fn mount_source(
                         )),
                     };
                 }
-                Err(found) => format!("no erofs image with {device}; found {found}"),
+                Err(NotFound::Absent(found)) => {
+                    format!("no erofs image with {device}; found {found}")
+                }
             },
         };
         if Instant::now() >= deadline {
@@ -163,6 +216,12 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
     let store = root.join(STORE);
     mkdir_p(&ro_store)?;
     mkdir_p(&store)?;
+    // /nix its own mount: the kernel puts nothing beneath a child of the namespace root,
+    // and an initramfs that stays the root is that root. A later `mount-store` can then
+    // switch /nix/store with MOVE_MOUNT_BENEATH.
+    let nix = root.join("nix");
+    rustix::mount::mount_bind(&nix, &nix)
+        .map_err(|e| format!("bind-mounting {} on itself: {e}", nix.display()))?;
     let from = mount_source(&config.store, &ro_store, config.timeout)?;
     match config.writable {
         Writable::Tmpfs => {
@@ -173,6 +232,26 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
         Writable::None => read_only_bind(&ro_store, &store)?,
     }
     Ok(from)
+}
+
+/// The overlay at `target` of `lower` with `upper` and `work`.
+/// `extra` options are appended (`,index=off` where another overlay shares the upper
+/// layer until it is detached: the index would refuse that).
+fn overlay_on(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    extra: &str,
+) -> Result<(), String> {
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}{extra}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
+        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
 }
 
 /// A tmpfs at `rw` holding upper and work directories, and the overlay at `target`.
@@ -189,14 +268,7 @@ fn overlay(lower: &Path, rw: &Path, target: &Path) -> Result<(), String> {
     let work = rw.join("work");
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
-        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
+    overlay_on(lower, &upper, &work, target, "")
 }
 
 fn read_only_bind(from: &Path, to: &Path) -> Result<(), String> {
@@ -258,22 +330,41 @@ fn top_mount(mounts: &[MountEntry], path: &Path) -> Option<MountEntry> {
     mounts.iter().rev().find(|m| m.mount_point == path).cloned()
 }
 
+/// The device a block device node stands for, compared by number: the same device
+/// however its path was spelled (a symlink, another node).
+fn device_number(node: &str) -> Option<u64> {
+    let st = rustix::fs::stat(node).ok()?;
+    (st.st_mode & 0o170000 == 0o060000).then_some(st.st_rdev)
+}
+
+/// Whether the filesystem mounted at `path` lives on the block device `node`.
+fn mounted_from(path: &Path, node: &str) -> bool {
+    match (rustix::fs::stat(path), device_number(node)) {
+        (Ok(st), Some(rdev)) => st.st_dev == rdev,
+        _ => false,
+    }
+}
+
 /// Whether `/nix` already holds the stack `config` asks for.
 fn already_mounted(config: &Config, source: &str) -> bool {
     let mounts = mountinfo();
-    let want_fs = match config.store {
-        StoreSource::Virtiofs(_) => "virtiofs",
-        StoreSource::Erofs(_) => "erofs",
-    };
-    let Some(ro) = top_mount(&mounts, Path::new("/nix/.ro-store")) else {
+    let ro_path = Path::new("/nix/.ro-store");
+    let Some(ro) = top_mount(&mounts, ro_path) else {
         return false;
     };
-    if ro.fstype != want_fs || ro.source != source {
+    let same = match config.store {
+        StoreSource::Virtiofs(_) => ro.fstype == "virtiofs" && ro.source == source,
+        StoreSource::Erofs(_) => ro.fstype == "erofs" && mounted_from(ro_path, source),
+    };
+    if !same {
         return false;
     }
     match (config.writable, top_mount(&mounts, Path::new("/nix/store"))) {
         (Writable::Tmpfs, Some(store)) => store.fstype == "overlay",
-        (Writable::None, Some(store)) => store.fstype == want_fs && store.source == source,
+        (Writable::None, Some(store)) => {
+            store.fstype == ro.fstype && mounted_from(Path::new("/nix/store"), source)
+                || store.fstype == "virtiofs" && store.source == source
+        }
         (_, None) => false,
     }
 }
@@ -282,12 +373,12 @@ fn already_mounted(config: &Config, source: &str) -> bool {
 fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, String> {
     match source {
         StoreSource::Virtiofs(tag) => Ok(tag.clone()),
-        StoreSource::Erofs(Device::Path(p)) => Ok(p.to_string_lossy().into_owned()),
         StoreSource::Erofs(device) => {
-            let deadline = Instant::now() + timeout;
+            let deadline = deadline(timeout)?;
             loop {
                 match probe::find(device) {
-                    Ok(node) => return Ok(node.to_string_lossy().into_owned()),
+                    Ok(found) => return Ok(found.node.to_string_lossy().into_owned()),
+                    Err(NotFound::Ambiguous(why)) => return Err(why),
                     Err(found) if Instant::now() >= deadline => {
                         return Err(format!(
                             "expected an erofs image with {device} within {:.1} s; found {found}",
@@ -301,93 +392,360 @@ fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, St
     }
 }
 
-/// Moves the mount at `from` onto `to`. When something is mounted there already, the new
-/// mount goes beneath it and the old one is detached (Linux 6.5); older kernels stack the
-/// new mount on top, which is just as atomic for path lookups but leaves the old one
-/// mounted, hidden, until reboot.
-fn replace_mount(from: &Path, to: &Path, occupied: bool) -> Result<(), String> {
-    if occupied {
-        match rustix::mount::move_mount(CWD, from, CWD, to, MoveMountFlags::MOVE_MOUNT_BENEATH) {
-            Ok(()) => {
-                return rustix::mount::unmount(to, UnmountFlags::DETACH)
-                    .map_err(|e| format!("detaching the previous mount at {}: {e}", to.display()))
-            }
-            Err(rustix::io::Errno::INVAL) => println!(
-                "guest-init: this kernel cannot put a mount beneath another (Linux 6.5); \
-                 the previous {} stays mounted underneath until reboot",
-                to.display()
-            ),
-            Err(e) => {
-                return Err(format!(
-                    "moving {} beneath {}: {e}",
-                    from.display(),
-                    to.display()
-                ))
-            }
+/// Whether this kernel can put a mount beneath another (MOVE_MOUNT_BENEATH, Linux 6.5),
+/// found by trying it, not by reading an error of the real switch. `guest-init
+/// probe-beneath` runs [`probe_beneath`] in a mount namespace of its own, so that the trial
+/// mounts are seen nowhere.
+fn beneath_supported() -> bool {
+    match Command::new("/proc/self/exe")
+        .arg("probe-beneath")
+        .stdin(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) => s.success(),
+        Err(e) => {
+            say(&format!("cannot probe for MOVE_MOUNT_BENEATH: {e}"));
+            false
         }
     }
-    rustix::mount::mount_move(from, to)
-        .map_err(|e| format!("moving {} to {}: {e}", from.display(), to.display()))
+}
+
+/// `guest-init probe-beneath`: in a private mount namespace, puts a tmpfs beneath another
+/// on a scratch tmpfs (not the namespace root's child, which the kernel refuses).
+pub fn probe_beneath() -> bool {
+    use rustix::thread::UnshareFlags;
+    // SAFETY: this process is single-threaded here and shares no file system state with
+    // another thread.
+    if unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.is_err() {
+        return false;
+    }
+    if rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let scratch = PathBuf::from(format!("/run/guest-init.probe.{}", std::process::id()));
+    let tmpfs = |at: &Path| mount("tmpfs", at, "tmpfs", MountFlags::empty(), Some("size=4k"));
+    let (top, new) = (scratch.join("top"), scratch.join("new"));
+    let ok = mkdir_p(&scratch).is_ok()
+        && tmpfs(&scratch).is_ok()
+        && mkdir_p(&top).is_ok()
+        && mkdir_p(&new).is_ok()
+        && tmpfs(&top).is_ok()
+        && tmpfs(&new).is_ok()
+        && rustix::mount::move_mount(CWD, &new, CWD, &top, MoveMountFlags::MOVE_MOUNT_BENEATH)
+            .is_ok();
+    let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(&scratch);
+    ok
+}
+
+/// A new mount of `fstype` from `source`, detached: seen nowhere until attached.
+fn fs_mount(
+    fstype: &str,
+    source: Option<&str>,
+    options: &[(&str, Option<&str>)],
+    attrs: MountAttrFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let fs = rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    if let Some(source) = source {
+        rustix::mount::fsconfig_set_string(&fs, "source", source)?;
+    }
+    for (key, value) in options {
+        match value {
+            Some(v) => rustix::mount::fsconfig_set_string(&fs, *key, *v)?,
+            None => rustix::mount::fsconfig_set_flag(&fs, *key)?,
+        }
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+}
+
+const RO_ATTRS: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_RDONLY
+    .union(MountAttrFlags::MOUNT_ATTR_NOSUID)
+    .union(MountAttrFlags::MOUNT_ATTR_NODEV);
+
+/// The store as a detached read-only mount, waiting up to `timeout` for its device or tag.
+/// Returns it with its source (device node or tag) for the log.
+fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, String), String> {
+    let deadline = deadline(timeout)?;
+    loop {
+        let why: String = match source {
+            StoreSource::Virtiofs(tag) => {
+                let t = tag.clone();
+                // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
+                let mounted = bounded(deadline, move || {
+                    let fd = fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)?;
+                    rustix::fs::fstatfs(&fd).map(|_| fd)
+                })?
+                .ok_or_else(|| no_answer(tag))?;
+                match mounted {
+                    Ok(fd) => return Ok((fd, tag.clone())),
+                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
+                        "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
+                        virtiofs_shares()
+                    ),
+                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
+                }
+            }
+            StoreSource::Erofs(device) => match probe::find(device) {
+                Err(NotFound::Ambiguous(why)) => return Err(why),
+                Ok(found) => {
+                    let node = found.node.to_string_lossy().into_owned();
+                    return fs_mount("erofs", Some(&node), &[("ro", None)], RO_ATTRS)
+                        .map(|fd| (fd, node.clone()))
+                        .map_err(|e| {
+                            format!("{node} ({device}) does not mount as erofs: {e}; {found}")
+                        });
+                }
+                Err(NotFound::Absent(found)) => {
+                    format!("no erofs image with {device}; found {found}")
+                }
+            },
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "expected {source} within {:.1} s: {why}",
+                timeout.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The path through which a mount held by descriptor is reached, for options (overlay's
+/// layers) that take paths.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Attaches the detached mount `fd` at `to`: beneath what is there (`beneath`; what was
+/// there stays on top until [`detach_top`]), or on top of it.
+fn attach(fd: &OwnedFd, to: &Path, occupied: bool, beneath: bool) -> Result<(), String> {
+    let mut flags = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH;
+    if occupied && beneath {
+        flags |= MoveMountFlags::MOVE_MOUNT_BENEATH;
+    }
+    rustix::mount::move_mount(fd, "", CWD, to, flags).map_err(|e| {
+        format!(
+            "attaching the new mount {}at {}: {e}",
+            if flags.contains(MoveMountFlags::MOVE_MOUNT_BENEATH) {
+                "beneath the one "
+            } else {
+                ""
+            },
+            to.display()
+        )
+    })
+}
+
+/// Detaches the top mount at `at` (the old one, once the new one is beneath it).
+fn detach_top(at: &Path) -> Result<(), String> {
+    rustix::mount::unmount(at, UnmountFlags::DETACH)
+        .map_err(|e| format!("detaching the previous mount at {}: {e}", at.display()))
+}
+
+/// Serialises `mount-store` runs: two switches interleaving their moves would leave a
+/// stack made of both.
+fn lock() -> Result<std::fs::File, String> {
+    let path = Path::new("/run/guest-init.mount-store.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    Ok(file)
+}
+
+/// The mounts below /nix/store (paths relative to it, outermost only: a recursive clone
+/// brings what is below them), to carry over to the new store as NixOS carries the mounts
+/// below /etc over when it switches /etc.
+fn submounts(mounts: &[MountEntry]) -> Vec<PathBuf> {
+    let store = Path::new("/nix/store");
+    let mut subs: Vec<PathBuf> = mounts
+        .iter()
+        .filter_map(|m| m.mount_point.strip_prefix(store).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    subs.sort();
+    subs.dedup();
+    let mut outer: Vec<PathBuf> = Vec::new();
+    for s in subs {
+        if !outer.iter().any(|o| s.starts_with(o)) {
+            outer.push(s);
+        }
+    }
+    outer
 }
 
 /// `guest-init mount-store`: establishes the stack on a running system, or replaces the
-/// one there atomically. Returns what it did, for the log.
-pub fn mount_store(config: &Config) -> Result<String, String> {
+/// one there. Returns what it did, for the log.
+///
+/// The new store is built as detached mounts (fsmount, open_tree), seen nowhere until
+/// attached; the mounts below /nix/store are cloned into it; then it goes beneath
+/// /nix/store and the old one is detached: that is the switch, and until it the old stack
+/// is what every process sees. With a writable store the new overlay takes over the
+/// existing upper layer (nothing written before the switch is lost) unless
+/// `discard_writes`. Kernels without MOVE_MOUNT_BENEATH get the new mounts on top.
+/// A failure before the switch leaves the old stack in place (the new read-only layer may
+/// then stay attached, unseen, beneath /nix/.ro-store).
+pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, String> {
+    let _lock = lock()?;
     let mut modules = Modules::open();
     load_modules(&mut modules, &config.store, config.writable);
     let source = resolved_source(&config.store, config.timeout)?;
     if already_mounted(config, &source) {
         return Ok(format!("already mounted ({} from {source})", config.store));
     }
-    for dir in ["/nix/.ro-store", "/nix/store"] {
-        mkdir_p(Path::new(dir))?;
+    let (ro_path, store_path, rw_path) = (
+        Path::new("/nix/.ro-store"),
+        Path::new("/nix/store"),
+        Path::new("/nix/.rw-store"),
+    );
+    for dir in [ro_path, store_path] {
+        mkdir_p(dir)?;
     }
-    if config.writable == Writable::Tmpfs {
-        mkdir_p(Path::new("/nix/.rw-store"))?;
+    let before = mountinfo();
+    let occupied = |p: &Path| top_mount(&before, p).is_some();
+    let keep_upper = config.writable == Writable::Tmpfs
+        && !discard_writes
+        && top_mount(&before, store_path).is_some_and(|m| m.fstype == "overlay")
+        && rw_path.join("store").is_dir();
+    let beneath = beneath_supported();
+    if !beneath {
+        say(
+            "this kernel cannot put a mount beneath another (Linux 6.5): the previous \
+             store stays mounted, hidden, until reboot",
+        );
     }
 
-    // A private scratch mount: nothing built here propagates anywhere before it is moved.
-    let scratch = PathBuf::from(format!("/run/guest-init.{}", std::process::id()));
-    mkdir_p(&scratch)?;
-    let result = (|| {
-        mount(
-            "tmpfs",
-            &scratch,
-            "tmpfs",
-            MountFlags::empty(),
-            Some("mode=0700"),
+    let (ro, from) = detached_source(&config.store, config.timeout)?;
+    // Before Linux 6.15 neither open_tree nor overlay takes a detached mount: the new
+    // read-only store (and a new upper tmpfs) go beneath the old ones first, where nobody
+    // sees them yet.
+    attach(&ro, ro_path, occupied(ro_path), beneath)?;
+    let mut replaced = vec![ro_path];
+    let store = match config.writable {
+        Writable::None => rustix::mount::open_tree(
+            &ro,
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_EMPTY_PATH,
         )
-        .map_err(|e| format!("mounting a scratch tmpfs at {}: {e}", scratch.display()))?;
-        rustix::mount::mount_change(&scratch, MountPropagationFlags::PRIVATE)
-            .map_err(|e| format!("making {} private: {e}", scratch.display()))?;
-        let from = mount_stack(&scratch, config)?;
-        let mounts = mountinfo();
-        let occupied = |p: &str| top_mount(&mounts, Path::new(p)).is_some();
-        if config.writable == Writable::Tmpfs {
-            replace_mount(
-                &scratch.join(RW_STORE),
-                Path::new("/nix/.rw-store"),
-                occupied("/nix/.rw-store"),
-            )?;
+        .map_err(|e| format!("cloning the new store's mount: {e}"))?,
+        Writable::Tmpfs => {
+            let (upper, work, extra) = if keep_upper {
+                // A fresh work directory: the old overlay holds its own until detached.
+                let work = rw_path.join(format!("work.{}", std::process::id()));
+                mkdir_p(&work)?;
+                (rw_path.join("store"), work, ",index=off")
+            } else {
+                mkdir_p(rw_path)?;
+                let rw = fs_mount(
+                    "tmpfs",
+                    Some("tmpfs"),
+                    &[("mode", Some("0755"))],
+                    MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+                )
+                .map_err(|e| format!("mounting a tmpfs for the writable layer: {e}"))?;
+                for d in ["store", "work"] {
+                    rustix::fs::mkdirat(&rw, d, rustix::fs::Mode::from_raw_mode(0o755))
+                        .map_err(|e| format!("creating {d} in the new writable layer: {e}"))?;
+                }
+                attach(&rw, rw_path, occupied(rw_path), beneath)?;
+                replaced.push(rw_path);
+                (fd_path(&rw).join("store"), fd_path(&rw).join("work"), "")
+            };
+            let lower = fd_path(&ro);
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}{extra}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            );
+            let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+                .map_err(|e| format!("the kernel has no overlay filesystem: {e}"))?;
+            for option in data.split(',') {
+                let (k, v) = option
+                    .split_once('=')
+                    .map_or((option, None), |(k, v)| (k, Some(v)));
+                match v {
+                    Some(v) => rustix::mount::fsconfig_set_string(&fs, k, v),
+                    None => rustix::mount::fsconfig_set_flag(&fs, k),
+                }
+                .map_err(|e| format!("overlay option {option}: {e}"))?;
+            }
+            rustix::mount::fsconfig_create(&fs)
+                .and_then(|()| {
+                    rustix::mount::fsmount(
+                        &fs,
+                        FsMountFlags::FSMOUNT_CLOEXEC,
+                        MountAttrFlags::MOUNT_ATTR_NODEV,
+                    )
+                })
+                .map_err(|e| format!("mounting the overlay ({data}): {e}"))?
         }
-        replace_mount(
-            &scratch.join(RO_STORE),
-            Path::new("/nix/.ro-store"),
-            occupied("/nix/.ro-store"),
-        )?;
-        replace_mount(
-            &scratch.join(STORE),
-            Path::new("/nix/store"),
-            occupied("/nix/store"),
-        )?;
-        Ok(format!(
-            "mounted {} from {from} at /nix/store",
-            config.store
-        ))
-    })();
-    let _ = rustix::mount::unmount(&scratch, UnmountFlags::DETACH);
-    let _ = std::fs::remove_dir(&scratch);
-    result
+    };
+    // The mounts below the old store, cloned while it is still the one at /nix/store.
+    let mut carried = Vec::new();
+    for rel in submounts(&before) {
+        let old = store_path.join(&rel);
+        let clone = rustix::mount::open_tree(
+            CWD,
+            &old,
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_RECURSIVE,
+        )
+        .map_err(|e| format!("cloning {} to carry it over: {e}", old.display()))?;
+        carried.push((rel, clone));
+    }
+    attach(&store, store_path, occupied(store_path), beneath)?;
+    // Beneath the old store the new one is reached only through its descriptor: the
+    // clones go into it before it shows.
+    for (rel, clone) in carried {
+        if let Err(e) = rustix::mount::move_mount(
+            &clone,
+            "",
+            &store,
+            &rel,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        ) {
+            say(&format!(
+                "not carrying {} over: {e}",
+                store_path.join(&rel).display()
+            ));
+        }
+    }
+    if beneath {
+        if occupied(store_path) {
+            // The switch.
+            detach_top(store_path)?;
+        }
+        for p in replaced {
+            if occupied(p) {
+                detach_top(p)?;
+            }
+        }
+    }
+    Ok(format!(
+        "mounted {} from {from} at /nix/store{}",
+        config.store,
+        if keep_upper {
+            " (keeping what was written to the store)"
+        } else {
+            ""
+        }
+    ))
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
-//! End-to-end tests of guest-init: real boots of the host's Debian kernel under qemu (TCG),
-//! with guest-init as the initramfs's /init mounting a sample closure from a virtiofs share
-//! of a nixstorefs mount, or from erofs images written by mkimage.
+//! End-to-end tests of guest-init: real boots under qemu (TCG), with guest-init as the
+//! initramfs's /init mounting a sample closure from a virtiofs share of a nixstorefs mount,
+//! or from erofs images written by mkimage.
+//!
+//! Every case boots two kernels: Debian 12's 6.1, whose modules are plain `.ko` files, and
+//! Debian's 6.12 ([`Kernel::compressed_modules`]), whose modules are `.ko.xz` as the
+//! package ships them and which has MOVE_MOUNT_BENEATH.
 //!
 //! The guest's init is a busybox script in the sample store ([`vm::add_guest_program`]);
 //! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
@@ -8,7 +12,7 @@
 //! (`RUSTFLAGS="-C target-feature=+crt-static" cargo build -p guest-init --target
 //! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -35,11 +39,50 @@ struct Setup {
     dir: TempDir,
 }
 
+/// Declares `mod $name` with one test per guest kernel, each calling `fn $name(kernel)`.
+macro_rules! on_both_kernels {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn linux_6_1() {
+                super::$name(nixstorefs_tests::vm::Kernel::find());
+            }
+
+            #[test]
+            fn linux_6_12() {
+                super::$name(nixstorefs_tests::vm::Kernel::compressed_modules());
+            }
+        }
+    )*};
+}
+
+on_both_kernels!(
+    virtiofs_share_of_a_nixstorefs_mount,
+    erofs_image_found_by_label,
+    erofs_image_found_by_uuid,
+    real_root_is_switched_into,
+    real_root_by_label_read_only,
+    writable_overlay_keeps_image_and_host_store_unchanged,
+    mount_store_twice_changes_nothing,
+    mount_store_switches_closures_atomically,
+    wrong_virtiofs_tag_fails_and_powers_off,
+    absurd_timeout_fails_cleanly,
+    one_label_on_two_images_is_refused,
+    modules_in_every_format,
+    mount_store_keeps_writes_and_detaches_the_old_store,
+    mount_store_finds_an_image_attached_with_losetup,
+    real_root_on_btrfs_by_partuuid,
+    real_root_on_xfs_by_uuid,
+    erofs_image_on_a_virtio_mmio_machine,
+);
+
+/// The erofs UUID mkimage writes by default.
+const DEFAULT_UUID: &str = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
+
 impl Setup {
     /// `None` only when qemu is missing outside CI (the message is printed).
-    fn new(body: impl FnOnce(&SampleStore) -> String) -> Option<Setup> {
+    fn new(kernel: Kernel, body: impl FnOnce(&SampleStore) -> String) -> Option<Setup> {
         vm::qemu_or_skip()?;
-        let kernel = Kernel::find();
         let dir = tempfile::Builder::new()
             .prefix("nixstorefs-sample.")
             .tempdir_in("/tmp")
@@ -48,10 +91,9 @@ impl Setup {
         let script = body(&s);
         let prog = vm::add_guest_program(&mut s, "guest-test", &script)
             .expect("add the guest program to the sample");
+        // Built as the README says, with guest-init/mkinitramfs.sh.
         let initramfs = dir.path().join("initramfs.cpio");
-        Initramfs::for_guest_init(&kernel)
-            .write(&initramfs)
-            .expect("write the initramfs");
+        vm::mkinitramfs(&kernel, &[], &initramfs);
         Some(Setup {
             s,
             prog,
@@ -143,6 +185,14 @@ fn store_checks(s: &SampleStore) -> String {
     )
 }
 
+/// Asserts that no module failed to load and that the kernel did not panic.
+fn assert_modules_and_no_panic(boot: &Boot) {
+    boot.assert_no_marker("loading module");
+    boot.assert_no_marker("is neither in modules.dep nor built in");
+    boot.assert_no_marker("decompressing module");
+    boot.assert_no_marker("Kernel panic");
+}
+
 /// The console checks matching [`store_checks`], for a read-only store of `s`'s closure,
 /// which by now includes the program.
 fn assert_store_seen(boot: &Boot, s: &SampleStore) {
@@ -164,26 +214,52 @@ fn assert_store_seen(boot: &Boot, s: &SampleStore) {
 fn assert_booted_ok(boot: &Boot) {
     boot.assert_stopped();
     boot.assert_no_error();
+    assert_modules_and_no_panic(boot);
     boot.assert_in_order(&["guest-init: store mounted", "GUEST-START", "GUEST-OK"]);
 }
 
-#[test]
-fn virtiofs_share_of_a_nixstorefs_mount() {
-    let Some(t) = Setup::new(|s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+/// Also checks what PID 1 hands on: /run not world-writable, and the words the kernel
+/// passed to init (`single`, what follows `--`) given to the system's init.
+fn virtiofs_share_of_a_nixstorefs_mount(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| {
+        // Before store_checks, whose `set --` replaces the arguments.
+        format!(
+            "echo \"INIT-ARGS $*\"\n{}\
+             echo \"RUN-MODE $(stat -c %a /run)\"\n\
+             echo \"RUN-SIZE $(df -k /run | awk 'NR == 2 {{print $2}}')\"\n\
+             echo GUEST-OK\n",
+            store_checks(s)
+        )
+    }) else {
         return;
     };
     let m = t.mount();
     let boot = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .cmdline("single -- --log-target=console")
         .virtiofs(TAG, m.mountpoint())
         .boot();
     assert_booted_ok(&boot);
     assert_store_seen(&boot, &t.s);
+    assert_eq!(boot.expect_value("RUN-MODE "), "755", "mode of /run");
+    // 20% of the guest's memory, not tmpfs's default of half of it.
+    let run_kib: u64 = boot
+        .expect_value("RUN-SIZE ")
+        .parse()
+        .expect("a size in KiB");
+    assert!(
+        run_kib <= u64::from(vm::MEMORY_MIB) * 1024 / 4,
+        "/run holds {run_kib} KiB"
+    );
+    assert_eq!(
+        boot.expect_value("INIT-ARGS "),
+        "single --log-target=console",
+        "the arguments init received"
+    );
 }
 
-#[test]
-fn erofs_image_found_by_label() {
-    let Some(t) = Setup::new(|s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+fn erofs_image_found_by_label(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
         return;
     };
     let img = t.image(&t.s.closure_file, "store.img", &[]);
@@ -192,27 +268,48 @@ fn erofs_image_found_by_label() {
     assert_store_seen(&boot, &t.s);
 }
 
-/// With a real root (`root=`), guest-init mounts it, puts the store below it and switches
-/// into it before executing init: the script sees the root disk's own files at /, with the
-/// store at /nix/store.
-#[test]
-fn real_root_is_switched_into() {
-    let Some(t) = Setup::new(|s| {
-        format!(
-            "echo GUEST-START\n\
-             echo \"ROOTFS $(awk '$2 == \"/\" {{print $3}}' /proc/mounts | tail -n 1)\"\n\
-             echo \"MARKER $(cat /root-marker)\"\n\
-             [ -e /nix/store/{hello} ] && echo STORE-OK\n\
-             echo GUEST-OK\n",
-            hello = s.path_named("hello-2.12")
-        )
-    }) else {
+/// By UUID, spelt in capitals: the image is on the second disk, behind one without a
+/// filesystem guest-init knows.
+fn erofs_image_found_by_uuid(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
         return;
     };
     let img = t.image(&t.s.closure_file, "store.img", &[]);
-    // A root filesystem of its own: ext4, with a marker file and an empty /nix.
+    let blank = t.dir.path().join("blank.img");
+    fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let boot = t
+        .guest(&format!(
+            "nixstore=erofs:UUID={}",
+            DEFAULT_UUID.to_uppercase()
+        ))
+        .disk(&blank)
+        .disk(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_store_seen(&boot, &t.s);
+    boot.assert_marker("from /dev/vdb");
+}
+
+/// The script run in a real root: what / is, whether it takes writes, the store below it.
+fn real_root_script(s: &SampleStore) -> String {
+    format!(
+        "echo GUEST-START\n\
+         echo \"ROOTFS $(awk '$2 == \"/\" {{print $3}}' /proc/mounts | tail -n 1)\"\n\
+         echo \"MARKER $(cat /root-marker)\"\n\
+         if touch /root-probe 2>/dev/null; then echo ROOT-WRITABLE; else echo ROOT-READ-ONLY; fi\n\
+         if [ -e /init ]; then echo INITRAMFS-VISIBLE; fi\n\
+         [ -e /nix/store/{hello} ] && echo STORE-OK\n\
+         echo GUEST-OK\n",
+        hello = s.path_named("hello-2.12")
+    )
+}
+
+/// An ext4 root filesystem labelled `root`, with a marker file and `dirs` below it.
+fn ext4_root(t: &Setup, dirs: &[&str]) -> PathBuf {
     let tree = t.dir.path().join("root-tree");
-    fs::create_dir_all(tree.join("nix")).unwrap();
+    for d in dirs {
+        fs::create_dir_all(tree.join(d)).unwrap();
+    }
     fs::write(tree.join("root-marker"), "the real root\n").unwrap();
     let root_img = t.dir.path().join("root.img");
     let o = harness::run(
@@ -224,14 +321,29 @@ fn real_root_is_switched_into() {
         MKIMAGE_TIMEOUT,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // ext4 is a module in Debian's kernel: the initramfs needs it for this root.
+    root_img
+}
+
+/// The initramfs with ext4 added: a module in Debian's kernels, needed for these roots.
+fn initramfs_with_ext4(t: &Setup) -> PathBuf {
     let initramfs = t.dir.path().join("initramfs-ext4.cpio");
-    let mut i = Initramfs::for_guest_init(&t.kernel);
-    i.modules(&t.kernel, &["ext4"], &[]).unwrap();
-    i.write(&initramfs).unwrap();
-    let boot = Guest::new(&t.kernel, &initramfs)
+    vm::mkinitramfs(&t.kernel, &["ext4"], &initramfs);
+    initramfs
+}
+
+/// With a real root (`root=/dev/X rw`), guest-init mounts it, puts the store below it and
+/// switches into it before executing init: the script sees the root disk's own files at /,
+/// with the store at /nix/store, and the initramfs is gone.
+fn real_root_is_switched_into(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    // Only /nix: guest-init makes the mount points on a writable root.
+    let root_img = ext4_root(&t, &["nix"]);
+    let boot = Guest::new(&t.kernel, initramfs_with_ext4(&t))
         .cmdline(KERNEL_LOGLEVEL)
-        .cmdline("nixstore=erofs:LABEL=nix-store root=/dev/vdb rootfstype=ext4")
+        .cmdline("nixstore=erofs:LABEL=nix-store root=/dev/vdb rootfstype=ext4 rw")
         .cmdline(&t.prog.init_arg())
         .disk(&img)
         .writable_disk(&root_img)
@@ -239,14 +351,45 @@ fn real_root_is_switched_into() {
     assert_booted_ok(&boot);
     boot.assert_marker("ROOTFS ext4");
     boot.assert_marker("MARKER the real root");
+    boot.assert_marker("ROOT-WRITABLE");
     boot.assert_marker("STORE-OK");
+    boot.assert_marker("guest-init: freed the initramfs");
+    boot.assert_no_marker("INITRAMFS-VISIBLE");
 }
 
-#[test]
-fn writable_overlay_keeps_image_and_host_store_unchanged() {
+/// `root=LABEL=` with no rootfstype: the ext4 superblock names the filesystem, the module
+/// is loaded for it, and without `rw` the root is mounted read-only, as the kernel would.
+fn real_root_by_label_read_only(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    // A read-only root must bring its mount points.
+    let root_img = ext4_root(
+        &t,
+        &["nix/store", "nix/.ro-store", "dev", "proc", "sys", "run"],
+    );
+    let boot = Guest::new(&t.kernel, initramfs_with_ext4(&t))
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=LABEL=root")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&root_img)
+        .boot();
+    assert_booted_ok(&boot);
+    let line = boot.assert_marker("guest-init: root /dev/vdb (ext4, LABEL=root");
+    assert!(line.contains("ro)"), "{line}");
+    boot.assert_marker("ROOTFS ext4");
+    boot.assert_marker("MARKER the real root");
+    boot.assert_marker("ROOT-READ-ONLY");
+    boot.assert_marker("STORE-OK");
+    boot.assert_no_marker("cannot move");
+}
+
+fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
     let mut readme = PathBuf::new();
     let made = sample::base_name("made-in-guest");
-    let Some(t) = Setup::new(|s| {
+    let Some(t) = Setup::new(kernel, |s| {
         readme = PathBuf::from(format!(
             "{}/share/doc/hello/README",
             s.path_named("hello-2.12")
@@ -292,9 +435,9 @@ fn writable_overlay_keeps_image_and_host_store_unchanged() {
     );
 }
 
-#[test]
-fn mount_store_twice_changes_nothing() {
-    let Some(t) = Setup::new(|_| {
+/// A second run changes nothing, however the same source is spelt.
+fn mount_store_twice_changes_nothing(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |_| {
         "echo GUEST-START\n\
          /init mount-store --store erofs:LABEL=nix-store >/tmp/first.out 2>&1\n\
          echo \"FIRST-STATUS $?\"\n\
@@ -303,6 +446,11 @@ fn mount_store_twice_changes_nothing() {
          /init mount-store --store erofs:LABEL=nix-store >/tmp/second.out 2>&1\n\
          echo \"SECOND-STATUS $?\"\n\
          sed 's/^/SECOND: /' /tmp/second.out\n\
+         for spec in erofs:UUID=8F1B6C3E-2A4D-4E5F-9A7B-0C1D2E3F4A5B erofs:/dev/vda \
+           erofs:/dev/disk/by-label/nix-store; do\n\
+           /init mount-store --store $spec >/tmp/other.out 2>&1\n\
+           echo \"RESPELT-STATUS $? $(cat /tmp/other.out)\"\n\
+         done\n\
          cat /proc/self/mountinfo > /tmp/mountinfo.after\n\
          echo \"LINES-BEFORE $(wc -l < /tmp/mountinfo.before)\"\n\
          echo \"LINES-AFTER $(wc -l < /tmp/mountinfo.after)\"\n\
@@ -324,6 +472,18 @@ fn mount_store_twice_changes_nothing() {
             .any(|l| l.starts_with("SECOND: ") && l.contains("already mounted")),
         "the second mount-store did not say it was already mounted: {second:?}"
     );
+    // The same image by UUID, by device node, by a by-label path: the same source.
+    let respelt: Vec<&str> = boot
+        .lines()
+        .filter(|l| l.starts_with("RESPELT-STATUS "))
+        .collect();
+    assert_eq!(respelt.len(), 3, "{respelt:?}");
+    for l in &respelt {
+        assert!(
+            l.starts_with("RESPELT-STATUS 0 ") && l.contains("already mounted"),
+            "{l}"
+        );
+    }
     assert_eq!(
         boot.expect_value("LINES-BEFORE "),
         boot.expect_value("LINES-AFTER "),
@@ -332,11 +492,10 @@ fn mount_store_twice_changes_nothing() {
     boot.assert_marker("MOUNTINFO-SAME");
 }
 
-#[test]
-fn mount_store_switches_closures_atomically() {
+fn mount_store_switches_closures_atomically(kernel: Kernel) {
     let mut both = String::new();
     let extra = sample::base_name("only-in-second");
-    let Some(t) = Setup::new(|s| {
+    let Some(t) = Setup::new(kernel, |s| {
         both = format!("{}/lib/libc.so.6", s.path_named("glibc-2.40"));
         format!(
             "echo GUEST-START\n\
@@ -388,9 +547,8 @@ fn mount_store_switches_closures_atomically() {
     boot.assert_no_marker("MISSING");
 }
 
-#[test]
-fn wrong_virtiofs_tag_fails_and_powers_off() {
-    let Some(t) = Setup::new(|_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
+fn wrong_virtiofs_tag_fails_and_powers_off(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
         return;
     };
     let m = t.mount();
@@ -399,10 +557,428 @@ fn wrong_virtiofs_tag_fails_and_powers_off() {
         .virtiofs(TAG, m.mountpoint())
         .boot();
     boot.assert_stopped();
-    // What was expected, and what was found: the one share there is (its tag is not shown
-    // by the 6.1 guest kernel).
-    let line = boot.assert_error(&["wrong-tag", "found 1 virtio-fs device"]);
+    // What was expected, and what was found: the one share there is (6.1 does not show
+    // its tag; 6.9 and later do).
+    let found = if t.kernel.version.starts_with("6.1.") {
+        "found 1 virtio-fs device".to_string()
+    } else {
+        format!("found tags `{TAG}`")
+    };
+    let line = boot.assert_error(&["wrong-tag", &found]);
     println!("guest-init said: {line}");
     boot.assert_in_order(&[vm::GUEST_INIT_ERROR, "powering off"]);
     boot.assert_no_marker("GUEST-START");
+    assert_modules_and_no_panic(&boot);
+}
+
+/// A timeout no clock can count is refused with a message, and the guest powers off: no
+/// panic of PID 1, so no kernel panic.
+fn absurd_timeout_fails_cleanly(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    for absurd in ["1e300", "18446744073709551615"] {
+        let boot = t
+            .guest(&format!(
+                "nixstore=erofs:LABEL=nix-store nixstore.timeout={absurd}"
+            ))
+            .disk(&img)
+            .boot();
+        boot.assert_stopped();
+        boot.assert_error(&[&format!("nixstore.timeout={absurd}"), "too long"]);
+        boot.assert_in_order(&[vm::GUEST_INIT_ERROR, "powering off"]);
+        boot.assert_no_marker("GUEST-START");
+        boot.assert_no_marker("Kernel panic");
+        boot.assert_no_marker("panicked");
+    }
+}
+
+/// Two images with the store's label: guest-init names both rather than pick one by
+/// device order.
+fn one_label_on_two_images_is_refused(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let twin = t.image(
+        &t.s.closure_file,
+        "twin.img",
+        &["-U", "00000000-0000-4000-8000-000000000001"],
+    );
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store nixstore.timeout=5")
+        .disk(&img)
+        .disk(&twin)
+        .boot();
+    boot.assert_stopped();
+    boot.assert_error(&["LABEL=nix-store", "more than one", "/dev/vda", "/dev/vdb"]);
+    boot.assert_in_order(&[vm::GUEST_INIT_ERROR, "powering off"]);
+    boot.assert_no_marker("GUEST-START");
+    assert_modules_and_no_panic(&boot);
+}
+
+/// `path` (relative to the kernel's module directory) as plain ELF: decompressed with the
+/// tool for its suffix.
+fn plain_module(kernel: &Kernel, rel: &str) -> Vec<u8> {
+    let host = kernel.modules_dir.join(rel);
+    let tool = match rel.rsplit('.').next() {
+        Some("ko") => return fs::read(&host).unwrap(),
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        Some("gz") => "gzip",
+        other => panic!("{rel}: unknown module suffix {other:?}"),
+    };
+    let o = harness::run(
+        Command::new(tool)
+            .arg("-dc")
+            .arg(&host)
+            .stdin(Stdio::null()),
+        MKIMAGE_TIMEOUT,
+    );
+    assert!(
+        o.status.success(),
+        "{tool} -dc {}: {}",
+        host.display(),
+        o.status
+    );
+    o.stdout
+}
+
+/// `data` compressed by `tool` (xz, zstd or gzip).
+fn compressed(tool: &str, data: &[u8], dir: &Path) -> Vec<u8> {
+    let input = dir.join("module.plain");
+    fs::write(&input, data).unwrap();
+    let mut cmd = Command::new(tool);
+    if tool == "xz" {
+        // What the kernel's own decompressor accepts: CRC32 check, no BCJ filter.
+        cmd.arg("--check=crc32");
+    }
+    let o = harness::run(
+        cmd.arg("-c").arg(&input).stdin(Stdio::null()),
+        MKIMAGE_TIMEOUT,
+    );
+    assert!(o.status.success(), "{tool}: {}", o.status);
+    o.stdout
+}
+
+/// The store's modules recompressed in turn as `.ko.zst`, `.ko.gz`, `.ko.xz` and `.ko`,
+/// with modules.dep to match: whatever a kernel cannot decompress itself (6.1 nothing, this
+/// 6.12 only xz), guest-init decompresses, and the store still mounts, writable.
+fn modules_in_every_format(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let mut i = Initramfs::for_guest_init(&t.kernel);
+    let files = t
+        .kernel
+        .module_files(vm::STORE_MODULES, vm::OPTIONAL_STORE_MODULES)
+        .unwrap();
+    let stem = |rel: &str| rel[..rel.find(".ko").expect("a .ko path") + 3].to_string();
+    let formats = [("zstd", ".zst"), ("gzip", ".gz"), ("xz", ".xz"), ("", "")];
+    let mut renamed = std::collections::HashMap::new();
+    let base = format!("/lib/modules/{}", t.kernel.version);
+    let mut used = std::collections::BTreeSet::new();
+    for (n, rel) in files.iter().enumerate() {
+        let (tool, suffix) = formats[n % formats.len()];
+        let plain = plain_module(&t.kernel, rel);
+        let data = if tool.is_empty() {
+            plain
+        } else {
+            compressed(tool, &plain, t.dir.path())
+        };
+        let new = format!("{}{suffix}", stem(rel));
+        i.file(&format!("{base}/{new}"), data, 0o644);
+        used.insert(if suffix.is_empty() { ".ko" } else { suffix });
+        renamed.insert(rel.clone(), new);
+    }
+    assert_eq!(used.len(), 4, "every format is used: {used:?} of {files:?}");
+    let dep = fs::read_to_string(t.kernel.modules_dir.join("modules.dep")).unwrap();
+    let dep: String = dep
+        .lines()
+        .map(|line| {
+            let words: Vec<String> = line
+                .split_whitespace()
+                .map(|w| {
+                    let (path, colon) = match w.strip_suffix(':') {
+                        Some(p) => (p, ":"),
+                        None => (w, ""),
+                    };
+                    format!("{}{colon}", renamed.get(path).map_or(path, |s| s.as_str()))
+                })
+                .collect();
+            words.join(" ") + "\n"
+        })
+        .collect();
+    i.file(&format!("{base}/modules.dep"), dep, 0o644);
+    let initramfs = t.dir.path().join("initramfs-formats.cpio");
+    // The original files stay in the archive under their old names; only modules.dep
+    // says which to load.
+    i.write(&initramfs).unwrap();
+    let boot = Guest::new(&t.kernel, &initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store nixstore.writable=tmpfs")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_marker("STORE-WRITABLE");
+    println!("module files: {renamed:?}");
+}
+
+/// The second closure of the switch tests: the sample's closure and one more path, as an
+/// image labelled `second`. Returns the image and the extra path's base name.
+fn second_image(t: &Setup) -> (PathBuf, String) {
+    let extra = vm::add_store_path(&t.s, "only-in-second", &[("data", b"second closure\n")])
+        .expect("add the extra store path");
+    let closure2 = t.dir.path().join("closure2.txt");
+    fs::copy(&t.s.closure_file, &closure2).unwrap();
+    let mut s2 = t.s.clone();
+    s2.closure_file = closure2.clone();
+    vm::append_to_closure(&mut s2, &extra).unwrap();
+    (t.image(&closure2, "second.img", &["-L", "second"]), extra)
+}
+
+/// A writable store switched to a second image: what was written before the switch is
+/// still there, and on a kernel with MOVE_MOUNT_BENEATH (6.12) the first image's device
+/// is no longer mounted anywhere. A mount below /nix/store is carried over. Two more runs
+/// at once are serialised and change nothing.
+fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
+    let extra = sample::base_name("only-in-second");
+    let Some(t) = Setup::new(kernel, |s| {
+        let hello = s.path_named("hello-2.12");
+        format!(
+            "echo GUEST-START\n\
+             echo before-switch > /nix/store/written-before\n\
+             mount -t tmpfs -o size=64k sub /nix/store/{hello}/share && echo carried > /nix/store/{hello}/share/marker\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"WRITTEN $(cat /nix/store/written-before)\"\n\
+             echo \"SUBMOUNT $(cat /nix/store/{hello}/share/marker)\"\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             if grep -q '^/dev/vda ' /proc/mounts; then echo OLD-DEVICE-MOUNTED; else echo OLD-DEVICE-GONE; fi\n\
+             echo \"STORE-MOUNTS $(grep -c ' /nix/store ' /proc/self/mountinfo)\"\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/a.out 2>&1 &\n\
+             a=$!\n\
+             /init mount-store --store erofs:LABEL=second --writable tmpfs >/tmp/b.out 2>&1\n\
+             echo \"B-STATUS $?\"\n\
+             wait $a\n\
+             echo \"A-STATUS $?\"\n\
+             cat /tmp/a.out /tmp/b.out | sed 's/^/AGAIN: /'\n\
+             echo \"STORE-MOUNTS-AFTER $(grep -c ' /nix/store ' /proc/self/mountinfo)\"\n\
+             grep /nix /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
+             echo GUEST-OK\n"
+        )
+    }) else {
+        return;
+    };
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let (second, added) = second_image(&t);
+    assert_eq!(added, extra);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store nixstore.writable=tmpfs")
+        .disk(&first)
+        .disk(&second)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert_eq!(boot.expect_value("WRITTEN "), "before-switch");
+    assert_eq!(boot.expect_value("SUBMOUNT "), "carried");
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
+    assert_eq!(boot.expect_value("A-STATUS "), "0");
+    assert_eq!(boot.expect_value("B-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .filter(|l| l.starts_with("AGAIN: "))
+            .all(|l| l.contains("already mounted")),
+        "a repeated switch did something"
+    );
+    assert_eq!(
+        boot.expect_value("STORE-MOUNTS "),
+        boot.expect_value("STORE-MOUNTS-AFTER ")
+    );
+    if t.kernel.version.starts_with("6.1.") {
+        // No MOVE_MOUNT_BENEATH: the old stack stays mounted underneath, and says so.
+        boot.assert_marker("cannot put a mount beneath another");
+        boot.assert_marker("OLD-DEVICE-MOUNTED");
+    } else {
+        boot.assert_no_marker("cannot put a mount beneath another");
+        boot.assert_marker("OLD-DEVICE-GONE");
+        assert_eq!(boot.expect_value("STORE-MOUNTS "), "1");
+    }
+}
+
+/// An image attached with losetup on the running system is found by its label.
+fn mount_store_finds_an_image_attached_with_losetup(kernel: Kernel) {
+    let extra = sample::base_name("only-in-second");
+    let Some(mut t) = Setup::new(kernel, |_| String::new()) else {
+        return;
+    };
+    let (second, added) = second_image(&t);
+    assert_eq!(added, extra);
+    // The second image travels inside the first store, as a file.
+    let data = fs::read(&second).unwrap();
+    let made = vm::add_store_path(&t.s, "second-image", &[("second.img", &data)]).unwrap();
+    vm::append_to_closure(&mut t.s, &made).unwrap();
+    let img_path = format!("/nix/store/{made}/second.img");
+    let prog = vm::add_guest_program(
+        &mut t.s,
+        "losetup-test",
+        &format!(
+            "echo GUEST-START\n\
+             losetup /dev/loop0 {img_path} && echo LOOP-ATTACHED\n\
+             /init mount-store --store erofs:LABEL=second >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             echo GUEST-OK\n"
+        ),
+    )
+    .unwrap();
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let boot = Guest::new(&t.kernel, &t.initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store")
+        .cmdline(&prog.init_arg())
+        .disk(&first)
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_marker("LOOP-ATTACHED");
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .any(|l| l.starts_with("SWITCH: ") && l.contains("from /dev/loop0")),
+        "mount-store did not mount the loop device"
+    );
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
+}
+
+/// Runs a mkfs, panicking with its output if it fails.
+fn mkfs(cmd: &mut Command) {
+    let o = harness::run(cmd.stdin(Stdio::null()), MKIMAGE_TIMEOUT);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A disk with an MBR (disk signature `signature`) whose one partition, from 1 MiB, holds
+/// the filesystem image `fs`: the kernel names it PARTUUID=<signature>-01.
+fn mbr_disk(fs: &Path, signature: u32, out: &Path) {
+    let data = fs::read(fs).unwrap();
+    let start: u32 = 2048;
+    let sectors = u32::try_from(data.len().div_ceil(512)).unwrap();
+    let mut disk = vec![0u8; start as usize * 512];
+    disk[440..444].copy_from_slice(&signature.to_le_bytes());
+    let entry = &mut disk[446..462];
+    entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[4] = 0x83; // Linux
+    entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[8..12].copy_from_slice(&start.to_le_bytes());
+    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk.extend_from_slice(&data);
+    disk.resize(disk.len().div_ceil(512) * 512, 0);
+    fs::write(out, disk).unwrap();
+}
+
+/// A btrfs root on the first partition of an MBR disk, named by `root=PARTUUID=`: the
+/// partition table read by guest-init, the btrfs module (with raid6_pq and xor) loaded
+/// for what the superblock says.
+fn real_root_on_btrfs_by_partuuid(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let tree = t.dir.path().join("btrfs-tree");
+    fs::create_dir_all(tree.join("nix")).unwrap();
+    fs::write(tree.join("root-marker"), "the real root\n").unwrap();
+    let fs_img = t.dir.path().join("btrfs.img");
+    File::create(&fs_img)
+        .and_then(|f| f.set_len(128 << 20))
+        .unwrap();
+    mkfs(
+        Command::new("mkfs.btrfs")
+            .args(["-q", "-L", "broot", "--rootdir"])
+            .arg(&tree)
+            .arg(&fs_img),
+    );
+    let disk = t.dir.path().join("btrfs-disk.img");
+    mbr_disk(&fs_img, 0x1234_abcd, &disk);
+    let initramfs = t.dir.path().join("initramfs-btrfs.cpio");
+    vm::mkinitramfs(&t.kernel, &["btrfs"], &initramfs);
+    let boot = Guest::new(&t.kernel, initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=PARTUUID=1234ABCD-01 rw")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&disk)
+        .boot();
+    assert_booted_ok(&boot);
+    let line = boot.assert_marker("guest-init: root /dev/vdb1 (btrfs, LABEL=broot");
+    assert!(line.contains("PARTUUID=1234abcd-01"), "{line}");
+    boot.assert_marker("ROOTFS btrfs");
+    boot.assert_marker("MARKER the real root");
+    boot.assert_marker("ROOT-WRITABLE");
+    boot.assert_marker("STORE-OK");
+}
+
+/// An xfs root named by `/dev/disk/by-uuid/` (a link no udev makes in an initramfs:
+/// guest-init reads the UUID from the superblock).
+fn real_root_on_xfs_by_uuid(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, real_root_script) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let uuid = "5d3c2b1a-0f9e-4d8c-b7a6-112233445566";
+    let fs_img = t.dir.path().join("xfs.img");
+    // The smallest xfs that mkfs.xfs makes; sparse, so it costs little.
+    File::create(&fs_img)
+        .and_then(|f| f.set_len(300 << 20))
+        .unwrap();
+    mkfs(
+        Command::new("mkfs.xfs")
+            .args(["-q", "-L", "xroot", "-m"])
+            .arg(format!("uuid={uuid}"))
+            .arg(&fs_img),
+    );
+    let initramfs = t.dir.path().join("initramfs-xfs.cpio");
+    vm::mkinitramfs(&t.kernel, &["xfs"], &initramfs);
+    let boot = Guest::new(&t.kernel, initramfs)
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline(&format!(
+            "nixstore=erofs:LABEL=nix-store root=/dev/disk/by-uuid/{uuid} rw"
+        ))
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&fs_img)
+        .boot();
+    assert_booted_ok(&boot);
+    let line = boot.assert_marker("guest-init: root /dev/vdb (xfs, LABEL=xroot");
+    assert!(line.contains(uuid), "{line}");
+    boot.assert_marker("ROOTFS xfs");
+    boot.assert_marker("ROOT-WRITABLE");
+    boot.assert_marker("STORE-OK");
+}
+
+/// A microvm machine has no PCI: the disk is a virtio-mmio device, which guest-init's
+/// virtio_mmio module finds.
+fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
+    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
+        return;
+    };
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store")
+        .virtio_mmio()
+        .disk(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_store_seen(&boot, &t.s);
 }
