@@ -209,6 +209,8 @@ fuzz_target!(|data: &[u8]| {
         label: "fuzz".into(),
         build_time: 0,
         block_size_bits: 12,
+        compression: None,
+        threads: 1,
     };
     write_image(&tree, &options, &out).expect("a valid tree is written");
     drop(out);
