@@ -5,7 +5,10 @@
 //! * [`erofs`] lays that tree out as an uncompressed erofs image.
 //! * [`prefetch`] reads ahead of the writer in parallel.
 //! * [`output`] makes OUTPUT appear only when the image is complete.
+//! * [`cache`] keeps images by a digest of their inputs, so an unchanged closure is
+//!   served without being written again.
 
+pub mod cache;
 pub mod erofs;
 pub mod output;
 pub mod prefetch;

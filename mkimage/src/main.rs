@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use mkimage::cache::{self, Cache, KeyBuilder};
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
@@ -110,6 +111,23 @@ struct Args {
     #[arg(long, default_value_t = 4, value_name = "N")]
     read_threads: usize,
 
+    /// Keep images in DIR, keyed by a digest of the closure's paths and of every option
+    /// that changes the image: an unchanged closure is then served from DIR (a reflink or
+    /// hard link where the filesystem allows) instead of written again. Without it,
+    /// NIXSTOREFS_IMAGE_CACHE names the directory if set (and --dir trees are not cached).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+
+    /// Do not use the cache, even if --cache or NIXSTOREFS_IMAGE_CACHE names one (for a
+    /// store that was modified by hand).
+    #[arg(long)]
+    no_cache: bool,
+
+    /// After each run, remove the least recently used cache entries until the cache holds
+    /// at most SIZE bytes (suffixes K, M, G, T: powers of 1024).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_max_size: Option<u64>,
+
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
@@ -117,6 +135,22 @@ struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+/// Parses a byte count with an optional binary suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M, G or T)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn input(message: impl Into<String>) -> Failure {
@@ -127,12 +161,13 @@ fn runtime(message: impl Into<String>) -> Failure {
     Failure::runtime(message)
 }
 
-/// The view to snapshot, and the registration that comes with the input, if any.
-fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8>>), Failure> {
+/// The view to snapshot, the registration that comes with the input if any, and the base
+/// names of the closure paths it holds (none for `--dir`).
+fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
     let options = ViewOptions::default();
     if let Some(dir) = &args.dir {
         let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
-        return Ok((view, None));
+        return Ok((view, None, None));
     }
     let closure_path = closure.expect("checked by the caller");
     let closure = load_closure(closure_path, &args.closure_options.store_dir)?;
@@ -146,8 +181,16 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<(View, Option<Vec<u8
             store_dir.display()
         );
     }
-    Ok((view, closure.registration))
+    let paths = closure
+        .paths
+        .iter()
+        .filter(|p| !setup.missing.contains(p))
+        .map(|p| p.base_name().to_owned())
+        .collect();
+    Ok((view, closure.registration, Some(paths)))
 }
+
+type Opened = (View, Option<Vec<u8>>, Option<Vec<String>>);
 
 fn run(args: &Args) -> Result<(), Failure> {
     let started = Instant::now();
@@ -165,6 +208,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             args.label.len()
         )));
     }
+    if args.dir.is_some() && args.cache.is_some() {
+        return Err(input(
+            "--cache keys images by their closure; a --dir tree can change, so it is not cached",
+        ));
+    }
     let registration = match &args.registration {
         Some(path) => Some(
             std::fs::read(path)
@@ -173,32 +221,12 @@ fn run(args: &Args) -> Result<(), Failure> {
         None => None,
     };
 
-    let (view, own_registration) = open_view(args, closure)?;
+    let (view, own_registration, paths) = open_view(args, closure)?;
     let registration = if args.no_registration {
         None
     } else {
         registration.or(own_registration)
     };
-    let view = Arc::new(view);
-    let snapshot_options = SnapshotOptions {
-        uid: args.force_uid,
-        gid: args.force_gid,
-        mtime: (!args.preserve_mtime).then_some(args.timestamp as i64),
-        preserve_hardlinks: args.preserve_hardlinks,
-        strip_case_hack: args.strip_case_hack,
-        extra_root_files: registration
-            .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
-            .unwrap_or_default(),
-    };
-    let snap = snapshot::snapshot(&view, &snapshot_options)
-        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
-
-    let out = AtomicOutput::create(output).map_err(|e| {
-        runtime(format!(
-            "cannot create a file beside {}: {e}",
-            output.display()
-        ))
-    })?;
     let image_options = ImageOptions {
         uuid,
         label: args.label.clone(),
@@ -209,6 +237,147 @@ fn run(args: &Args) -> Result<(), Failure> {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
+    let cache_dir = match (&args.cache, args.no_cache, &paths) {
+        (_, true, _) | (_, _, None) => None,
+        (Some(dir), false, Some(_)) => Some(dir.clone()),
+        (None, false, Some(_)) => std::env::var_os(CACHE_ENV)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
+    };
+    let cached = match (cache_dir, paths) {
+        (Some(dir), Some(paths)) => {
+            let key = cache_key(
+                args,
+                view.store_dir(),
+                &paths,
+                registration.as_deref(),
+                &image_options,
+            );
+            let cache = Cache::open(&dir).map_err(|e| runtime(format!("cache: {e}")))?;
+            Some((cache, key))
+        }
+        _ => None,
+    };
+
+    let snapshot_options = SnapshotOptions {
+        uid: args.force_uid,
+        gid: args.force_gid,
+        mtime: (!args.preserve_mtime).then_some(args.timestamp as i64),
+        preserve_hardlinks: args.preserve_hardlinks,
+        strip_case_hack: args.strip_case_hack,
+        extra_root_files: registration
+            .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
+            .unwrap_or_default(),
+    };
+    let view = Arc::new(view);
+    let Some((cache, key)) = cached else {
+        let stats = write(args, &view, &snapshot_options, &image_options, output)?;
+        summary(args, output, &stats, started, "");
+        return Ok(());
+    };
+
+    let serve = |how: &str| -> Result<(), Failure> {
+        let served = cache.serve(&key, output).map_err(|e| {
+            runtime(format!(
+                "cannot make {} from {}: {e}",
+                output.display(),
+                cache.image_path(&key).display()
+            ))
+        })?;
+        cache.touch(&key);
+        if let Some(max) = args.cache_max_size {
+            cache
+                .evict(max, &key)
+                .map_err(|e| runtime(format!("cache eviction: {e}")))?;
+        }
+        if !args.quiet {
+            eprintln!(
+                "mkimage: cache {how}: {} is {} ({}), {:.3} s",
+                output.display(),
+                cache.image_path(&key).display(),
+                served.as_str(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    };
+    if let Ok(Some(_)) = cache.check(&key) {
+        return serve("hit");
+    }
+    // A miss or a damaged entry: build it under the lock, unless a concurrent run built
+    // it meanwhile.
+    let _lock = cache
+        .lock(&key)
+        .map_err(|e| runtime(format!("cache: {e}")))?;
+    match cache.check(&key) {
+        Ok(Some(_)) => return serve("hit (built by a concurrent run)"),
+        Ok(None) => {}
+        Err(damage) => tracing::warn!("rebuilding a damaged cache entry: {damage}"),
+    }
+    let entry = cache.image_path(&key);
+    let stats = write(args, &view, &snapshot_options, &image_options, &entry)?;
+    cache
+        .seal(&key)
+        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry.display())))?;
+    summary(args, &entry, &stats, started, " (cache miss)");
+    serve("miss, now stored")
+}
+
+/// Environment variable naming the default cache directory.
+const CACHE_ENV: &str = "NIXSTOREFS_IMAGE_CACHE";
+
+/// Everything that decides the image's bytes; not the thread counts, nor logging.
+fn cache_key(
+    args: &Args,
+    store_dir: &Path,
+    paths: &[String],
+    registration: Option<&[u8]>,
+    options: &ImageOptions,
+) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut key = KeyBuilder::default();
+    key.field("store-dir", store_dir.as_os_str().as_bytes());
+    key.field("paths", paths.len().to_string());
+    for path in paths {
+        key.field("path", path);
+    }
+    let compression = options
+        .compression
+        .map_or("none".to_owned(), |c| c.to_string());
+    key.field("force-uid", args.force_uid.to_string())
+        .field("force-gid", args.force_gid.to_string())
+        .field("timestamp", args.timestamp.to_string())
+        .field("preserve-mtime", args.preserve_mtime.to_string())
+        .field("label", &args.label)
+        .field("uuid", options.uuid)
+        .field("preserve-hardlinks", args.preserve_hardlinks.to_string())
+        .field("strip-case-hack", args.strip_case_hack.to_string())
+        .field("block-size-bits", options.block_size_bits.to_string())
+        .field("compression", compression)
+        .field(
+            "registration",
+            registration.map_or("none".to_owned(), cache::digest),
+        );
+    key.finish()
+}
+
+/// Snapshots the view and writes its image to `output`.
+fn write(
+    args: &Args,
+    view: &Arc<View>,
+    snapshot_options: &SnapshotOptions,
+    image_options: &ImageOptions,
+    output: &Path,
+) -> Result<erofs::ImageStats, Failure> {
+    let snap = snapshot::snapshot(view, snapshot_options)
+        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
+
+    let out = AtomicOutput::create(output).map_err(|e| {
+        runtime(format!(
+            "cannot create a file beside {}: {e}",
+            output.display()
+        ))
+    })?;
     let bar = progress_bar(args.quiet, &snap);
     // Compression reads every file it compresses on its own threads first.
     let read_threads = if args.compression.is_some() {
@@ -223,12 +392,8 @@ fn run(args: &Args) -> Result<(), Failure> {
             bar.set_position(stats.data_bytes);
         }
     };
-    let written = erofs::write_image_with_progress(
-        &snap.inodes,
-        &image_options,
-        out.file(),
-        &mut on_progress,
-    );
+    let written =
+        erofs::write_image_with_progress(&snap.inodes, image_options, out.file(), &mut on_progress);
     drop(prefetch);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -244,9 +409,13 @@ fn run(args: &Args) -> Result<(), Failure> {
     })?;
     out.commit()
         .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    Ok(stats)
+}
+
+fn summary(args: &Args, output: &Path, stats: &erofs::ImageStats, started: Instant, note: &str) {
     if !args.quiet {
         eprintln!(
-            "mkimage: wrote {}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
+            "mkimage: wrote {}{note}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
             output.display(),
             stats.files,
             stats.directories,
@@ -256,7 +425,6 @@ fn run(args: &Args) -> Result<(), Failure> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(())
 }
 
 /// A progress bar over the file bytes to write, on a terminal only (quiet otherwise).
