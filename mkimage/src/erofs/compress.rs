@@ -237,12 +237,38 @@ impl Lz4 {
 
     /// Compresses as much of `src` as fits into `dst`; returns (bytes written, bytes read).
     fn dest_size(&mut self, src: &[u8], dst: &mut [u8]) -> (usize, usize) {
+        let fast = self.raw_dest_size(Compression::Lz4, src, dst);
+        let Compression::Lz4Hc { .. } = self.compression else {
+            return fast;
+        };
+        // LZ4HC scans all of its input for matches before it notices that the output is
+        // full when there are no matches (incompressible data): 32 times the work on a
+        // 128 KiB window. So it first gets twice what the fast compressor consumed, and
+        // the whole window only if it used all of that.
+        let window = (fast.1 * 2).max(2 * dst.len()).min(src.len());
+        let mut hc = self.raw_dest_size(self.compression, &src[..window], dst);
+        if hc.1 == window && window < src.len() {
+            hc = self.raw_dest_size(self.compression, src, dst);
+        }
+        if hc.1 >= fast.1 {
+            return hc;
+        }
+        // Rarely the fast compressor packs more input; its output is in `dst` again.
+        self.raw_dest_size(Compression::Lz4, src, dst)
+    }
+
+    fn raw_dest_size(
+        &mut self,
+        compression: Compression,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> (usize, usize) {
         let mut read = src.len().min(i32::MAX as usize) as std::ffi::c_int;
         // SAFETY: the pointers and lengths describe live buffers; liblz4 reads at most
         // `read` bytes of `src` and writes at most `dst.len()` bytes of `dst`; the HC state
         // has LZ4_sizeofStateHC() bytes, 8-byte aligned.
         let written = unsafe {
-            match self.compression {
+            match compression {
                 Compression::Lz4 => LZ4_compress_destSize(
                     src.as_ptr().cast(),
                     dst.as_mut_ptr().cast(),
