@@ -7,6 +7,7 @@
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
 #   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
+#   gcc                builds the liblz4 that mkimage -z links (lz4-sys)
 #   virtiofsd          (cargo install) serves a nixstorefs mount to guests
 set -euo pipefail
 
@@ -15,7 +16,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config)
+  libcap-ng-dev libseccomp-dev pkg-config gcc)
 
 missing=()
 for p in "${packages[@]}"; do
