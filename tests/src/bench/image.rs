@@ -420,10 +420,13 @@ pub fn exclusion_regex(paths: &[PathBuf]) -> Vec<String> {
 const REGEX_CHUNK: usize = 100_000;
 
 /// A copy of the closure with the same tree, sizes and modes, whose files are text-like
-/// (three in four) or pseudo-random, under `scratch/image-compressible`; reused when the
-/// closure is the same. Returns its store directory and closure file.
+/// (three in four) or pseudo-random, under `scratch/image-compressible-DIGEST` (of the
+/// closure); reused when complete. Returns its store directory and closure file.
 fn compressible_copy(scratch: &Path, paths: &[PathBuf]) -> io::Result<(PathBuf, PathBuf)> {
-    let root = scratch.join("image-compressible");
+    use sha2::{Digest, Sha256};
+    let names: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
+    let digest = nixstorefs_tests::sample::hex(&Sha256::digest(names.as_bytes()));
+    let root = scratch.join(format!("image-compressible-{}", &digest[..16]));
     let zstore = root.join("store");
     let zclosure = root.join("closure.txt");
     let marker = root.join("complete");
