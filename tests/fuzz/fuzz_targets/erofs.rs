@@ -96,7 +96,9 @@ fn decode(data: &[u8]) -> Vec<Inode> {
                 // A repeating ramp (compressible), or for one fill in four pseudo-random
                 // bytes (not), so compressed images get both kinds of extent.
                 let bytes: Vec<u8> = if fill % 4 == 0 {
-                    let mut state = (fill as u64 + 1) * 0x9E37_79B9_7F4A_7C15 + size as u64;
+                    let mut state = (fill as u64 + 1)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(size as u64);
                     (0..size)
                         .map(|_| {
                             state ^= state << 13;
