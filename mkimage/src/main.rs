@@ -102,6 +102,12 @@ struct Args {
     #[arg(short = 'z', value_name = "COMPRESSOR", value_parser = erofs::Compression::parse)]
     compression: Option<erofs::Compression>,
 
+    /// With -z, put each compressed file's last, partial extent right after its indexes
+    /// instead of in a block of its own, as mkfs.erofs -E ztailpacking does: smaller
+    /// images that need Linux 5.17 or later.
+    #[arg(long, requires = "compression")]
+    ztailpacking: bool,
+
     /// Threads compressing files [default: the machine's CPUs]. The image does not depend
     /// on it.
     #[arg(long, value_name = "N")]
@@ -236,6 +242,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        ztailpacking: args.ztailpacking,
     };
     let cache_dir = match (&args.cache, args.no_cache, &paths) {
         (_, true, _) | (_, _, None) => None,
@@ -354,6 +361,7 @@ fn cache_key(
         .field("strip-case-hack", args.strip_case_hack.to_string())
         .field("block-size-bits", options.block_size_bits.to_string())
         .field("compression", compression)
+        .field("ztailpacking", options.ztailpacking.to_string())
         .field(
             "registration",
             registration.map_or("none".to_owned(), cache::digest),

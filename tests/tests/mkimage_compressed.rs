@@ -125,13 +125,20 @@ fn compressed_images_of_the_sample_store() {
     let (d, s) = sample::temp(&SampleOptions::default());
     let plain = d.path().join("plain.img");
     image_of(&s, &plain, &[]);
-    for z in ["lz4", "lz4hc", "lz4hc,12"] {
-        let img = d.path().join(format!("{z}.img"));
-        image_of(&s, &img, &["-z", z]);
+    for (z, extra) in [
+        ("lz4", None),
+        ("lz4hc", None),
+        ("lz4hc,12", None),
+        ("lz4hc", Some("--ztailpacking")),
+    ] {
+        let img = d.path().join(format!("{z}{}.img", extra.unwrap_or("")));
+        let mut args = vec!["-z", z];
+        args.extend(extra);
+        image_of(&s, &img, &args);
         fsck(&img);
         check_sample(&s, &img);
         println!(
-            "-z {z}: {} bytes, plain {} bytes",
+            "-z {z} {extra:?}: {} bytes, plain {} bytes",
             fs::metadata(&img).unwrap().len(),
             fs::metadata(&plain).unwrap().len()
         );

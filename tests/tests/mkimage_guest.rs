@@ -1,5 +1,5 @@
 //! A compressed image read by the guest kernel (Debian's 6.1 under qemu TCG): `mkimage
-//! -z lz4` and `-z lz4hc` images of a sample closure, found by label by guest-init, must show
+//! -z lz4`, `-z lz4hc` and `-z lz4hc --ztailpacking` images of a sample closure, found by label by guest-init, must show
 //! every closure path and the same bytes as the host for compressible, incompressible and
 //! zero-filled files of every awkward size.
 //!
@@ -69,12 +69,12 @@ fn listing_digest(files: &[(String, Vec<u8>)]) -> String {
     sample::hex(&Sha256::digest(listing.as_bytes()))
 }
 
-fn image(store: &Path, closure: &Path, out: &Path, z: &str) {
+fn image(store: &Path, closure: &Path, out: &Path, z: &[&str]) {
     let o = harness::run(
         Command::new(harness::bin("mkimage"))
             .arg("--store-dir")
             .arg(store)
-            .args(["-z", z])
+            .args(z)
             .arg(closure)
             .arg(out)
             .env_remove("NIXSTOREFS_IMAGE_CACHE")
@@ -83,7 +83,7 @@ fn image(store: &Path, closure: &Path, out: &Path, z: &str) {
     );
     assert!(
         o.status.success(),
-        "mkimage -z {z} failed ({}): {}",
+        "mkimage {z:?} failed ({}): {}",
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );
@@ -124,9 +124,14 @@ fn guest_kernel_reads_compressed_images() {
         .write(&initramfs)
         .expect("write the initramfs");
     let big = fs::read(s.host(&s.big_file)).unwrap();
-    for z in ["lz4", "lz4hc"] {
-        let img: PathBuf = dir.path().join(format!("{z}.img"));
+    for (name, z) in [
+        ("lz4", &["-z", "lz4"][..]),
+        ("lz4hc", &["-z", "lz4hc"][..]),
+        ("lz4hc-ztailpacking", &["-z", "lz4hc", "--ztailpacking"][..]),
+    ] {
+        let img: PathBuf = dir.path().join(format!("{name}.img"));
         image(&s.store_dir, &s.closure_file, &img, z);
+        let z = name;
         let boot = Guest::new(&kernel, &initramfs)
             .cmdline("loglevel=5")
             .cmdline("nixstore=erofs:LABEL=nix-store")

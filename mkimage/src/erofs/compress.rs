@@ -44,6 +44,11 @@ pub const LEGACY_HEADER_BYTES: usize = 16;
 /// Size of one `z_erofs_vle_decompressed_index`.
 pub const INDEX_BYTES: usize = 8;
 
+/// `EROFS_FEATURE_INCOMPAT_ZTAILPACKING`: some file's last extent follows its indexes.
+pub const FEATURE_INCOMPAT_ZTAILPACKING: u32 = 0x10;
+/// `Z_EROFS_ADVISE_INLINE_PCLUSTER`.
+const ADVISE_INLINE_PCLUSTER: u16 = 0x0008;
+
 /// `Z_EROFS_VLE_CLUSTER_TYPE_PLAIN`.
 const CLUSTER_TYPE_PLAIN: u16 = 0;
 /// `Z_EROFS_VLE_CLUSTER_TYPE_HEAD` (HEAD1: the first algorithm, LZ4).
@@ -110,6 +115,9 @@ pub(crate) struct Extent {
     start: u64,
     /// Stored as it is rather than compressed.
     raw: bool,
+    /// Bytes of its block that hold it: at the start of the block when raw, at the end
+    /// when compressed.
+    stored: u16,
 }
 
 /// A file the writer stores compressed: its extents, block `k` of the spill file region
@@ -122,9 +130,32 @@ pub(crate) struct CompressedFile {
 }
 
 impl CompressedFile {
-    /// Blocks the file takes in the image.
+    /// Blocks the file takes in the image, its last extent included.
     pub(crate) fn blocks(&self) -> u64 {
         self.extents.len() as u64
+    }
+
+    /// Bytes of the last extent, which ztailpacking moves after the indexes.
+    pub(crate) fn tail_len(&self) -> usize {
+        self.extents.last().map_or(0, |e| e.stored as usize)
+    }
+
+    /// Where the last extent's bytes lie in its block.
+    pub(crate) fn tail_range(&self, block: usize) -> std::ops::Range<usize> {
+        match self.extents.last() {
+            Some(e) if e.raw => 0..e.stored as usize,
+            Some(e) => block - e.stored as usize..block,
+            None => 0..0,
+        }
+    }
+
+    /// Whether a tail of `tail` bytes can follow the indexes of a file of `size` bytes
+    /// behind an inode of `inode_size` bytes: the kernel reads it from one block, so it
+    /// must not cross a block boundary. A unit of metadata that fits a block never does
+    /// (the packer keeps it inside one); a larger one starts a block.
+    pub(crate) fn tail_fits(size: u64, block: u64, inode_size: usize, tail: usize) -> bool {
+        let before = (inode_size + CompressedFile::meta_bytes(size, block)) as u64;
+        tail > 0 && (before + tail as u64 <= block || before % block + tail as u64 <= block)
     }
 
     /// Bytes after the inode: the map header, its padding and one index per lcluster.
@@ -133,12 +164,24 @@ impl CompressedFile {
     }
 
     /// The map header and the indexes, for a file of `size` bytes whose first block is
-    /// `start_blk`.
-    pub(crate) fn metadata(&self, size: u64, block: u64, start_blk: u32) -> Vec<u8> {
+    /// `start_blk`; with `inline_tail`, the last extent is not in a block but follows the
+    /// indexes (the caller appends its bytes).
+    pub(crate) fn metadata(
+        &self,
+        size: u64,
+        block: u64,
+        start_blk: u32,
+        inline_tail: bool,
+    ) -> Vec<u8> {
         let lclusters = size.div_ceil(block) as usize;
         let mut meta = vec![0u8; CompressedFile::meta_bytes(size, block)];
-        // Map header: no fragment offset, no inline tail, h_advise 0 (legacy indexes, one
-        // block per pcluster), algorithm 0 (LZ4) for both heads, lcluster bits 12 - 12.
+        // Map header: no fragment offset, h_advise 0 (legacy indexes, one block per
+        // pcluster) or INLINE_PCLUSTER with the tail's size, algorithm 0 (LZ4) for both
+        // heads, lcluster bits 12 - 12.
+        if inline_tail {
+            meta[2..4].copy_from_slice(&(self.tail_len() as u16).to_le_bytes());
+            meta[4..6].copy_from_slice(&ADVISE_INLINE_PCLUSTER.to_le_bytes());
+        }
         let index = |meta: &mut [u8], lcn: usize, advise: u16, clusterofs: u16, u: [u8; 4]| {
             let at = LEGACY_HEADER_BYTES + lcn * INDEX_BYTES;
             meta[at..at + 2].copy_from_slice(&advise.to_le_bytes());
@@ -156,7 +199,12 @@ impl CompressedFile {
             } else {
                 CLUSTER_TYPE_HEAD
             };
-            let blkaddr = start_blk + k as u32;
+            // The inline tail has no block; mkfs.erofs writes 0 there too.
+            let blkaddr = if inline_tail && k + 1 == self.extents.len() {
+                0
+            } else {
+                start_blk + k as u32
+            };
             debug_assert_eq!(filled, head, "two extents start in one lcluster");
             index(&mut meta, head, kind, clusterofs, blkaddr.to_le_bytes());
             filled = head + 1;
@@ -351,6 +399,7 @@ fn compress_file(
             extents.push(Extent {
                 start: pos,
                 raw: false,
+                stored: written as u16,
             });
             pos += read as u64;
         } else {
@@ -361,6 +410,7 @@ fn compress_file(
             extents.push(Extent {
                 start: pos,
                 raw: true,
+                stored: take as u16,
             });
             pos += take as u64;
         }

@@ -32,6 +32,7 @@ fn options() -> ImageOptions {
         block_size_bits: 12,
         compression: None,
         threads: 1,
+        ztailpacking: false,
     }
 }
 
@@ -900,19 +901,59 @@ fn compressed_images_round_trip() {
     }
 }
 
+/// ztailpacking: each compressed file's last extent follows its indexes where it fits in
+/// a block; the superblock says so, and the image shrinks.
+#[test]
+fn compressed_images_with_inline_tails_round_trip() {
+    use super::compress::FEATURE_INCOMPAT_ZTAILPACKING;
+    use super::Compression;
+    let sources = tempfile::tempdir().unwrap();
+    let tree = compression_tree(sources.path());
+    for compression in [Compression::Lz4, Compression::Lz4Hc { level: 9 }] {
+        let blocks = write(&tree.inodes, &compressed(compression, 2));
+        let inline = write(
+            &tree.inodes,
+            &ImageOptions {
+                ztailpacking: true,
+                ..compressed(compression, 2)
+            },
+        );
+        fsck(&inline.path());
+        let mounted = Mounted::new(&inline.path());
+        assert_tree_eq(&tree.inodes, mounted.path());
+        drop(mounted);
+        let bytes = inline.bytes();
+        let sb = SuperBlock::from_bytes(bytes[1024..1024 + 128].try_into().unwrap()).unwrap();
+        assert_ne!(sb.feature_incompat & FEATURE_INCOMPAT_ZTAILPACKING, 0);
+        let (with, without) = (inline.stats.image_bytes, blocks.stats.image_bytes);
+        // Tails that fit beside their indexes give back what their block did not hold.
+        assert!(
+            with + 30 * 4096 < without,
+            "{compression}: {with} bytes with inline tails, {without} without"
+        );
+        println!("{compression}: {with} bytes with inline tails, {without} without");
+    }
+}
+
 #[test]
 fn compressed_images_do_not_depend_on_the_thread_count() {
     use super::Compression;
     let sources = tempfile::tempdir().unwrap();
     let tree = compression_tree(sources.path());
     for compression in [Compression::Lz4, Compression::Lz4Hc { level: 12 }] {
-        let one = write(&tree.inodes, &compressed(compression, 1)).bytes();
-        for threads in [2, 5] {
-            let other = write(&tree.inodes, &compressed(compression, threads)).bytes();
-            assert!(
-                one == other,
-                "{compression}: 1 and {threads} threads differ"
-            );
+        for ztailpacking in [false, true] {
+            let options = |threads| ImageOptions {
+                ztailpacking,
+                ..compressed(compression, threads)
+            };
+            let one = write(&tree.inodes, &options(1)).bytes();
+            for threads in [2, 5] {
+                let other = write(&tree.inodes, &options(threads)).bytes();
+                assert!(
+                    one == other,
+                    "{compression}: 1 and {threads} threads differ"
+                );
+            }
         }
     }
 }

@@ -103,4 +103,7 @@ pub struct ImageOptions {
     pub compression: Option<super::Compression>,
     /// Threads compressing files (1 compresses on the calling thread only).
     pub threads: usize,
+    /// Put each compressed file's last extent right after its indexes instead of in a
+    /// block of its own, where it does not cross a block (`ztailpacking`, Linux 5.17+).
+    pub ztailpacking: bool,
 }

@@ -34,7 +34,9 @@ use std::path::Path;
 
 use rustix::io::Errno;
 
-use super::compress::{self, CompressedFile, FEATURE_INCOMPAT_LZ4_0PADDING};
+use super::compress::{
+    self, CompressedFile, FEATURE_INCOMPAT_LZ4_0PADDING, FEATURE_INCOMPAT_ZTAILPACKING,
+};
 use super::format::{
     i_format, mode, superblock_checksum, DataLayout, Dirent, FileType, InodeCompact, InodeExtended,
     InodeVersion, SuperBlock, DIRENT_SIZE, FEATURE_COMPAT_MTIME, FEATURE_COMPAT_SB_CHKSUM,
@@ -184,6 +186,10 @@ pub fn write_image_with_progress(
         volume_name,
         feature_incompat: if options.compression.is_some() {
             FEATURE_INCOMPAT_LZ4_0PADDING
+        } else {
+            0
+        } | if layout.placements.iter().any(|p| p.inline_tail > 0) {
+            FEATURE_INCOMPAT_ZTAILPACKING
         } else {
             0
         },
@@ -411,8 +417,11 @@ struct Placement {
     size: u64,
     /// Bytes of data right after the inode (the tail of a [`DataLayout::FlatInline`] inode).
     inline_len: usize,
-    /// Bytes of metadata right after the inode (a compressed file's header and indexes).
+    /// Bytes of metadata right after the inode (a compressed file's header and indexes,
+    /// and its inline tail).
     extra_meta: usize,
+    /// Bytes of a compressed file's last extent kept after its indexes; 0 for none.
+    inline_tail: usize,
     /// Data blocks from `start_blk`; the last one is partial when the size ends inside it.
     blocks: u64,
     start_blk: u32,
@@ -428,6 +437,7 @@ impl Placement {
         size: 0,
         inline_len: 0,
         extra_meta: 0,
+        inline_tail: 0,
         blocks: 0,
         start_blk: 0,
         nlink: 0,
@@ -499,7 +509,15 @@ impl Layout {
             let ino = u32::try_from(seq + 1)
                 .map_err(|_| WriteError::at(idx, invalid("more than 2^32 inodes")))?;
             if let Some(Some(file)) = compressed.get(idx) {
-                let extra_meta = CompressedFile::meta_bytes(size, block);
+                let tail = file.tail_len();
+                let inline_tail = if options.ztailpacking
+                    && CompressedFile::tail_fits(size, block, isize as usize, tail)
+                {
+                    tail
+                } else {
+                    0
+                };
+                let extra_meta = CompressedFile::meta_bytes(size, block) + inline_tail;
                 let offset = packer.place(isize + extra_meta as u64);
                 placements[idx] = Placement {
                     nid: offset / INODE_SLOT_SIZE,
@@ -508,7 +526,8 @@ impl Layout {
                     size,
                     inline_len: 0,
                     extra_meta,
-                    blocks: file.blocks(),
+                    inline_tail,
+                    blocks: file.blocks() - (inline_tail > 0) as u64,
                     start_blk: 0,
                     nlink,
                     ino,
@@ -535,6 +554,7 @@ impl Layout {
                 size,
                 inline_len: inline_len as usize,
                 extra_meta: 0,
+                inline_tail: 0,
                 blocks: (size - inline_len).div_ceil(block),
                 start_blk: 0,
                 nlink,
@@ -843,7 +863,17 @@ impl<'a> ImageWriter<'a> {
                 .expect("compressed files come with their spill file");
             let len = place.blocks << bits;
             self.copy_range(spill.as_fd(), file.spill_at, data_at, len)?;
-            let meta = file.metadata(place.size, 1 << bits, place.start_blk);
+            let block = 1usize << bits;
+            let inline = place.inline_tail > 0;
+            let mut meta = file.metadata(place.size, block as u64, place.start_blk, inline);
+            if inline {
+                // The tail's bytes, from the last block in the spill file.
+                let range = file.tail_range(block);
+                let mut tail = vec![0u8; range.len()];
+                let at = file.spill_at + len + range.start as u64;
+                read_exact_at(spill.as_fd(), &mut tail, at)?;
+                meta.extend_from_slice(&tail);
+            }
             self.put_inode(place, &raw).copy_from_slice(&meta);
             return Ok(());
         }
@@ -1153,6 +1183,7 @@ mod tests {
             block_size_bits: 12,
             compression: None,
             threads: 1,
+            ztailpacking: false,
         }
     }
 

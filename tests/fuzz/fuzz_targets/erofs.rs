@@ -234,6 +234,7 @@ fuzz_target!(|data: &[u8]| {
         block_size_bits: 12,
         compression,
         threads: 1 + data.len() % 2,
+        ztailpacking: data.len() / 3 % 2 == 1,
     };
     write_image(&tree, &options, &out).expect("a valid tree is written");
     drop(out);
