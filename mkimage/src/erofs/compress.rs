@@ -373,13 +373,46 @@ impl Reader<'_> {
     }
 }
 
-/// Cuts a file of `size` bytes into extents, appending their blocks to `blocks`.
+/// Where one file's blocks go in the spill file: a range reserved for as many blocks as
+/// the file could need, filled a few MiB at a time so that a worker never holds a whole
+/// large file's blocks.
+struct Sink<'a> {
+    spill: &'a File,
+    at: u64,
+    written: u64,
+}
+
+/// Blocks a worker collects before writing them to the spill file.
+const SPILL_CHUNK: usize = 4 << 20;
+
+impl Sink<'_> {
+    fn flush(&mut self, blocks: &mut Vec<u8>) -> io::Result<()> {
+        self.spill.write_all_at(blocks, self.at + self.written)?;
+        self.written += blocks.len() as u64;
+        blocks.clear();
+        Ok(())
+    }
+
+    /// Gives the space back when the file is written plain after all; a filesystem that
+    /// cannot punch holes keeps it until the spill file goes.
+    fn discard(&self) {
+        let _ = rustix::fs::fallocate(
+            self.spill,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.at,
+            self.written,
+        );
+    }
+}
+
+/// Cuts a file of `size` bytes into extents, its blocks going to `sink` through `blocks`.
 fn compress_file(
     lz4: &mut Lz4,
     reader: &mut Reader,
     size: u64,
     block: usize,
     blocks: &mut Vec<u8>,
+    sink: &mut Sink,
 ) -> io::Result<Vec<Extent>> {
     let mut extents = Vec::new();
     let mut dst = vec![0u8; block];
@@ -414,7 +447,11 @@ fn compress_file(
             });
             pos += take as u64;
         }
+        if blocks.len() >= SPILL_CHUNK {
+            sink.flush(blocks)?;
+        }
     }
+    sink.flush(blocks)?;
     Ok(extents)
 }
 
@@ -466,20 +503,24 @@ pub(crate) fn compress_tree(
                 return;
             };
             blocks.clear();
-            match compress_one(&tree[idx], &mut lz4, block, &mut blocks) {
+            let InodeKind::RegularFile { size, .. } = &tree[idx].kind else {
+                continue;
+            };
+            // Every extent takes at least a block of input, or the rest of the file.
+            let most = size.div_ceil(block) * block;
+            let mut sink = Sink {
+                spill,
+                at: spill_end.fetch_add(most, Ordering::Relaxed),
+                written: 0,
+            };
+            match compress_one(&tree[idx], &mut lz4, block, &mut blocks, &mut sink) {
                 Ok(Some(extents)) => {
-                    let at = spill_end.fetch_add(blocks.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = spill.write_all_at(&blocks, at) {
-                        failed.store(true, Ordering::Relaxed);
-                        failure.lock().get_or_insert((idx, e));
-                        return;
-                    }
                     results.lock()[idx] = Some(CompressedFile {
                         extents,
-                        spill_at: at,
+                        spill_at: sink.at,
                     });
                 }
-                Ok(None) => {}
+                Ok(None) => sink.discard(),
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
                     let mut failure = failure.lock();
@@ -490,10 +531,6 @@ pub(crate) fn compress_tree(
                     }
                     return;
                 }
-            }
-            // Keep the buffer from holding on to the largest file's size.
-            if blocks.capacity() > 64 << 20 {
-                blocks = Vec::new();
             }
         }
     };
@@ -515,6 +552,7 @@ fn compress_one(
     lz4: &mut Lz4,
     block: u64,
     blocks: &mut Vec<u8>,
+    sink: &mut Sink,
 ) -> io::Result<Option<Vec<Extent>>> {
     let InodeKind::RegularFile { size, source } = &inode.kind else {
         return Ok(None);
@@ -535,7 +573,7 @@ fn compress_one(
                 buffer: Vec::new(),
                 base: 0,
             };
-            let extents = compress_file(lz4, &mut reader, size, block as usize, blocks)?;
+            let extents = compress_file(lz4, &mut reader, size, block as usize, blocks, sink)?;
             return Ok(worth_it(extents, size, block));
         }
         FileSource::Fd(fd) => fd.as_fd(),
@@ -547,10 +585,10 @@ fn compress_one(
         FileSource::Open(opener) => {
             let fd = opener.open()?;
             let file = File::from(fd);
-            return compress_fd(file.as_fd(), size, lz4, block, blocks);
+            return compress_fd(file.as_fd(), size, lz4, block, blocks, sink);
         }
     };
-    compress_fd(fd, size, lz4, block, blocks)
+    compress_fd(fd, size, lz4, block, blocks, sink)
 }
 
 fn compress_fd(
@@ -559,6 +597,7 @@ fn compress_fd(
     lz4: &mut Lz4,
     block: u64,
     blocks: &mut Vec<u8>,
+    sink: &mut Sink,
 ) -> io::Result<Option<Vec<Extent>>> {
     super::writer::check_source_size(fd, size, "")?;
     let mut reader = Reader {
@@ -567,7 +606,7 @@ fn compress_fd(
         buffer: Vec::new(),
         base: 0,
     };
-    let extents = compress_file(lz4, &mut reader, size, block as usize, blocks)?;
+    let extents = compress_file(lz4, &mut reader, size, block as usize, blocks, sink)?;
     super::writer::check_source_size(fd, size, " after it was read")?;
     Ok(worth_it(extents, size, block))
 }
