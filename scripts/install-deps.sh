@@ -12,6 +12,7 @@
 #   strace             to see that mkimage syncs the output directory after its rename
 #   nix-bin            a real Nix (nix-build, nix-store --gc, nix-daemon) for the garbage
 #                      collection tests, which use private store and state directories
+#   gcc                builds the liblz4 that mkimage -z links (lz4-sys)
 #   virtiofsd          (cargo install) serves a nixstorefs mount to guests
 set -euo pipefail
 
@@ -20,7 +21,7 @@ runtime_only=false
 
 packages=(fuse3)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace cpio kmod xfsprogs btrfs-progs)
+  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace cpio kmod xfsprogs btrfs-progs gcc)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -6,7 +6,10 @@
 //! * [`prefetch`] reads ahead of the writer in parallel.
 //! * [`output`] makes OUTPUT appear only when the image is complete.
 //! * [`mounts`] finds the mount points a snapshot leaves out.
+//! * [`cache`] keeps images by a digest of their inputs, so an unchanged closure is
+//!   served without being written again.
 
+pub mod cache;
 pub mod erofs;
 pub mod mounts;
 pub mod output;

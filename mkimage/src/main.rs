@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use mkimage::cache::{self, Cache, KeyBuilder};
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
@@ -26,6 +27,9 @@ Examples:
 
   # Snapshot a directory tree, for instance a mounted nixstorefs view:
   mkimage --dir /mnt/store store.img
+
+  # Compressed with LZ4HC, as mkfs.erofs -zlz4hc, on all CPUs:
+  mkimage -z lz4hc closure.txt store.img
 
   # In the guest:
   mount -t erofs -o ro /dev/vdb /nix/.ro-store
@@ -100,9 +104,42 @@ struct Args {
     #[arg(long)]
     strip_case_hack: bool,
 
+    /// Compress files: lz4, or lz4hc[,LEVEL] (2..=12, default 9), as mkfs.erofs -z spells
+    /// them. Linux reads both since 5.4. Files that do not shrink by a block stay plain.
+    #[arg(short = 'z', value_name = "COMPRESSOR", value_parser = erofs::Compression::parse)]
+    compression: Option<erofs::Compression>,
+
+    /// With -z, put each compressed file's last, partial extent right after its indexes
+    /// instead of in a block of its own, as mkfs.erofs -E ztailpacking does: smaller
+    /// images that need Linux 5.17 or later.
+    #[arg(long, requires = "compression")]
+    ztailpacking: bool,
+
+    /// Threads compressing files [default: the machine's CPUs]. The image does not depend
+    /// on it.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Threads reading file contents ahead of the writer (0: none).
     #[arg(long, default_value_t = 4, value_name = "N")]
     read_threads: usize,
+
+    /// Keep images in DIR, keyed by a digest of the closure's paths and of every option
+    /// that changes the image: an unchanged closure is then served from DIR (a reflink or
+    /// hard link where the filesystem allows) instead of written again. Without it,
+    /// NIXSTOREFS_IMAGE_CACHE names the directory if set (and --dir trees are not cached).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+
+    /// Do not use the cache, even if --cache or NIXSTOREFS_IMAGE_CACHE names one (for a
+    /// store that was modified by hand).
+    #[arg(long)]
+    no_cache: bool,
+
+    /// After each run, remove the least recently used cache entries until the cache holds
+    /// at most SIZE bytes (suffixes K, M, G, T: powers of 1024).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_max_size: Option<u64>,
 
     /// Print nothing but errors.
     #[arg(short, long)]
@@ -113,6 +150,22 @@ struct Args {
     verbose: u8,
 }
 
+/// Parses a byte count with an optional binary suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M, G or T)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn input(message: impl Into<String>) -> Failure {
     Failure::input(message)
 }
@@ -121,11 +174,9 @@ fn runtime(message: impl Into<String>) -> Failure {
     Failure::runtime(message)
 }
 
-/// The view to snapshot, the registration that comes with the input, if any, and the
-/// garbage collector roots that keep the closure's paths while they are read.
-type Opened = (View, Option<Vec<u8>>, Option<TempRoots>);
-
-/// Opens what to snapshot; a closure's paths are held as roots before they are looked for.
+/// The view to snapshot, the registration that comes with the input if any, the base
+/// names of the closure paths it holds (none for `--dir`), and the garbage collector
+/// roots that keep those paths while they are read.
 fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
     // Every node is needed again when its contents are written, after the walk has let
     // go of it: keep every record.
@@ -137,7 +188,7 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
     if let Some(dir) = &args.dir {
         // Any tree: nothing to root (a mounted view holds its own roots).
         let view = View::whole_directory(dir, options).map_err(|e| input(e.to_string()))?;
-        return Ok((view, None, None));
+        return Ok((view, None, None, None));
     }
     let closure_path = closure.expect("checked by the caller");
     let closure = load_closure(closure_path, &args.closure_options.store_dir)?;
@@ -152,8 +203,21 @@ fn open_view(args: &Args, closure: Option<&Path>) -> Result<Opened, Failure> {
             store_dir.display()
         );
     }
-    Ok((view, closure.registration, Some(roots)))
+    let paths = closure
+        .paths
+        .iter()
+        .filter(|p| !setup.missing.contains(p))
+        .map(|p| p.base_name().to_owned())
+        .collect();
+    Ok((view, closure.registration, Some(paths), Some(roots)))
 }
+
+type Opened = (
+    View,
+    Option<Vec<u8>>,
+    Option<Vec<String>>,
+    Option<TempRoots>,
+);
 
 fn run(args: &Args) -> Result<(), Failure> {
     let started = Instant::now();
@@ -174,6 +238,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             args.label.len()
         )));
     }
+    if args.dir.is_some() && args.cache.is_some() {
+        return Err(input(
+            "--cache keys images by their closure; a --dir tree can change, so it is not cached",
+        ));
+    }
     let registration = match &args.registration {
         Some(path) => Some(
             nixstorefs::closure::read_input_file(path)
@@ -182,13 +251,13 @@ fn run(args: &Args) -> Result<(), Failure> {
         None => None,
     };
 
-    let (view, own_registration, roots) = open_view(args, closure)?;
+    // The roots are held until the image is written or served.
+    let (view, own_registration, paths, _roots) = open_view(args, closure)?;
     let registration = if args.no_registration {
         None
     } else {
         registration.or(own_registration)
     };
-    let view = Arc::new(view);
     let mounts = mkimage::mounts::mounts_below(view.store_dir()).map_err(|e| {
         runtime(format!(
             "cannot find the mounts below {}: {e}",
@@ -209,6 +278,39 @@ fn run(args: &Args) -> Result<(), Failure> {
             derived_uuid(root.iter().map(|e| e.name.as_bytes()))
         }
     };
+    let image_options = ImageOptions {
+        uuid,
+        label: args.label.clone(),
+        build_time: args.timestamp,
+        block_size_bits: 12,
+        compression: args.compression,
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        ztailpacking: args.ztailpacking,
+    };
+    let cache_dir = match (&args.cache, args.no_cache, &paths) {
+        (_, true, _) | (_, _, None) => None,
+        (Some(dir), false, Some(_)) => Some(dir.clone()),
+        (None, false, Some(_)) => std::env::var_os(CACHE_ENV)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
+    };
+    let cached = match (cache_dir, paths) {
+        (Some(dir), Some(paths)) => {
+            let key = cache_key(
+                args,
+                view.store_dir(),
+                &paths,
+                registration.as_deref(),
+                &image_options,
+            );
+            let cache = Cache::open(&dir).map_err(|e| runtime(format!("cache: {e}")))?;
+            Some((cache, key))
+        }
+        _ => None,
+    };
+
     let snapshot_options = SnapshotOptions {
         uid: args.force_uid,
         gid: args.force_gid,
@@ -221,7 +323,108 @@ fn run(args: &Args) -> Result<(), Failure> {
             .map(|r| vec![(b"nix-path-registration".to_vec(), r)])
             .unwrap_or_default(),
     };
-    let snap = snapshot::snapshot(&view, &snapshot_options)
+    let view = Arc::new(view);
+    let Some((cache, key)) = cached else {
+        let stats = write(args, &view, &snapshot_options, &image_options, output)?;
+        summary(args, output, &stats, started, "");
+        return Ok(());
+    };
+
+    let serve = |how: &str| -> Result<(), Failure> {
+        let served = cache.serve(&key, output).map_err(|e| {
+            runtime(format!(
+                "cannot make {} from {}: {e}",
+                output.display(),
+                cache.image_path(&key).display()
+            ))
+        })?;
+        cache.touch(&key);
+        if let Some(max) = args.cache_max_size {
+            cache
+                .evict(max, &key)
+                .map_err(|e| runtime(format!("cache eviction: {e}")))?;
+        }
+        if !args.quiet {
+            eprintln!(
+                "mkimage: cache {how}: {} is {} ({}), {:.3} s",
+                output.display(),
+                cache.image_path(&key).display(),
+                served.as_str(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    };
+    if let Ok(Some(_)) = cache.check(&key) {
+        return serve("hit");
+    }
+    // A miss or a damaged entry: build it under the lock, unless a concurrent run built
+    // it meanwhile.
+    let _lock = cache
+        .lock(&key)
+        .map_err(|e| runtime(format!("cache: {e}")))?;
+    match cache.check(&key) {
+        Ok(Some(_)) => return serve("hit (built by a concurrent run)"),
+        Ok(None) => {}
+        Err(damage) => tracing::warn!("rebuilding a damaged cache entry: {damage}"),
+    }
+    let entry = cache.image_path(&key);
+    let stats = write(args, &view, &snapshot_options, &image_options, &entry)?;
+    cache
+        .seal(&key)
+        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry.display())))?;
+    summary(args, &entry, &stats, started, " (cache miss)");
+    serve("miss, now stored")
+}
+
+/// Environment variable naming the default cache directory.
+const CACHE_ENV: &str = "NIXSTOREFS_IMAGE_CACHE";
+
+/// Everything that decides the image's bytes; not the thread counts, nor logging.
+fn cache_key(
+    args: &Args,
+    store_dir: &Path,
+    paths: &[String],
+    registration: Option<&[u8]>,
+    options: &ImageOptions,
+) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut key = KeyBuilder::default();
+    key.field("store-dir", store_dir.as_os_str().as_bytes());
+    key.field("paths", paths.len().to_string());
+    for path in paths {
+        key.field("path", path);
+    }
+    let compression = options
+        .compression
+        .map_or("none".to_owned(), |c| c.to_string());
+    key.field("force-uid", args.force_uid.to_string())
+        .field("force-gid", args.force_gid.to_string())
+        .field("timestamp", args.timestamp.to_string())
+        .field("preserve-mtime", args.preserve_mtime.to_string())
+        .field("label", &args.label)
+        .field("uuid", options.uuid)
+        .field("preserve-hardlinks", args.preserve_hardlinks.to_string())
+        .field("strip-case-hack", args.strip_case_hack.to_string())
+        .field("block-size-bits", options.block_size_bits.to_string())
+        .field("compression", compression)
+        .field("ztailpacking", options.ztailpacking.to_string())
+        .field(
+            "registration",
+            registration.map_or("none".to_owned(), cache::digest),
+        );
+    key.finish()
+}
+
+/// Snapshots the view and writes its image to `output`.
+fn write(
+    args: &Args,
+    view: &Arc<View>,
+    snapshot_options: &SnapshotOptions,
+    image_options: &ImageOptions,
+    output: &Path,
+) -> Result<erofs::ImageStats, Failure> {
+    let snap = snapshot::snapshot(view, snapshot_options)
         .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
 
     let out = AtomicOutput::create(output).map_err(|e| {
@@ -236,26 +439,22 @@ fn run(args: &Args) -> Result<(), Failure> {
             runtime(format!("cannot write {}: {e}", output.display()))
         }
     })?;
-    let image_options = ImageOptions {
-        uuid,
-        label: args.label.clone(),
-        build_time: args.timestamp,
-        block_size_bits: 12,
-    };
     let bar = progress_bar(args.quiet, &snap);
-    let prefetch = mkimage::prefetch::Prefetch::start(&snap.inodes, args.read_threads);
+    // Compression reads every file it compresses on its own threads first.
+    let read_threads = if args.compression.is_some() {
+        0
+    } else {
+        args.read_threads
+    };
+    let prefetch = mkimage::prefetch::Prefetch::start(&snap.inodes, read_threads);
     let mut on_progress = |stats: &erofs::ImageStats| {
         prefetch.written(stats.data_bytes);
         if let Some(bar) = &bar {
             bar.set_position(stats.data_bytes);
         }
     };
-    let written = erofs::write_image_with_progress(
-        &snap.inodes,
-        &image_options,
-        out.file(),
-        &mut on_progress,
-    );
+    let written =
+        erofs::write_image_with_progress(&snap.inodes, image_options, out.file(), &mut on_progress);
     drop(prefetch);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -271,11 +470,13 @@ fn run(args: &Args) -> Result<(), Failure> {
     })?;
     out.commit()
         .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
-    // Every byte is read: the paths may go.
-    drop(roots);
+    Ok(stats)
+}
+
+fn summary(args: &Args, output: &Path, stats: &erofs::ImageStats, started: Instant, note: &str) {
     if !args.quiet {
         eprintln!(
-            "mkimage: wrote {}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
+            "mkimage: wrote {}{note}: {} files, {} directories, {} symlinks, {} data bytes, image {} bytes, {:.2} s",
             output.display(),
             stats.files,
             stats.directories,
@@ -285,7 +486,6 @@ fn run(args: &Args) -> Result<(), Failure> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(())
 }
 
 /// A progress bar over the file bytes to write, on a terminal only (quiet otherwise).

@@ -76,7 +76,7 @@ on_both_kernels!(
     erofs_image_on_a_virtio_mmio_machine,
 );
 
-/// The erofs UUID mkimage writes by default.
+/// The erofs UUID the test images get (mkimage derives one from the closure otherwise).
 const DEFAULT_UUID: &str = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
 
 impl Setup {
@@ -111,13 +111,20 @@ impl Setup {
             .cmdline(&self.prog.init_arg())
     }
 
-    /// An erofs image of the closure listed in `closure_file`, with `extra` mkimage options.
+    /// An erofs image of the closure listed in `closure_file`, with `extra` mkimage options
+    /// (UUID [`DEFAULT_UUID`] unless they give one).
     fn image(&self, closure_file: &Path, name: &str, extra: &[&str]) -> PathBuf {
         let out = self.dir.path().join(name);
+        let uuid: &[&str] = if extra.contains(&"-U") {
+            &[]
+        } else {
+            &["-U", DEFAULT_UUID]
+        };
         let o = harness::run(
             Command::new(harness::bin("mkimage"))
                 .arg("--store-dir")
                 .arg(&self.s.store_dir)
+                .args(uuid)
                 .args(extra)
                 .arg(closure_file)
                 .arg(&out)

@@ -1,7 +1,8 @@
 //! The erofs on-disk structures this writer emits, as typed structs.
 //!
-//! Only the uncompressed subset is described: superblock, compact and extended inodes,
-//! and directory entries. Every field is little-endian on disk; each struct encodes itself
+//! Only what this writer emits is described: superblock, compact and extended inodes,
+//! and directory entries (the compressed files' map header and indexes are in
+//! [`compress`](super::compress)). Every field is little-endian on disk; each struct encodes itself
 //! explicitly so the byte layout does not depend on Rust's struct layout.
 
 /// Byte offset of the superblock: the first 1 KiB is left for boot sectors.
@@ -29,11 +30,14 @@ pub const NAME_MAX: usize = 255;
 /// Start block of an inode that has no data blocks (mkfs.erofs writes the same).
 pub const NULL_ADDR: u32 = u32::MAX;
 
-/// How an uncompressed inode's data is placed (`i_format` bits 1..=3).
+/// How an inode's data is placed (`i_format` bits 1..=3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataLayout {
     /// All data in consecutive blocks from the start block; the last one may be partial.
     FlatPlain = 0,
+    /// Compressed extents in blocks, with one legacy (8-byte) index per logical cluster
+    /// after the inode; see [`compress`](super::compress).
+    CompressedLegacy = 1,
     /// Whole blocks from the start block, the remainder right after the inode.
     FlatInline = 2,
 }
@@ -128,6 +132,8 @@ pub struct SuperBlock {
     pub uuid: [u8; 16],
     /// Volume label, NUL-padded.
     pub volume_name: [u8; 16],
+    /// `EROFS_FEATURE_INCOMPAT_*` bits: a kernel that lacks one refuses the image.
+    pub feature_incompat: u32,
 }
 
 impl SuperBlock {
@@ -148,7 +154,9 @@ impl SuperBlock {
         // 44: xattr_blkaddr, no shared xattrs
         b[48..64].copy_from_slice(&self.uuid);
         b[64..80].copy_from_slice(&self.volume_name);
-        // 80..: feature_incompat and the compression/device/xattr fields, all unused
+        put_u32(&mut b, 80, self.feature_incompat);
+        // 84..: lz4_max_distance (0: LZ4's 64 KiB window) and the device and xattr
+        // fields, all unused
         b
     }
 
@@ -169,6 +177,7 @@ impl SuperBlock {
             meta_blkaddr: get_u32(b, 40),
             uuid: b[48..64].try_into().unwrap(),
             volume_name: b[64..80].try_into().unwrap(),
+            feature_incompat: get_u32(b, 80),
         })
     }
 }

@@ -1,4 +1,4 @@
-//! A native writer of uncompressed erofs images.
+//! A native writer of erofs images, plain or LZ4-compressed.
 //!
 //! The caller describes the tree as an arena of [`Inode`]s (index 0 is the root directory)
 //! and [`write_image`] lays it out deterministically: the same tree and options give the
@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod compress;
 pub mod format;
 mod tree;
 pub mod writer;
@@ -13,5 +14,6 @@ pub mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use compress::Compression;
 pub use tree::{FileSource, ImageOptions, Inode, InodeKind, OpenFile};
 pub use writer::{write_image, write_image_with_progress, ImageStats, WriteError};

@@ -30,6 +30,9 @@ fn options() -> ImageOptions {
         label: "mkimage-test".to_owned(),
         build_time: BUILD_TIME,
         block_size_bits: 12,
+        compression: None,
+        threads: 1,
+        ztailpacking: false,
     }
 }
 
@@ -766,4 +769,210 @@ fn comparison_notices_differences() {
     differs(&|t| {
         t.file(0, "extra", vec![]);
     });
+}
+
+/// Text-like bytes: words of a small vocabulary, so LZ4 finds matches as in real files.
+fn compressible(seed: u64, len: usize) -> Vec<u8> {
+    let noise = pattern(seed, len / 5 + 16);
+    let words: [&[u8]; 8] = [
+        b"store ",
+        b"closure ",
+        b"/nix/",
+        b"erofs\n",
+        b"lib",
+        b"0123",
+        b"\t",
+        b"path ",
+    ];
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(words[(noise[i % noise.len()] % 8) as usize]);
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Files of every awkward size, compressible, incompressible and zeros, plus mixtures
+/// with long runs of zeros; by bytes, by path and by descriptor.
+fn compression_tree(sources: &Path) -> Tree {
+    let mut tree = Tree::new();
+    let kinds = tree.dir(0, "kinds");
+    for size in [
+        0usize, 1, 4095, 4096, 4097, 8191, 8192, 8193, 12289, 100_000,
+    ] {
+        tree.file(
+            kinds,
+            format!("text-{size}"),
+            compressible(size as u64, size),
+        );
+        tree.file(kinds, format!("random-{size}"), pattern(size as u64, size));
+        tree.file(kinds, format!("zeros-{size}"), vec![0; size]);
+    }
+    let mut mixed = compressible(1, 70_000);
+    mixed.extend(pattern(2, 30_001));
+    mixed.extend(vec![0; 3 << 20]);
+    mixed.extend(compressible(3, 9_999));
+    mixed.extend(pattern(4, 4097));
+    tree.file(0, "mixed", mixed);
+    let big = sources.join("big-text");
+    fs::write(&big, compressible(5, (5 << 20) + 7)).unwrap();
+    tree.add(
+        0,
+        "big-by-path",
+        InodeKind::RegularFile {
+            size: (5 << 20) + 7,
+            source: FileSource::Path(big),
+        },
+    );
+    let memfd = rustix::fs::memfd_create("erofs-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let mut mem = File::from(memfd);
+    mem.write_all(&compressible(6, 3 * 4096 + 100)).unwrap();
+    let fd: Arc<OwnedFd> = Arc::new(mem.into());
+    tree.add(
+        0,
+        "by-fd",
+        InodeKind::RegularFile {
+            size: 3 * 4096 + 100,
+            source: FileSource::Fd(fd),
+        },
+    );
+    // Many small compressible files, so that indexes share metadata blocks.
+    let many = tree.dir(0, "many");
+    for i in 0..300u64 {
+        let size = 4097 + (i * 7919) % 60_000;
+        tree.file(
+            many,
+            format!("f{i:03}"),
+            compressible(100 + i, size as usize),
+        );
+    }
+    tree
+}
+
+fn compressed(compression: super::Compression, threads: usize) -> ImageOptions {
+    ImageOptions {
+        compression: Some(compression),
+        threads,
+        ..options()
+    }
+}
+
+#[test]
+fn compressed_images_round_trip() {
+    use super::Compression;
+    let sources = tempfile::tempdir().unwrap();
+    let tree = compression_tree(sources.path());
+    let plain = write(&tree.inodes, &options());
+    for compression in [Compression::Lz4, Compression::Lz4Hc { level: 9 }] {
+        let image = write(&tree.inodes, &compressed(compression, 3));
+        // fsck.erofs --extract decompresses every file and checks it against its size.
+        fsck(&image.path());
+        let mounted = Mounted::new(&image.path());
+        assert_tree_eq(&tree.inodes, mounted.path());
+        drop(mounted);
+
+        let path = image.path();
+        // Layout 1: compressed with legacy indexes; 2 and 0: plain, as without -z.
+        for (name, layout) in [
+            ("/kinds/text-4096", 0),
+            ("/kinds/text-4097", 2),
+            ("/kinds/text-12289", 1),
+            ("/kinds/text-100000", 1),
+            ("/kinds/zeros-8193", 1),
+            ("/kinds/random-100000", 2),
+            ("/kinds/random-8193", 2),
+            ("/mixed", 1),
+            ("/big-by-path", 1),
+        ] {
+            assert_eq!(
+                dumped(&path, name, "Layout"),
+                layout,
+                "{compression} {name}"
+            );
+        }
+        let (ours, theirs) = (image.stats.image_bytes, plain.stats.image_bytes);
+        assert!(
+            ours * 2 < theirs,
+            "{compression}: {ours} bytes, plain {theirs}"
+        );
+        println!("{compression}: {ours} bytes, plain {theirs}");
+    }
+}
+
+/// ztailpacking: each compressed file's last extent follows its indexes where it fits in
+/// a block; the superblock says so, and the image shrinks.
+#[test]
+fn compressed_images_with_inline_tails_round_trip() {
+    use super::compress::FEATURE_INCOMPAT_ZTAILPACKING;
+    use super::Compression;
+    let sources = tempfile::tempdir().unwrap();
+    let tree = compression_tree(sources.path());
+    for compression in [Compression::Lz4, Compression::Lz4Hc { level: 9 }] {
+        let blocks = write(&tree.inodes, &compressed(compression, 2));
+        let inline = write(
+            &tree.inodes,
+            &ImageOptions {
+                ztailpacking: true,
+                ..compressed(compression, 2)
+            },
+        );
+        fsck(&inline.path());
+        let mounted = Mounted::new(&inline.path());
+        assert_tree_eq(&tree.inodes, mounted.path());
+        drop(mounted);
+        let bytes = inline.bytes();
+        let sb = SuperBlock::from_bytes(bytes[1024..1024 + 128].try_into().unwrap()).unwrap();
+        assert_ne!(sb.feature_incompat & FEATURE_INCOMPAT_ZTAILPACKING, 0);
+        let (with, without) = (inline.stats.image_bytes, blocks.stats.image_bytes);
+        // Tails that fit beside their indexes give back what their block did not hold.
+        assert!(
+            with + 30 * 4096 < without,
+            "{compression}: {with} bytes with inline tails, {without} without"
+        );
+        println!("{compression}: {with} bytes with inline tails, {without} without");
+    }
+}
+
+#[test]
+fn compressed_images_do_not_depend_on_the_thread_count() {
+    use super::Compression;
+    let sources = tempfile::tempdir().unwrap();
+    let tree = compression_tree(sources.path());
+    for compression in [Compression::Lz4, Compression::Lz4Hc { level: 12 }] {
+        for ztailpacking in [false, true] {
+            let options = |threads| ImageOptions {
+                ztailpacking,
+                ..compressed(compression, threads)
+            };
+            let one = write(&tree.inodes, &options(1)).bytes();
+            for threads in [2, 5] {
+                let other = write(&tree.inodes, &options(threads)).bytes();
+                assert!(
+                    one == other,
+                    "{compression}: 1 and {threads} threads differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn compression_names() {
+    use super::Compression;
+    assert_eq!(Compression::parse("lz4"), Ok(Compression::Lz4));
+    assert_eq!(
+        Compression::parse("lz4hc"),
+        Ok(Compression::Lz4Hc { level: 9 })
+    );
+    assert_eq!(
+        Compression::parse("lz4hc,12"),
+        Ok(Compression::Lz4Hc { level: 12 })
+    );
+    for bad in [
+        "lz4hc,13", "lz4hc,1", "lz4hc,x", "lz4,3", "zstd", "zstd,3", "gzip", "",
+    ] {
+        assert!(Compression::parse(bad).is_err(), "{bad:?}");
+    }
 }

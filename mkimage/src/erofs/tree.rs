@@ -99,4 +99,11 @@ pub struct ImageOptions {
     pub build_time: u64,
     /// log2 of the block size; only 12 (4 KiB, the page size the kernel needs) is accepted.
     pub block_size_bits: u8,
+    /// Compress regular files with this compressor; `None` writes every file plain.
+    pub compression: Option<super::Compression>,
+    /// Threads compressing files (1 compresses on the calling thread only).
+    pub threads: usize,
+    /// Put each compressed file's last extent right after its indexes instead of in a
+    /// block of its own, where it does not cross a block (`ztailpacking`, Linux 5.17+).
+    pub ztailpacking: bool,
 }

@@ -34,6 +34,9 @@ use std::path::Path;
 
 use rustix::io::Errno;
 
+use super::compress::{
+    self, CompressedFile, FEATURE_INCOMPAT_LZ4_0PADDING, FEATURE_INCOMPAT_ZTAILPACKING,
+};
 use super::format::{
     i_format, mode, superblock_checksum, DataLayout, Dirent, FileType, InodeCompact, InodeExtended,
     InodeVersion, SuperBlock, DIRENT_SIZE, FEATURE_COMPAT_MTIME, FEATURE_COMPAT_SB_CHKSUM,
@@ -122,10 +125,33 @@ pub fn write_image_with_progress(
     let volume_name = check_options(options).map_err(image_error)?;
     check_output(out).map_err(image_error)?;
     let walk = Walk::new(tree)?;
-    let layout = Layout::new(tree, &walk, options).map_err(|e| walk.name(e))?;
+    let block = 1u64 << options.block_size_bits;
+    // Compressed blocks wait in an unnamed temporary file until the layout is fixed.
+    let (compressed, spill) = match options.compression {
+        Some(compression) => {
+            let spill = tempfile::tempfile().map_err(|e| {
+                image_error(io::Error::new(
+                    e.kind(),
+                    format!("cannot create a temporary file for compressed blocks: {e}"),
+                ))
+            })?;
+            let compressed = compress::compress_tree(
+                tree,
+                &walk.order,
+                compression,
+                options.threads,
+                block,
+                &spill,
+            )
+            .map_err(|(idx, cause)| walk.name(WriteError::at(idx, cause)))?;
+            (compressed, Some(spill))
+        }
+        None => (Vec::new(), None),
+    };
+    let layout = Layout::new(tree, &walk, options, &compressed).map_err(|e| walk.name(e))?;
     check_room(out, layout.total_blocks << layout.bits).map_err(image_error)?;
 
-    let mut writer = ImageWriter::new(out, tree, &layout);
+    let mut writer = ImageWriter::new(out, tree, &layout, &compressed, spill.as_ref());
     let mut stats = ImageStats {
         inodes: walk.order.len() as u64,
         image_bytes: layout.total_blocks << layout.bits,
@@ -159,6 +185,15 @@ pub fn write_image_with_progress(
         meta_blkaddr: 0,
         uuid: options.uuid,
         volume_name,
+        feature_incompat: if options.compression.is_some() {
+            FEATURE_INCOMPAT_LZ4_0PADDING
+        } else {
+            0
+        } | if layout.placements.iter().any(|p| p.inline_tail > 0) {
+            FEATURE_INCOMPAT_ZTAILPACKING
+        } else {
+            0
+        },
     };
     writer
         .finish(superblock, stats.image_bytes)
@@ -401,6 +436,11 @@ struct Placement {
     size: u64,
     /// Bytes of data right after the inode (the tail of a [`DataLayout::FlatInline`] inode).
     inline_len: usize,
+    /// Bytes of metadata right after the inode (a compressed file's header and indexes,
+    /// and its inline tail).
+    extra_meta: usize,
+    /// Bytes of a compressed file's last extent kept after its indexes; 0 for none.
+    inline_tail: usize,
     /// Data blocks from `start_blk`; the last one is partial when the size ends inside it.
     blocks: u64,
     start_blk: u32,
@@ -415,15 +455,22 @@ impl Placement {
         layout: DataLayout::FlatPlain,
         size: 0,
         inline_len: 0,
+        extra_meta: 0,
+        inline_tail: 0,
         blocks: 0,
         start_blk: 0,
         nlink: 0,
         ino: 0,
     };
 
-    /// Bytes of data in blocks, the inline tail excluded.
+    /// Bytes of data in blocks, the inline tail excluded (of a plain layout).
     fn block_bytes(&self) -> u64 {
         self.size - self.inline_len as u64
+    }
+
+    /// Bytes in the metadata area: the inode and what follows it.
+    fn meta_len(&self) -> usize {
+        self.version.size() + self.inline_len + self.extra_meta
     }
 }
 
@@ -438,7 +485,12 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(tree: &[Inode], walk: &Walk, options: &ImageOptions) -> Result<Layout, WriteError> {
+    fn new(
+        tree: &[Inode],
+        walk: &Walk,
+        options: &ImageOptions,
+        compressed: &[Option<CompressedFile>],
+    ) -> Result<Layout, WriteError> {
         let bits = options.block_size_bits;
         let block = 1u64 << bits;
         let mut placements = vec![Placement::UNPLACED; tree.len()];
@@ -472,9 +524,37 @@ impl Layout {
                 InodeVersion::Compact
             };
 
+            let isize = version.size() as u64;
+            let ino = u32::try_from(seq + 1)
+                .map_err(|_| WriteError::at(idx, invalid("more than 2^32 inodes")))?;
+            if let Some(Some(file)) = compressed.get(idx) {
+                let tail = file.tail_len();
+                let inline_tail = if options.ztailpacking
+                    && CompressedFile::tail_fits(size, block, isize as usize, tail)
+                {
+                    tail
+                } else {
+                    0
+                };
+                let extra_meta = CompressedFile::meta_bytes(size, block) + inline_tail;
+                let offset = packer.place(isize + extra_meta as u64);
+                placements[idx] = Placement {
+                    nid: offset / INODE_SLOT_SIZE,
+                    version,
+                    layout: DataLayout::CompressedLegacy,
+                    size,
+                    inline_len: 0,
+                    extra_meta,
+                    inline_tail,
+                    blocks: file.blocks() - (inline_tail > 0) as u64,
+                    start_blk: 0,
+                    nlink,
+                    ino,
+                };
+                continue;
+            }
             // Inline the tail whenever inode and tail fit in one block: the packer never
             // lets a unit cross a block boundary, which the kernel refuses.
-            let isize = version.size() as u64;
             let tail = size % block;
             let inline_len = if tail > 0 && isize + tail <= block {
                 tail
@@ -492,11 +572,12 @@ impl Layout {
                 },
                 size,
                 inline_len: inline_len as usize,
+                extra_meta: 0,
+                inline_tail: 0,
                 blocks: (size - inline_len).div_ceil(block),
                 start_blk: 0,
                 nlink,
-                ino: u32::try_from(seq + 1)
-                    .map_err(|_| WriteError::at(idx, invalid("more than 2^32 inodes")))?,
+                ino,
             };
         }
         debug_assert_eq!(placements[0].nid, 36);
@@ -566,10 +647,27 @@ impl MetaPacker {
         }
     }
 
-    /// Reserves `len` bytes (1..=block size) and returns their image offset.
+    /// Reserves `len` bytes and returns their image offset. A unit larger than a block
+    /// (a compressed file's indexes) starts a run of new blocks; the free end of its last
+    /// block stays open for smaller units.
     fn place(&mut self, len: u64) -> u64 {
-        let need = len.div_ceil(INODE_SLOT_SIZE) as usize;
         let slots = self.open.len() - 1;
+        if len > self.block {
+            let start = self.newest + 1;
+            let whole = len / self.block;
+            let rest = len % self.block;
+            self.newest = start + whole - 1;
+            if rest == 0 {
+                return start * self.block;
+            }
+            self.newest += 1;
+            let used = rest.div_ceil(INODE_SLOT_SIZE) as usize;
+            if used < slots {
+                self.open[slots - used].insert(self.newest);
+            }
+            return start * self.block;
+        }
+        let need = len.div_ceil(INODE_SLOT_SIZE) as usize;
         for free in need..=slots {
             while let Some(blk) = self.open[free].pop_first() {
                 if blk + OPEN_BLOCKS < self.newest {
@@ -694,6 +792,10 @@ struct ImageWriter<'a> {
     out: &'a File,
     tree: &'a [Inode],
     layout: &'a Layout,
+    /// By arena index, the files written compressed.
+    compressed: &'a [Option<CompressedFile>],
+    /// Where their blocks wait.
+    spill: Option<&'a File>,
     meta: MetaArea,
     /// The highest metadata block written to so far.
     newest_meta_block: u64,
@@ -702,11 +804,19 @@ struct ImageWriter<'a> {
 }
 
 impl<'a> ImageWriter<'a> {
-    fn new(out: &'a File, tree: &'a [Inode], layout: &'a Layout) -> ImageWriter<'a> {
+    fn new(
+        out: &'a File,
+        tree: &'a [Inode],
+        layout: &'a Layout,
+        compressed: &'a [Option<CompressedFile>],
+        spill: Option<&'a File>,
+    ) -> ImageWriter<'a> {
         ImageWriter {
             out,
             tree,
             layout,
+            compressed,
+            spill,
             meta: MetaArea::new(1 << layout.bits),
             newest_meta_block: 0,
             copy_buffer: Vec::new(),
@@ -727,6 +837,9 @@ impl<'a> ImageWriter<'a> {
         let (type_bits, _) = type_of(&inode.kind);
         let u = match inode.kind {
             InodeKind::CharDevice { rdev } | InodeKind::BlockDevice { rdev } => rdev,
+            // A compressed inode records its block count (for `stat`'s blocks); the
+            // indexes hold the addresses.
+            _ if place.layout == DataLayout::CompressedLegacy => place.blocks as u32,
             _ if place.blocks > 0 => place.start_blk,
             // Nothing in blocks: mkfs.erofs marks inline-only inodes with the null address.
             _ if place.layout == DataLayout::FlatInline => NULL_ADDR,
@@ -763,6 +876,26 @@ impl<'a> ImageWriter<'a> {
             .to_vec(),
         };
 
+        if let Some(Some(file)) = self.compressed.get(idx) {
+            let spill = self
+                .spill
+                .expect("compressed files come with their spill file");
+            let len = place.blocks << bits;
+            self.copy_range(spill.as_fd(), file.spill_at, data_at, len)?;
+            let block = 1usize << bits;
+            let inline = place.inline_tail > 0;
+            let mut meta = file.metadata(place.size, block as u64, place.start_blk, inline);
+            if inline {
+                // The tail's bytes, from the last block in the spill file.
+                let range = file.tail_range(block);
+                let mut tail = vec![0u8; range.len()];
+                let at = file.spill_at + len + range.start as u64;
+                read_exact_at(spill.as_fd(), &mut tail, at)?;
+                meta.extend_from_slice(&tail);
+            }
+            self.put_inode(place, &raw).copy_from_slice(&meta);
+            return Ok(());
+        }
         match &inode.kind {
             InodeKind::Directory { .. } => {
                 let block = 1usize << bits;
@@ -796,10 +929,11 @@ impl<'a> ImageWriter<'a> {
         Ok(())
     }
 
-    /// Places the inode bytes in the metadata area and returns its (zeroed) inline tail.
+    /// Places the inode bytes in the metadata area and returns what follows it (its
+    /// inline tail or its indexes), zeroed.
     fn put_inode(&mut self, place: &Placement, raw: &[u8]) -> &mut [u8] {
         let offset = place.nid * INODE_SLOT_SIZE;
-        let slot = self.meta.slot(offset, raw.len() + place.inline_len);
+        let slot = self.meta.slot(offset, place.meta_len());
         slot[..raw.len()].copy_from_slice(raw);
         &mut slot[raw.len()..]
     }
@@ -917,7 +1051,7 @@ impl<'a> ImageWriter<'a> {
 }
 
 /// Fails unless `src` is a regular file of `size` bytes.
-fn check_source_size(src: BorrowedFd<'_>, size: u64, when: &str) -> io::Result<()> {
+pub(super) fn check_source_size(src: BorrowedFd<'_>, size: u64, when: &str) -> io::Result<()> {
     let stat = rustix::fs::fstat(src)?;
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(invalid("the source is not a regular file"));
@@ -941,7 +1075,11 @@ fn source_ended(at: u64) -> io::Error {
     )
 }
 
-fn read_exact_at(src: BorrowedFd<'_>, mut buffer: &mut [u8], mut at: u64) -> io::Result<()> {
+pub(super) fn read_exact_at(
+    src: BorrowedFd<'_>,
+    mut buffer: &mut [u8],
+    mut at: u64,
+) -> io::Result<()> {
     while !buffer.is_empty() {
         match rustix::io::pread(src, &mut *buffer, at) {
             Ok(0) => return Err(source_ended(at)),
@@ -978,8 +1116,8 @@ impl MetaArea {
         }
     }
 
-    /// The `len` bytes at image `offset`, zeroed until written; the slot lies in one block,
-    /// at or after what was flushed.
+    /// The `len` bytes at image `offset`, zeroed until written, at or after what was
+    /// flushed; a slot in block 0 lies within it.
     fn slot(&mut self, offset: u64, len: usize) -> &mut [u8] {
         if offset < self.head.len() as u64 {
             let at = offset as usize;
@@ -1062,12 +1200,15 @@ mod tests {
             label: String::new(),
             build_time: 0,
             block_size_bits: 12,
+            compression: None,
+            threads: 1,
+            ztailpacking: false,
         }
     }
 
     fn plan(tree: &[Inode]) -> Layout {
         let walk = Walk::new(tree).unwrap();
-        Layout::new(tree, &walk, &options()).unwrap()
+        Layout::new(tree, &walk, &options(), &[]).unwrap()
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The erofs writer on trees decoded from arbitrary bytes: every image it writes must pass
-//! fsck.erofs, and the kernel must mount it and show exactly the tree (names, kinds,
+//! The erofs writer on trees decoded from arbitrary bytes, plain and compressed: every
+//! image it writes must pass fsck.erofs (which decompresses every file), and the kernel must mount it and show exactly the tree (names, kinds,
 //! modes, sizes, contents, symlink targets). Needs root (the kernel mounts each image).
 #![no_main]
 
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use libfuzzer_sys::fuzz_target;
-use mkimage::erofs::{write_image, FileSource, ImageOptions, Inode, InodeKind};
+use mkimage::erofs::{write_image, Compression, FileSource, ImageOptions, Inode, InodeKind};
 
 /// Reads the fuzzer's bytes as a little program that builds a tree.
 struct Decoder<'a> {
@@ -93,7 +93,23 @@ fn decode(data: &[u8]) -> Vec<Inode> {
                     _ => 4096 - (lo % 5),
                 };
                 let fill = d.byte().unwrap_or(7);
-                let bytes: Vec<u8> = (0..size).map(|i| fill.wrapping_add(i as u8)).collect();
+                // A repeating ramp (compressible), or for one fill in four pseudo-random
+                // bytes (not), so compressed images get both kinds of extent.
+                let bytes: Vec<u8> = if fill % 4 == 0 {
+                    let mut state = (fill as u64 + 1)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(size as u64);
+                    (0..size)
+                        .map(|_| {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            state as u8
+                        })
+                        .collect()
+                } else {
+                    (0..size).map(|i| fill.wrapping_add(i as u8)).collect()
+                };
                 let mode = [0o444, 0o555, 0o644, 0o4755][hi % 4];
                 tree.push(inode(
                     InodeKind::RegularFile {
@@ -204,15 +220,30 @@ fuzz_target!(|data: &[u8]| {
         .unwrap();
     let image = dir.path().join("image");
     let out = fs::File::create(&image).unwrap();
+    // The input's length picks plain, LZ4 or LZ4HC images (without taking a byte, so
+    // the regression inputs still decode to the same trees).
+    let compression = match data.len() % 3 {
+        0 => None,
+        1 => Some(Compression::Lz4),
+        _ => Some(Compression::Lz4Hc { level: 9 }),
+    };
     let options = ImageOptions {
         uuid: [7; 16],
         label: "fuzz".into(),
         build_time: 0,
         block_size_bits: 12,
+        compression,
+        threads: 1 + data.len() % 2,
+        ztailpacking: data.len() / 3 % 2 == 1,
     };
     write_image(&tree, &options, &out).expect("a valid tree is written");
     drop(out);
-    let fsck = Command::new("fsck.erofs").arg(&image).output().unwrap();
+    // --extract decompresses every file.
+    let fsck = Command::new("fsck.erofs")
+        .arg("--extract")
+        .arg(&image)
+        .output()
+        .unwrap();
     let text =
         String::from_utf8_lossy(&fsck.stderr).into_owned() + &String::from_utf8_lossy(&fsck.stdout);
     assert!(

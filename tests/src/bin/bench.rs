@@ -7,6 +7,8 @@
 
 #[path = "../bench/guest.rs"]
 mod guest;
+#[path = "../bench/image.rs"]
+mod image;
 #[path = "../bench/mounts.rs"]
 mod mounts;
 #[path = "../bench/report.rs"]
@@ -35,7 +37,7 @@ use store::{Built, Params};
 
 /// Benchmarks nixstorefs against a bind-mount farm, bindfs and the host filesystem.
 #[derive(Parser, Debug, Clone)]
-#[command(after_help = "Sections: latency, metadata, reads, small, footprint, guest.")]
+#[command(after_help = "Sections: latency, metadata, reads, small, footprint, image, guest.")]
 struct Args {
     /// Host store size, in top-level store paths [default: 140000; --quick: 2000].
     #[arg(long)]
@@ -82,6 +84,10 @@ struct Args {
     /// and the wide directories): a walk under TCG costs about a millisecond an entry.
     #[arg(long, default_value_t = 250)]
     guest_closure: usize,
+    /// In the image section, also time mkfs.erofs over the whole host store with nixpkgs'
+    /// old exclusion regex (slow: it reads every top-level entry of the store).
+    #[arg(long)]
+    image_regex: bool,
     /// Use target/release/nixstorefs as it is instead of building it first.
     #[arg(long)]
     no_build: bool,
@@ -181,12 +187,13 @@ fn run(args: Args) -> Result<(), String> {
     let mut sections = Vec::new();
     warm_host(&ctx)?;
     type SectionFn = fn(&Ctx, &mut Results) -> Result<(), String>;
-    let all: [(&str, &str, SectionFn); 5] = [
+    let all: [(&str, &str, SectionFn); 6] = [
         ("latency", "Mount-ready latency", latency),
         ("metadata", "Metadata: a full walk with lstat", metadata),
         ("reads", "Large-file reads", reads),
         ("small", "Many small files", small_files),
         ("footprint", "Daemon footprint", footprint),
+        ("image", "Writing an image of the closure", image_section),
     ];
     for (key, title, f) in all {
         if !wanted(key) {
@@ -227,38 +234,41 @@ fn run(args: Args) -> Result<(), String> {
 /// Builds the daemon (release) so the numbers are for the current sources, then finds it
 /// next to this binary.
 fn daemon_binary(workspace: &Path, no_build: bool) -> Result<PathBuf, String> {
+    release_binary(workspace, "nixstorefs", "nixstorefs", no_build)
+}
+
+/// Builds `bin` of `package` (release), then finds it next to this binary.
+fn release_binary(
+    workspace: &Path,
+    package: &str,
+    name: &str,
+    no_build: bool,
+) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe.with_file_name("nixstorefs");
+    let bin = exe.with_file_name(name);
     if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!("bench: building nixstorefs (release)");
+        eprintln!("bench: building {name} (release)");
         let mut st = Command::new(cargo);
-        st.args([
-            "build",
-            "--release",
-            "-p",
-            "nixstorefs",
-            "--bin",
-            "nixstorefs",
-        ])
-        .current_dir(workspace)
-        .stdin(Stdio::null());
+        st.args(["build", "--release", "-p", package, "--bin", name])
+            .current_dir(workspace)
+            .stdin(Stdio::null());
         match mounts::status_within(&mut st, BUILD_TIMEOUT) {
             Ok(s) if s.success() => {}
             other => {
                 if bin.is_file() {
                     eprintln!(
-                        "bench: building nixstorefs failed ({other:?}); using the existing binary"
+                        "bench: building {name} failed ({other:?}); using the existing binary"
                     );
                 } else {
-                    return Err(format!("cannot build nixstorefs: {other:?}"));
+                    return Err(format!("cannot build {name}: {other:?}"));
                 }
             }
         }
     }
     if !bin.is_file() {
         return Err(format!(
-            "{} is missing: cargo build --release -p nixstorefs",
+            "{} is missing: cargo build --release -p {package}",
             bin.display()
         ));
     }
@@ -859,6 +869,22 @@ fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
+fn image_section(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let mkimage = release_binary(&ctx.workspace, "mkimage", "mkimage", ctx.args.no_build)?;
+    image::run(
+        &image::Inputs {
+            built: &ctx.built,
+            closure_file: host_closure_file(ctx),
+            daemon: &ctx.bin,
+            mkimage: &mkimage,
+            scratch: &ctx.args.dir,
+            runs: ctx.runs,
+            regex: ctx.args.image_regex,
+        },
+        r,
+    )
+}
+
 fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let store = &ctx.built.host.store_dir;
     let b = &ctx.built;
@@ -1020,6 +1046,12 @@ fn method(key: &str, ctx: &Ctx) -> String {
              {} small files, after a walk of it and after reading each of those files. \
              Targets: under 64 MiB and 1,024 descriptors.",
             p.many_files
+        ),
+        "image" => format!(
+            "{} The closure: {} store paths of the {}-path host store.",
+            image::METHOD,
+            p.closure,
+            p.paths
         ),
         "guest" => format!(
             "{} The guest's closure is the first {} of the {} closure paths (with the large \

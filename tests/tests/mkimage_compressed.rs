@@ -1,0 +1,455 @@
+//! End-to-end tests of `mkimage -z` and `mkimage --cache`: compressed images of the
+//! sample store and of random trees, checked by `fsck.erofs --extract` (which decompresses
+//! every file), mounted by the kernel and compared byte for byte; and the cache's hits,
+//! misses, concurrent runs, damaged entries and eviction.
+//!
+//! Needs root (the kernel mounts the images), erofs-utils, and the built binaries.
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nixstorefs_tests::compare::{root_names, Expect, Links, TreeCheck};
+use nixstorefs_tests::harness::{self, ImageMount};
+use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn mkimage(args: &[&std::ffi::OsStr]) -> Output {
+    harness::run(
+        Command::new(harness::bin("mkimage"))
+            .args(args)
+            .env_remove("NIXSTOREFS_IMAGE_CACHE")
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    )
+}
+
+/// mkimage of the sample's closure into `out`; must succeed. Returns its standard error.
+fn image_of(s: &SampleStore, out: &Path, extra: &[&str]) -> String {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(s.closure_file.as_os_str());
+    args.push(out.as_os_str());
+    let o = mkimage(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "mkimage {args:?} failed ({}): {stderr}",
+        o.status
+    );
+    stderr
+}
+
+/// `fsck.erofs --extract` reads and decompresses every file; 1.5 exits 0 on some
+/// problems it reports, so its messages count too.
+fn fsck(image: &Path) {
+    let o = harness::run(
+        Command::new("fsck.erofs").arg("--extract").arg(image),
+        TIMEOUT,
+    );
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("<E>") && !text.contains("<W>"),
+        "fsck.erofs {}: {text}",
+        image.display()
+    );
+}
+
+fn sha256(path: &Path) -> Vec<u8> {
+    Sha256::digest(fs::read(path).unwrap()).to_vec()
+}
+
+fn check_sample(s: &SampleStore, image: &Path) {
+    let m = ImageMount::new(image);
+    assert_eq!(root_names(m.path()), s.closure, "image root");
+    let mut check = TreeCheck::with(Expect {
+        mtime: Some((0, 0)),
+        links: Links::Separate,
+        dir_sizes: false,
+    });
+    for base in &s.closure {
+        check.walk(&s.host(base), &m.path().join(base));
+    }
+    check.assert_clean(&format!("{}", image.display()));
+}
+
+/// Text-like bytes (words of a small vocabulary), which LZ4 shrinks as it does real files.
+fn text(rng: &mut PseudoRandom, len: usize) -> Vec<u8> {
+    const WORDS: [&[u8]; 8] = [
+        b"store ",
+        b"closure ",
+        b"/nix/",
+        b"erofs\n",
+        b"lib",
+        b"0123",
+        b"\t",
+        b"path ",
+    ];
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(WORDS[rng.below(8) as usize]);
+    }
+    out.truncate(len);
+    out
+}
+
+/// Compressible, incompressible and zero-filled files of the awkward sizes, and files
+/// mixing them with long runs of zeros, under `dir`.
+fn add_compressible_files(dir: &Path, seed: &str) {
+    let mut rng = PseudoRandom::new(seed);
+    fs::create_dir(dir).unwrap();
+    for size in [0usize, 1, 4095, 4096, 4097, 8193, 65_537, 3 << 20] {
+        fs::write(dir.join(format!("text-{size}")), text(&mut rng, size)).unwrap();
+        let mut random = vec![0u8; size];
+        rng.fill(&mut random);
+        fs::write(dir.join(format!("random-{size}")), random).unwrap();
+        fs::write(dir.join(format!("zeros-{size}")), vec![0u8; size]).unwrap();
+    }
+    let mut mixed = text(&mut rng, 123_457);
+    let mut random = vec![0u8; 50_001];
+    rng.fill(&mut random);
+    mixed.extend(random);
+    mixed.extend(vec![0u8; (2 << 20) + 3]);
+    mixed.extend(text(&mut rng, 4097));
+    fs::write(dir.join("mixed"), mixed).unwrap();
+}
+
+#[test]
+fn compressed_images_of_the_sample_store() {
+    let (d, s) = sample::temp(&SampleOptions::default());
+    let plain = d.path().join("plain.img");
+    image_of(&s, &plain, &[]);
+    for (z, extra) in [
+        ("lz4", None),
+        ("lz4hc", None),
+        ("lz4hc,12", None),
+        ("lz4hc", Some("--ztailpacking")),
+    ] {
+        let img = d.path().join(format!("{z}{}.img", extra.unwrap_or("")));
+        let mut args = vec!["-z", z];
+        args.extend(extra);
+        image_of(&s, &img, &args);
+        fsck(&img);
+        check_sample(&s, &img);
+        println!(
+            "-z {z} {extra:?}: {} bytes, plain {} bytes",
+            fs::metadata(&img).unwrap().len(),
+            fs::metadata(&plain).unwrap().len()
+        );
+    }
+}
+
+#[test]
+fn compressed_images_of_random_trees() {
+    for (seed, z) in [("one", "lz4"), ("two", "lz4hc")] {
+        let d = tempfile::Builder::new()
+            .prefix("nixstorefs-random.")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let tree = d.path().join("tree");
+        nixstorefs_tests::random_tree::build(&tree, seed, &Default::default()).unwrap();
+        add_compressible_files(&tree.join("compressible"), seed);
+        {
+            let img = d.path().join(format!("{z}.img"));
+            let o = mkimage(&[
+                "--preserve-hardlinks".as_ref(),
+                "--preserve-mtime".as_ref(),
+                "-z".as_ref(),
+                z.as_ref(),
+                "--dir".as_ref(),
+                tree.as_os_str(),
+                img.as_os_str(),
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            fsck(&img);
+            let m = ImageMount::new(&img);
+            let mut check = TreeCheck::with(Expect {
+                mtime: None,
+                links: Links::Shared,
+                dir_sizes: false,
+            });
+            for entry in fs::read_dir(&tree).unwrap() {
+                let name = entry.unwrap().file_name();
+                check.walk(&tree.join(&name), &m.path().join(&name));
+            }
+            check.assert_clean(&format!("random tree {seed:?}, -z {z}"));
+        }
+    }
+}
+
+#[test]
+fn compressed_images_do_not_depend_on_the_thread_count() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    add_compressible_files(&s.host(&s.closure[0]).join("compressible"), "threads");
+    for z in ["lz4", "lz4hc"] {
+        let one = d.path().join(format!("{z}-1.img"));
+        image_of(&s, &one, &["-z", z, "--threads", "1"]);
+        for threads in ["2", "5"] {
+            let other = d.path().join(format!("{z}-{threads}.img"));
+            image_of(&s, &other, &["-z", z, "--threads", threads]);
+            assert_eq!(
+                sha256(&one),
+                sha256(&other),
+                "-z {z}: 1 and {threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_compressors_are_refused() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let img = d.path().join("x.img");
+    for z in ["zstd", "lz4hc,13", "gzip"] {
+        let o = mkimage(&[
+            "--store-dir".as_ref(),
+            s.store_dir.as_os_str(),
+            "-z".as_ref(),
+            z.as_ref(),
+            s.closure_file.as_os_str(),
+            img.as_os_str(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "-z {z}");
+        assert!(!img.exists());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cache
+
+/// The cache's entries (`KEY.img`) under `dir`.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "img"))
+        .collect();
+    v.sort();
+    v
+}
+
+struct CacheCase {
+    d: TempDir,
+    s: SampleStore,
+    cache: PathBuf,
+    /// The image without the cache, for comparison.
+    fresh: Vec<u8>,
+}
+
+fn cache_case() -> CacheCase {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let fresh = d.path().join("fresh.img");
+    image_of(&s, &fresh, &["-z", "lz4"]);
+    let fresh = sha256(&fresh);
+    CacheCase { d, s, cache, fresh }
+}
+
+impl CacheCase {
+    fn run(&self, out: &str, extra: &[&str]) -> String {
+        let out = self.d.path().join(out);
+        let mut args = vec!["-z", "lz4", "--cache", self.cache.to_str().unwrap()];
+        args.extend(extra);
+        image_of(&self.s, &out, &args)
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.d.path().join(name)
+    }
+}
+
+#[test]
+fn cache_miss_then_hit() {
+    let c = cache_case();
+    let first = c.run("a.img", &[]);
+    assert!(first.contains("cache miss"), "{first}");
+    assert_eq!(sha256(&c.out("a.img")), c.fresh, "a miss serves the image");
+    let second = c.run("b.img", &[]);
+    assert!(second.contains("mkimage: cache hit:"), "{second}");
+    assert!(!second.contains("wrote"), "a hit writes no image: {second}");
+    assert_eq!(
+        sha256(&c.out("b.img")),
+        c.fresh,
+        "a hit serves the same bytes"
+    );
+    fsck(&c.out("b.img"));
+    assert_eq!(entries(&c.cache).len(), 1);
+
+    // Any option that changes the image is part of the key; the thread count is not.
+    let third = c.run("c.img", &["-L", "other"]);
+    assert!(third.contains("cache miss"), "{third}");
+    let fourth = c.run("d.img", &["--threads", "1"]);
+    assert!(fourth.contains("cache hit"), "{fourth}");
+    assert_eq!(entries(&c.cache).len(), 2);
+
+    // --no-cache bypasses it; NIXSTOREFS_IMAGE_CACHE sets it.
+    let o = harness::run(
+        Command::new(harness::bin("mkimage"))
+            .args(["--store-dir".as_ref(), c.s.store_dir.as_os_str()])
+            .args(["-z", "lz4", "--no-cache"])
+            .arg(&c.s.closure_file)
+            .arg(c.out("e.img"))
+            .env("NIXSTOREFS_IMAGE_CACHE", &c.cache),
+        TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !text.contains("cache"), "{text}");
+    let o = harness::run(
+        Command::new(harness::bin("mkimage"))
+            .args(["--store-dir".as_ref(), c.s.store_dir.as_os_str()])
+            .args(["-z", "lz4"])
+            .arg(&c.s.closure_file)
+            .arg(c.out("f.img"))
+            .env("NIXSTOREFS_IMAGE_CACHE", &c.cache),
+        TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && text.contains("cache hit"), "{text}");
+
+    // --dir trees are not cached: an explicit --cache is refused.
+    let o = mkimage(&[
+        "--cache".as_ref(),
+        c.cache.as_os_str(),
+        "--dir".as_ref(),
+        c.s.store_dir.as_os_str(),
+        c.out("g.img").as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn writing_to_a_served_image_never_changes_a_later_hit() {
+    let c = cache_case();
+    c.run("a.img", &[]);
+    // On this filesystem OUTPUT shares the entry's inode (or is a reflink of it).
+    // Whatever a VM writes to it, the next run must not serve those bytes.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(c.out("a.img"))
+        .unwrap();
+    f.write_all_at(&[0x5a; 4096], 8192).unwrap();
+    drop(f);
+    let again = c.run("b.img", &[]);
+    assert!(
+        again.contains("wrote") || again.contains("cache hit"),
+        "{again}"
+    );
+    assert_eq!(
+        sha256(&c.out("b.img")),
+        c.fresh,
+        "the served image is the true one"
+    );
+    fsck(&c.out("b.img"));
+}
+
+#[test]
+fn damaged_entries_are_rebuilt() {
+    let c = cache_case();
+    c.run("a.img", &[]);
+    let entry = entries(&c.cache).pop().unwrap();
+    let sealed = fs::metadata(&entry).unwrap();
+
+    // A flipped byte in the superblock, with the mtime put back: the checksum catches it.
+    let f = fs::OpenOptions::new().write(true).open(&entry).unwrap();
+    f.write_all_at(&[0xff], 1024 + 64).unwrap();
+    f.set_modified(sealed.modified().unwrap()).unwrap();
+    drop(f);
+    assert_eq!(
+        fs::metadata(&entry).unwrap().mtime_nsec(),
+        sealed.mtime_nsec()
+    );
+    let text = c.run("b.img", &[]);
+    assert!(
+        text.contains("damaged") && text.contains("checksum"),
+        "{text}"
+    );
+    assert_eq!(sha256(&c.out("b.img")), c.fresh);
+
+    // Truncated: the size no longer matches.
+    let f = fs::OpenOptions::new().write(true).open(&entry).unwrap();
+    f.set_len(8192).unwrap();
+    drop(f);
+    let text = c.run("c.img", &[]);
+    assert!(
+        text.contains("damaged") && text.contains("changed"),
+        "{text}"
+    );
+    assert_eq!(sha256(&c.out("c.img")), c.fresh);
+
+    // No seal (a run killed before sealing): rebuilt.
+    let seal = entry.with_extension("seal");
+    fs::remove_file(&seal).unwrap();
+    let text = c.run("d.img", &[]);
+    assert!(text.contains("damaged"), "{text}");
+    assert!(seal.exists());
+    assert_eq!(sha256(&c.out("d.img")), c.fresh);
+    let text = c.run("e.img", &[]);
+    assert!(text.contains("cache hit"), "{text}");
+}
+
+#[test]
+fn concurrent_runs_build_once() {
+    let c = cache_case();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            Command::new(harness::bin("mkimage"))
+                .args(["--store-dir".as_ref(), c.s.store_dir.as_os_str()])
+                .args(["-z", "lz4", "--cache"])
+                .arg(&c.cache)
+                .arg(&c.s.closure_file)
+                .arg(c.out(&format!("out{i}.img")))
+                .env_remove("NIXSTOREFS_IMAGE_CACHE")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut built = 0;
+    for mut child in children {
+        let status = harness::wait_bounded(&mut child, TIMEOUT).expect("mkimage finishes");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut text).unwrap();
+        assert!(status.success(), "{text}");
+        if text.contains("(cache miss)") {
+            built += 1;
+        }
+    }
+    assert_eq!(built, 1, "one run builds, the others wait and hit");
+    for i in 0..4 {
+        assert_eq!(sha256(&c.out(&format!("out{i}.img"))), c.fresh);
+    }
+    assert_eq!(entries(&c.cache).len(), 1);
+}
+
+#[test]
+fn least_recently_used_entries_are_evicted() {
+    let c = cache_case();
+    let size = fs::metadata(c.out("fresh.img")).unwrap().len();
+    // Room for two entries of about this size (labels do not change the size).
+    let max = (2 * size + size / 2).to_string();
+    let run = |out: &str, label: &str| {
+        // Seal times must differ even on filesystems with coarse timestamps.
+        std::thread::sleep(Duration::from_millis(30));
+        c.run(out, &["-L", label, "--cache-max-size", &max])
+    };
+    run("a.img", "a");
+    run("b.img", "b");
+    assert_eq!(entries(&c.cache).len(), 2);
+    // a is used again, so b is now the least recently used one.
+    assert!(run("a2.img", "a").contains("cache hit"));
+    run("c.img", "c");
+    assert_eq!(entries(&c.cache).len(), 2);
+    assert!(run("a3.img", "a").contains("cache hit"), "a was kept");
+    assert!(run("c2.img", "c").contains("cache hit"), "c was kept");
+    assert!(run("b2.img", "b").contains("cache miss"), "b was evicted");
+    // Evicting an entry leaves the images already served alone.
+    fsck(&c.out("b.img"));
+}
