@@ -530,9 +530,11 @@ pub struct View {
     /// The root listing: the closure's store paths present at startup, sorted by name so
     /// that root lookups are a binary search (no second copy of 100k names to build).
     root_listing: Arc<[DirEntry]>,
-    /// The identity of each root entry at startup, in the listing's order: a store path
-    /// replaced on the host since is refused.
-    root_hosts: Box<[HostId]>,
+    /// The device and inode number of each root entry at startup, in the listing's order:
+    /// a store path replaced on the host since is refused. (Only these: the full identity
+    /// costs a second system call per path, and startup is on the critical path of every
+    /// VM start; the record made at the first lookup holds the full identity.)
+    root_hosts: Box<[(u64, u64)]>,
     root_attr: Attr,
     known: DashMap<NodeId, Arc<Known>>,
     live: DashMap<NodeId, Live>,
@@ -697,9 +699,11 @@ impl View {
         let mut setup = Setup::default();
         for path in &closure.paths {
             let name = OsStr::new(path.base_name());
-            match status_at(store.as_fd(), name) {
-                Ok(Status { st, host }) => {
-                    if !options.cross_mounts && (host.mnt != store_host.mnt || is_mount_root(&st)) {
+            match rustix::fs::statat(store.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => {
+                    // Another device is another mount; a bind mount from the same device
+                    // is found (and refused) at lookup, by its mount id.
+                    if !options.cross_mounts && st.st_dev != store_host.dev {
                         return Err(ViewError::MountPoint {
                             path: store_dir.join(name),
                         });
@@ -707,11 +711,12 @@ impl View {
                     root_listing.push(DirEntry {
                         name: name.to_owned(),
                         ino: inodes
-                            .direct(host.dev, host.mnt, host.ino)
-                            .unwrap_or_else(|| inodes.allocate(&host)),
-                        kind: kind_of(&st),
+                            .direct(st.st_dev, store_host.mnt, st.st_ino)
+                            .unwrap_or(0),
+                        kind: Kind::from_file_type(FileType::from_raw_mode(st.st_mode))
+                            .unwrap_or(Kind::RegularFile),
                     });
-                    root_hosts.push(host);
+                    root_hosts.push((st.st_dev, st.st_ino));
                 }
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => setup.missing.push(path.clone()),
                 Err(e) => {
@@ -781,7 +786,10 @@ impl View {
             }
         }
         entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let (root_listing, root_hosts) = entries.into_iter().unzip();
+        let (root_listing, root_hosts) = entries
+            .into_iter()
+            .map(|(e, h)| (e, (h.dev, h.ino)))
+            .unzip();
         // The directory's own attributes: the snapshot of a tree keeps its root as it is.
         let root_attr = attr_of(&st, ROOT_ID, 0);
         View::assemble(
@@ -829,7 +837,7 @@ impl View {
         root_attr: Attr,
         inodes: InodeMap,
         root_listing: Vec<DirEntry>,
-        root_hosts: Vec<HostId>,
+        root_hosts: Vec<(u64, u64)>,
         options: ViewOptions,
     ) -> std::result::Result<View, ViewError> {
         debug_assert!(root_listing.windows(2).all(|w| w[0].name < w[1].name));
@@ -1209,8 +1217,14 @@ impl View {
                 Errno::NOENT
             })?;
             let kind = kind_of(&st);
-            if host != self.root_hosts[index] || kind != self.root_listing[index].kind {
+            if (host.dev, host.ino) != self.root_hosts[index]
+                || kind != self.root_listing[index].kind
+            {
                 warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path replaced on the host since startup; refusing it");
+                return Err(Errno::NOENT);
+            }
+            if !self.cross_mounts && (host.mnt != self.store_host.mnt || is_mount_root(&st)) {
+                warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path is a mount point; not serving it");
                 return Err(Errno::NOENT);
             }
             let record = self.hand_out(
