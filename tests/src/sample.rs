@@ -236,6 +236,27 @@ impl PseudoRandom {
         }
     }
 
+    /// `len` text-like bytes (words of a small vocabulary), which LZ4 shrinks as it does
+    /// real files.
+    pub fn text(&mut self, len: usize) -> Vec<u8> {
+        const WORDS: [&[u8]; 8] = [
+            b"store ",
+            b"closure ",
+            b"/nix/",
+            b"erofs\n",
+            b"lib",
+            b"0123",
+            b"\t",
+            b"path ",
+        ];
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(WORDS[self.below(8) as usize]);
+        }
+        out.truncate(len);
+        out
+    }
+
     /// The next 64 bits of the sequence.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;

@@ -79,44 +79,24 @@ fn check_sample(s: &SampleStore, image: &Path) {
     check.assert_clean(&format!("{}", image.display()));
 }
 
-/// Text-like bytes (words of a small vocabulary), which LZ4 shrinks as it does real files.
-fn text(rng: &mut PseudoRandom, len: usize) -> Vec<u8> {
-    const WORDS: [&[u8]; 8] = [
-        b"store ",
-        b"closure ",
-        b"/nix/",
-        b"erofs\n",
-        b"lib",
-        b"0123",
-        b"\t",
-        b"path ",
-    ];
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(WORDS[rng.below(8) as usize]);
-    }
-    out.truncate(len);
-    out
-}
-
 /// Compressible, incompressible and zero-filled files of the awkward sizes, and files
 /// mixing them with long runs of zeros, under `dir`.
 fn add_compressible_files(dir: &Path, seed: &str) {
     let mut rng = PseudoRandom::new(seed);
     fs::create_dir(dir).unwrap();
     for size in [0usize, 1, 4095, 4096, 4097, 8193, 65_537, 3 << 20] {
-        fs::write(dir.join(format!("text-{size}")), text(&mut rng, size)).unwrap();
+        fs::write(dir.join(format!("text-{size}")), rng.text(size)).unwrap();
         let mut random = vec![0u8; size];
         rng.fill(&mut random);
         fs::write(dir.join(format!("random-{size}")), random).unwrap();
         fs::write(dir.join(format!("zeros-{size}")), vec![0u8; size]).unwrap();
     }
-    let mut mixed = text(&mut rng, 123_457);
+    let mut mixed = rng.text(123_457);
     let mut random = vec![0u8; 50_001];
     rng.fill(&mut random);
     mixed.extend(random);
     mixed.extend(vec![0u8; (2 << 20) + 3]);
-    mixed.extend(text(&mut rng, 4097));
+    mixed.extend(rng.text(4097));
     fs::write(dir.join("mixed"), mixed).unwrap();
 }
 

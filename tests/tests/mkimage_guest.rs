@@ -18,43 +18,23 @@ use sha2::{Digest, Sha256};
 
 const MKIMAGE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Text-like bytes (words of a small vocabulary), which LZ4 shrinks as it does real files.
-fn text(rng: &mut PseudoRandom, len: usize) -> Vec<u8> {
-    const WORDS: [&[u8]; 8] = [
-        b"store ",
-        b"closure ",
-        b"/nix/",
-        b"erofs\n",
-        b"lib",
-        b"0123",
-        b"\t",
-        b"path ",
-    ];
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(WORDS[rng.below(8) as usize]);
-    }
-    out.truncate(len);
-    out
-}
-
 /// Files for the store path that exercises compression: name and contents.
 fn compressible_files() -> Vec<(String, Vec<u8>)> {
     let mut rng = PseudoRandom::new("mkimage-guest");
     let mut files = Vec::new();
     for size in [0usize, 1, 4095, 4096, 4097, 8193, 65_537, 3 << 20] {
-        files.push((format!("text-{size}"), text(&mut rng, size)));
+        files.push((format!("text-{size}"), rng.text(size)));
         let mut random = vec![0u8; size];
         rng.fill(&mut random);
         files.push((format!("random-{size}"), random));
         files.push((format!("zeros-{size}"), vec![0u8; size]));
     }
-    let mut mixed = text(&mut rng, 100_003);
+    let mut mixed = rng.text(100_003);
     let mut random = vec![0u8; 40_000];
     rng.fill(&mut random);
     mixed.extend(random);
     mixed.extend(vec![0u8; 1 << 20]);
-    mixed.extend(text(&mut rng, 4097));
+    mixed.extend(rng.text(4097));
     files.push(("mixed".into(), mixed));
     files.sort();
     files
