@@ -1,5 +1,6 @@
-//! Process plumbing for the daemon: detaching once the mount is live, telling systemd it is
-//! ready, and turning SIGINT/SIGTERM into a clean unmount.
+//! Process plumbing for the daemon: detaching once the mount or socket is live, telling
+//! systemd it is ready, turning SIGINT/SIGTERM into a clean exit, and the vhost-user socket
+//! with its lock.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -11,7 +12,7 @@ pub struct Detached {
 }
 
 impl Detached {
-    /// Tells the waiting parent that the mount is live; it exits 0.
+    /// Tells the waiting parent that the mount or socket is live; it exits 0.
     pub fn ready(mut self) {
         let _ = self.pipe.write_all(&[0]);
     }
@@ -54,7 +55,7 @@ pub fn detach() -> std::io::Result<Detached> {
                     std::process::exit(i32::from(*status));
                 }
                 None => {
-                    eprintln!("nixstorefs: the daemon exited before the mount was ready");
+                    eprintln!("nixstorefs: the daemon exited before it was ready");
                     std::process::exit(1);
                 }
             }
@@ -144,4 +145,126 @@ impl SignalWaiter {
 /// Lazily detaches the mount at `path`, for when a plain unmount fails because it is busy.
 pub fn detach_mount(path: &std::path::Path) -> std::io::Result<()> {
     rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(Into::into)
+}
+
+/// The vhost-user socket a VMM connects to, created by the daemon, and the lock that says
+/// which daemon serves it. Both files are removed when this is dropped.
+///
+/// The lock is `SOCKET.pid`, holding the daemon's process id under an exclusive `flock`:
+/// a second daemon asked for the same socket fails instead of taking it from a running one,
+/// while a socket file left by a killed daemon (whose lock died with it) is replaced.
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    lock_path: std::path::PathBuf,
+    _lock: std::fs::File,
+}
+
+impl SocketFile {
+    /// Creates and listens on the socket at `path`: readable and writable by its owner
+    /// only, or by `group` too when one is given. Errors name the path and the cause.
+    pub fn listen(
+        path: &std::path::Path,
+        group: Option<&str>,
+    ) -> Result<(vhost::vhost_user::Listener, SocketFile), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let gid = group.map(group_id).transpose()?;
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".pid");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let mut lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot create the lock file {}: {e}", lock_path.display()))?;
+        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            return Err(if e == rustix::io::Errno::WOULDBLOCK {
+                format!(
+                    "socket {} is served by another daemon (pid {}, lock {})",
+                    path.display(),
+                    pid.trim(),
+                    lock_path.display()
+                )
+            } else {
+                format!("cannot lock {}: {e}", lock_path.display())
+            });
+        }
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| format!("cannot write {}: {e}", lock_path.display()))?;
+        // The socket's mode comes from the umask at bind: no moment with wider permissions.
+        let mask = if gid.is_some() { 0o117 } else { 0o177 };
+        let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(mask));
+        // A socket file left by a daemon that was killed is replaced (its lock is free).
+        let listener = vhost::vhost_user::Listener::new(path, true);
+        rustix::process::umask(old);
+        let listener =
+            listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        let file = SocketFile {
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock,
+        };
+        if let Some(gid) = gid {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+                format!(
+                    "cannot give socket {} to group {}: {e}",
+                    path.display(),
+                    group.unwrap_or_default()
+                )
+            })?;
+        }
+        Ok((listener, file))
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The id of group `name` (or a number).
+fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
+    // SAFETY: getgrnam returns a pointer to static storage or null; read at once. No other
+    // thread calls it (startup is single-threaded).
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("--socket-group: no group named {name:?}"));
+    }
+    // SAFETY: non-null, pointing at a valid struct group.
+    Ok(unsafe { (*group).gr_gid })
+}
+
+/// A listening Unix socket inherited as descriptor `fd` (`--fd`), checked to be one.
+pub fn inherited_listener(fd: i32) -> Result<vhost::vhost_user::Listener, String> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    if fd < 0 {
+        return Err(format!("--fd {fd}: not a descriptor"));
+    }
+    // SAFETY: only borrowed for the checks; fcntl fails cleanly on a closed descriptor.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).map_err(|e| format!("--fd {fd}: {e}"))?;
+    let unix = rustix::net::sockopt::socket_domain(borrowed)
+        .map(|d| d == rustix::net::AddressFamily::UNIX)
+        .unwrap_or(false);
+    let listening = rustix::net::sockopt::socket_acceptconn(borrowed).unwrap_or(false);
+    if !unix || !listening {
+        return Err(format!("--fd {fd}: not a listening Unix socket"));
+    }
+    // Not inherited further: the daemon starts no programs, but keep it that way.
+    let _ = rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC);
+    // SAFETY: the descriptor is open, a listening Unix socket, and ours from here on.
+    Ok(unsafe { vhost::vhost_user::Listener::from_raw_fd(fd) })
 }

@@ -6,18 +6,21 @@
 //!   closureInfo directories, registrations); `mkimage` reuses them.
 //! * [`view`] is the closure view itself: inodes, descriptors, directory listings, reads,
 //!   all resolved relative to descriptors it holds.
-//! * [`fuse`] serves a [`view::View`] over FUSE; the callbacks are thin.
+//! * [`session`] is what every transport serves a view with: open files, directory
+//!   streams, cache policy.
+//! * [`transport`] holds the thin translations: [`transport::fuse`] for a host mount,
+//!   [`transport::virtiofs`] for a guest over vhost-user.
 //! * [`gc_roots`] holds the closure's paths as Nix temporary roots while they are served.
 
 pub mod cli;
 pub mod closure;
-pub mod fuse;
+pub mod session;
+pub mod transport;
 pub mod gc_roots;
 pub mod store_path;
 pub mod view;
 
 pub mod daemon;
 mod fdcache;
-mod mapping;
 pub mod options;
 mod ratelimit;

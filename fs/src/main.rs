@@ -1,13 +1,15 @@
-//! `nixstorefs`: mounts exactly one Nix closure of the host store, read-only.
+//! `nixstorefs`: serves exactly one Nix closure of the host store, read-only: as a FUSE
+//! mount, or to a guest as a vhost-user virtio-fs device.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::daemon;
-use nixstorefs::fuse::{FuseOptions, StoreFs};
+use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
+use nixstorefs::transport::virtiofs;
 use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::options::MountOptions;
 use nixstorefs::view::{View, ViewError, ViewOptions};
@@ -27,14 +29,22 @@ Examples:
   # Unmount:
   fusermount3 -u /mnt/store
 
+  # Straight to a guest, as an ordinary user, with no host mount (qemu connects to the
+  # socket: -chardev socket,id=store,path=/tmp/store.sock
+  #   -device vhost-user-fs-pci,chardev=store,tag=nix-store
+  #   -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem):
+  nixstorefs --socket-path /tmp/store.sock closure.txt
+
   # /etc/fstab:
   /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
 
-Exit status: 0 once the mount is live; 2 for bad input (a malformed closure, closure
-paths missing from the store, bad options); 1 when mounting or serving fails, or when the
-garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.";
+Exit status: 0 once the mount or socket is live (detached), or when the guest disconnects
+or a signal ends the daemon (-f); 2 for bad input (a malformed closure, closure paths
+missing from the store, bad options); 1 when mounting, listening or serving fails, or when
+the garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.";
 
-/// Presents exactly one Nix closure of the host's store as a read-only FUSE mount.
+/// Presents exactly one Nix closure of the host's store, read-only: as a FUSE mount, or
+/// to one guest as a vhost-user virtio-fs device (--socket-path, --fd).
 #[derive(Parser, Debug)]
 #[command(version, after_help = EXAMPLES)]
 struct Args {
@@ -42,13 +52,33 @@ struct Args {
     /// registration (`nix-store --dump-db`), or `-` for standard input.
     closure: PathBuf,
 
-    /// Where to mount the view.
-    mountpoint: PathBuf,
+    /// Where to mount the view (not with --socket-path or --fd).
+    mountpoint: Option<PathBuf>,
+
+    /// Serve the view to a guest as a vhost-user virtio-fs device on this Unix socket,
+    /// instead of mounting it: no FUSE, no privileges. The socket exists once the daemon
+    /// is ready, and is removed when it exits; the guest disconnecting ends the daemon.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "mountpoint")]
+    socket_path: Option<PathBuf>,
+
+    /// Like --socket-path, on a listening Unix socket inherited as descriptor N.
+    #[arg(long, value_name = "N", conflicts_with_all = ["mountpoint", "socket_path"])]
+    fd: Option<i32>,
+
+    /// Make the socket readable and writable by this group too (name or number); without
+    /// it only the daemon's user may connect.
+    #[arg(long, value_name = "GROUP", requires = "socket_path")]
+    socket_group: Option<String>,
+
+    /// The file system name the device reports to guests, for VMMs that ask the device for
+    /// it (qemu's vhost-user-fs-pci takes its own tag= instead).
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
 
     #[command(flatten)]
     closure_options: ClosureOptions,
 
-    /// Stay in the foreground instead of detaching once the mount is live.
+    /// Stay in the foreground instead of detaching once the mount or socket is live.
     #[arg(short, long)]
     foreground: bool,
 
@@ -105,13 +135,19 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
         .unwrap_or_else(|| args.closure_options.store_dir.clone());
     let closure = load_closure(&args.closure, &store_dir)?;
     let store_dir = closure.store_dir.clone();
-    let meta = std::fs::metadata(&args.mountpoint)
-        .map_err(|e| Failure::input(format!("mountpoint {}: {e}", args.mountpoint.display())))?;
-    if !meta.is_dir() {
-        return Err(Failure::input(format!(
-            "mountpoint {} is not a directory",
-            args.mountpoint.display()
-        )));
+    match (&args.mountpoint, &args.socket_path) {
+        (Some(mountpoint), _) => {
+            let meta = std::fs::metadata(mountpoint)
+                .map_err(|e| Failure::input(format!("mountpoint {}: {e}", mountpoint.display())))?;
+            if !meta.is_dir() {
+                return Err(Failure::input(format!(
+                    "mountpoint {} is not a directory",
+                    mountpoint.display()
+                )));
+            }
+        }
+        (None, Some(socket)) => check_socket_dir(socket)?,
+        (None, None) => {}
     }
     let allow_missing = args.closure_options.allow_missing || opts.allow_missing;
     let roots = hold_roots(
@@ -163,6 +199,27 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
     Ok((view, roots))
 }
 
+/// Fails early, before anything is served, when the socket's directory is missing.
+fn check_socket_dir(socket: &Path) -> Result<(), Failure> {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Failure::input(format!(
+            "socket {}: {} is not a directory",
+            socket.display(),
+            dir.display()
+        ))),
+        Err(e) => Err(Failure::input(format!(
+            "socket {}: directory {}: {e}",
+            socket.display(),
+            dir.display()
+        ))),
+    }
+}
+
 /// Lets the process keep as many descriptors open as it is allowed to: the cache bounds what
 /// the view holds, but open files are held for as long as clients keep them open.
 fn raise_fd_limit() {
@@ -182,6 +239,7 @@ fn raise_fd_limit() {
 /// told once the mount is live, left in place when mounting fails.
 fn serve(
     args: &Args,
+    mountpoint: &Path,
     opts: MountOptions,
     view: View,
     detached: &mut Option<daemon::Detached>,
@@ -201,18 +259,18 @@ fn serve(
     config.n_threads = Some(args.threads.into());
     config.clone_fd = true;
 
-    let canonical = std::fs::canonicalize(&args.mountpoint)
-        .map_err(|e| Failure::input(format!("mountpoint {}: {e}", args.mountpoint.display())))?;
-    let mut session = fuser::Session::new(fs, &args.mountpoint, &config).map_err(|e| {
+    let canonical = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Failure::input(format!("mountpoint {}: {e}", mountpoint.display())))?;
+    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
         Failure::runtime(format!(
             "cannot mount on {}: {e}",
-            args.mountpoint.display()
+            mountpoint.display()
         ))
     })?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
     let mut unmounter = session.unmount_callable();
-    let mountpoint = args.mountpoint.clone();
+    let target = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -223,10 +281,10 @@ fn serve(
                 // keep working until they are closed.
                 tracing::warn!(
                     "unmount of {} failed ({e}); detaching it lazily",
-                    mountpoint.display()
+                    target.display()
                 );
-                if let Err(e) = daemon::detach_mount(&mountpoint) {
-                    tracing::error!("cannot detach {}: {e}", mountpoint.display());
+                if let Err(e) = daemon::detach_mount(&target) {
+                    tracing::error!("cannot detach {}: {e}", target.display());
                     std::process::exit(1);
                 }
             }
@@ -242,30 +300,118 @@ fn serve(
     }
     daemon::notify_ready();
     // Off the startup path: until it is done, reads use the kernel's default read-ahead.
-    nixstorefs::fuse::tune_read_ahead(&canonical);
+    nixstorefs::transport::fuse::tune_read_ahead(&canonical);
     session.run().map_err(|e| {
-        Failure::runtime(format!("serving {} failed: {e}", args.mountpoint.display()))
+        Failure::runtime(format!("serving {} failed: {e}", mountpoint.display()))
     })?;
+    log_stats(&view, "unmounted; exiting");
+    Ok(())
+}
+
+fn log_stats(view: &View, message: &str) {
     let stats = view.stats();
     tracing::info!(
         live = stats.live,
         records = stats.records,
         allocated = stats.allocated,
         cached_dirs = stats.cached_dirs,
-        "unmounted; exiting"
+        "{message}"
     );
-    Ok(())
+}
+
+/// Where a guest's VMM connects: a socket the daemon creates, or one it inherited.
+enum Endpoint<'a> {
+    Socket(&'a Path),
+    Fd(i32),
+}
+
+/// Serves one guest over vhost-user until it disconnects or a signal comes; either ends
+/// the daemon cleanly (status 0), with the socket and its lock removed.
+fn serve_guest(
+    args: &Args,
+    endpoint: Endpoint<'_>,
+    view: View,
+    detached: &mut Option<daemon::Detached>,
+) -> Result<(), Failure> {
+    let signals = daemon::block_signals();
+    let (listener, socket) = match endpoint {
+        Endpoint::Socket(path) => {
+            let (listener, file) = daemon::SocketFile::listen(path, args.socket_group.as_deref())
+                .map_err(Failure::runtime)?;
+            tracing::info!(socket = %path.display(), "listening");
+            (listener, Some(file))
+        }
+        Endpoint::Fd(fd) => (
+            daemon::inherited_listener(fd).map_err(Failure::input)?,
+            None,
+        ),
+    };
+    let view = Arc::new(view);
+    enum Event {
+        Ended(std::io::Result<()>),
+        Signal(i32),
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let served = tx.clone();
+    let guest_view = view.clone();
+    let tag = args.tag.clone();
+    std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || {
+            let _ = served.send(Event::Ended(virtiofs::serve(guest_view, listener, tag)));
+        })
+        .map_err(|e| Failure::runtime(format!("cannot start the serving thread: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let _ = tx.send(Event::Signal(signals.wait()));
+        })
+        .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
+
+    if let Some(detached) = detached.take() {
+        if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
+            tracing::warn!("cannot detach from the terminal: {e}");
+        }
+        detached.ready();
+    }
+    daemon::notify_ready();
+    let result = match rx.recv() {
+        Ok(Event::Ended(Ok(()))) => {
+            log_stats(&view, "the guest disconnected; exiting");
+            Ok(())
+        }
+        Ok(Event::Ended(Err(e))) => Err(Failure::runtime(e.to_string())),
+        Ok(Event::Signal(sig)) => {
+            log_stats(&view, &format!("signal {sig}; exiting"));
+            Ok(())
+        }
+        Err(_) => Err(Failure::runtime("the serving thread vanished")),
+    };
+    // The socket and its lock go before the exit status is known to whoever waits.
+    drop(socket);
+    result
 }
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    if args.mountpoint.is_none() && args.socket_path.is_none() && args.fd.is_none() {
+        eprintln!("nixstorefs: give a mountpoint, or --socket-path or --fd to serve a guest");
+        return ExitCode::from(2);
+    }
     // The detached daemon works from `/` (so it keeps no directory busy): every path it
     // uses after detaching must not depend on where it was started.
-    match std::path::absolute(&args.mountpoint) {
-        Ok(path) => args.mountpoint = path,
-        Err(e) => {
-            eprintln!("nixstorefs: mountpoint {}: {e}", args.mountpoint.display());
-            return ExitCode::from(2);
+    for (what, path) in [
+        ("mountpoint", &mut args.mountpoint),
+        ("socket", &mut args.socket_path),
+    ] {
+        if let Some(p) = path {
+            match std::path::absolute(&*p) {
+                Ok(absolute) => *p = absolute,
+                Err(e) => {
+                    eprintln!("nixstorefs: {what} {}: {e}", p.display());
+                    return ExitCode::from(2);
+                }
+            }
         }
     }
     if let Err(f) = init_logging(args.verbose, args.log_file.as_deref()) {
@@ -300,7 +446,14 @@ fn main() -> ExitCode {
     };
     // The detached child is a new process: the roots must be its own before the parent exits.
     let served = match roots.after_fork() {
-        Ok(()) => serve(&args, opts, view, &mut detached),
+        Ok(()) => match (&args.mountpoint, &args.socket_path, args.fd) {
+            (Some(mountpoint), _, _) => serve(&args, mountpoint, opts, view, &mut detached),
+            (None, Some(socket), _) => {
+                serve_guest(&args, Endpoint::Socket(socket), view, &mut detached)
+            }
+            (None, None, Some(fd)) => serve_guest(&args, Endpoint::Fd(fd), view, &mut detached),
+            (None, None, None) => unreachable!("checked above"),
+        },
         Err(e) => Err(Failure::runtime(e.to_string())),
     };
     let status = match served {
@@ -315,7 +468,7 @@ fn main() -> ExitCode {
             ExitCode::from(f.status)
         }
     };
-    // Held until the mount is gone.
+    // Held until the mount or the guest is gone.
     drop(roots);
     status
 }

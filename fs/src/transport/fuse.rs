@@ -1,32 +1,30 @@
-//! Serving a [`View`] over FUSE.
+//! Serving a [`View`] over `/dev/fuse`, to the host's own kernel.
 //!
-//! The callbacks are thin: they translate between fuser's types and the view's, keep the
-//! table of open file and directory handles, and choose the kernel caching behaviour. All
-//! decisions about what is visible live in the view.
+//! The callbacks only translate between fuser's types and the session's: handles, listings
+//! and cache policy are the [`Session`]'s, and what is visible is the view's. What is this
+//! transport's alone is what only the host kernel offers: passthrough (the kernel reads a
+//! registered host file itself) and replies straight from a mapping of the host file.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::mapping::FileMapping;
-use crate::ratelimit::Limiter;
-use crate::view::{self, Attr, DirEntry, HostFile, Kind, NodeId, View, ROOT_ID};
+use super::mapping::FileMapping;
+use crate::session::{CachePolicy, OpenFile, Session, DIR_CACHE, FILE_CACHE, TTL};
+use crate::view::{self, Attr, Kind, NodeId, View, ROOT_ID};
 use crate::warn_limited;
-
-/// How long the kernel may trust entries and attributes: the store is immutable, so as
-/// long as it likes. (The kernel clamps what it cannot represent.)
-const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Options for serving a view.
 #[derive(Clone, Debug)]
@@ -48,93 +46,66 @@ impl Default for FuseOptions {
     }
 }
 
-/// An open regular file.
-enum OpenFile {
+/// What this transport keeps beside an open regular file.
+pub enum FuseFile {
     /// Reads go to the kernel's backing file; the id keeps it registered until release.
     Passthrough(#[allow(dead_code)] Arc<BackingId>),
-    /// Reads come to the daemon.
-    Daemon(DaemonFile),
-}
-
-/// A file whose reads the daemon serves: small reads with `pread`, large ones from a
-/// mapping made at the first of them (see [`FileMapping`]).
-struct DaemonFile {
-    fd: OwnedFd,
-    /// The size at open, which is what the kernel believes. A read that finds less was
-    /// shrunk on the host: it fails rather than come back short, because the kernel fills
-    /// a short read up to the size it believes with zeros, bytes the file never had.
-    size: u64,
-    mapping: OnceLock<Option<FileMapping>>,
+    /// Reads come to the daemon: small ones with `pread`, large ones from a mapping of the
+    /// file made at the first of them (see [`FileMapping`]).
+    Daemon(OnceLock<Option<FileMapping>>),
 }
 
 /// Reads at least this large are served from a mapping of the file. Below it, the copy
 /// `pread` makes costs less than setting up and tearing down a mapping.
 const MAPPED_READ_MIN: u32 = 128 * 1024;
 
-impl DaemonFile {
-    /// The mapping of the whole file, made on first use; `None` when the file cannot be
-    /// mapped (then reads fall back to `pread`).
-    fn mapping(&self) -> Option<&FileMapping> {
-        self.mapping
-            .get_or_init(|| {
-                FileMapping::new(self.fd.as_fd(), self.size)
-                    .inspect_err(|e| tracing::debug!("cannot map a file, using pread: {e}"))
-                    .ok()
-            })
-            .as_ref()
-    }
+/// The mapping of the whole of `open`, made on first use; `None` when the file cannot be
+/// mapped (then reads fall back to `pread`).
+fn mapping<'a>(
+    open: &'a OpenFile<FuseFile>,
+    slot: &'a OnceLock<Option<FileMapping>>,
+) -> Option<&'a FileMapping> {
+    slot.get_or_init(|| {
+        FileMapping::new(open.file.as_fd(), open.size)
+            .inspect_err(|e| tracing::debug!("cannot map a file, using pread: {e}"))
+            .ok()
+    })
+    .as_ref()
 }
 
-/// The FUSE filesystem: a view plus its open handles.
+/// The FUSE filesystem: a session on a view, plus what passthrough needs.
 pub struct StoreFs {
-    view: Arc<View>,
+    session: Session<FuseFile>,
     options: FuseOptions,
     /// Set at INIT: whether the kernel accepted passthrough.
     passthrough: AtomicBool,
-    /// Open files by handle; shared so that a read holds no map lock while it replies.
-    files: DashMap<u64, Arc<OpenFile>>,
     /// The backing file registered for each node open in passthrough mode. The kernel
     /// refuses a second, different backing file for an inode that is open (EIO), so
     /// concurrent opens of one node share one.
     backings: DashMap<NodeId, Weak<BackingId>>,
-    /// Directory listings as they were at opendir, so offsets stay valid for the handle's
-    /// whole life whatever other readers do. Unused when the kernel opens directories
-    /// without asking (see `no_opendir`).
-    dirs: DashMap<u64, Arc<[DirEntry]>>,
     /// Set at INIT: the kernel can open directories without a round trip to the daemon
-    /// (FUSE_NO_OPENDIR_SUPPORT), keeping their contents cached. Listings then come from
-    /// the view's per-node cache, which never changes while the node is held, so offsets
-    /// stay valid all the same.
+    /// (FUSE_NO_OPENDIR_SUPPORT), keeping their contents cached; it then reads them with
+    /// handle 0 (see [`Session::dir_stream`]).
     no_opendir: AtomicBool,
-    next_handle: AtomicU64,
-    warnings: Limiter,
 }
 
 impl StoreFs {
     /// Serves `view` with `options`.
     pub fn new(view: Arc<View>, options: FuseOptions) -> Self {
         StoreFs {
-            view,
+            session: Session::new(view),
             options,
             passthrough: AtomicBool::new(false),
-            files: DashMap::new(),
             backings: DashMap::new(),
-            dirs: DashMap::new(),
             no_opendir: AtomicBool::new(false),
-            next_handle: AtomicU64::new(1),
-            warnings: Limiter::default(),
         }
     }
 
-    fn handle(&self) -> u64 {
-        self.next_handle.fetch_add(1, Ordering::Relaxed)
-    }
-
     /// The backing id for node `id`, shared with its other open handles or registered from
-    /// `fd`. A failure that will not go away (no CAP_SYS_ADMIN, a backing filesystem the
+    /// `file`. A failure that will not go away (no CAP_SYS_ADMIN, a backing filesystem the
     /// kernel refuses) turns passthrough off for good, said once; a passing one (out of
     /// descriptors or memory) only serves this open through the daemon.
-    fn backing(&self, reply: &ReplyOpen, id: NodeId, fd: &OwnedFd) -> Option<Arc<BackingId>> {
+    fn backing(&self, reply: &ReplyOpen, id: NodeId, file: &File) -> Option<Arc<BackingId>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
@@ -143,7 +114,7 @@ impl StoreFs {
         if let Some(backing) = slot.upgrade() {
             return Some(backing);
         }
-        match reply.open_backing(fd) {
+        match reply.open_backing(file) {
             Ok(backing) => {
                 let backing = Arc::new(backing);
                 *slot = Arc::downgrade(&backing);
@@ -154,7 +125,7 @@ impl StoreFs {
                 self.backings.remove(&id);
                 if is_transient(&e) {
                     warn_limited!(
-                        self.warnings,
+                        self.session.warnings,
                         node = id,
                         "cannot register a passthrough file now, reading it through the daemon: {e}"
                     );
@@ -173,17 +144,6 @@ fn is_transient(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR)
     )
-}
-
-impl StoreFs {
-    /// The listing a readdir reads from: the handle's snapshot, or the node's own when
-    /// directories are opened without the daemon (handle 0).
-    fn listing(&self, ino: INodeNo, fh: FileHandle) -> Result<Arc<[DirEntry]>, Errno> {
-        if fh.0 == 0 {
-            return self.view.list(ino.0).map_err(errno);
-        }
-        self.dirs.get(&fh.0).map(|l| l.clone()).ok_or(Errno::EBADF)
-    }
 }
 
 /// Read-ahead for the mount, in KiB: four of the largest requests the kernel sends (256
@@ -227,6 +187,17 @@ pub fn tune_read_ahead(mountpoint: &Path) {
 
 fn errno(e: rustix::io::Errno) -> Errno {
     Errno::from_i32(e.raw_os_error())
+}
+
+fn fopen_flags(policy: CachePolicy) -> FopenFlags {
+    let mut flags = FopenFlags::FOPEN_NOFLUSH;
+    if policy.keep_cache {
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if policy.cache_dir {
+        flags |= FopenFlags::FOPEN_CACHE_DIR;
+    }
+    flags
 }
 
 fn system_time(t: view::Time) -> SystemTime {
@@ -321,7 +292,7 @@ impl Filesystem for StoreFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.view.lookup(parent.0, name) {
+        match self.session.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
             Err(e) => {
                 tracing::debug!(parent = parent.0, ?name, "lookup: {e}");
@@ -331,62 +302,48 @@ impl Filesystem for StoreFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.view.forget(ino.0, nlookup);
+        self.session.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.view.getattr(ino.0) {
+        match self.session.getattr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.view.readlink(ino.0) {
+        match self.session.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        let HostFile { fd, size } = match self.view.open(ino.0, write) {
-            Ok(file) => file,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let fh = self.handle();
-        match self.backing(&reply, ino.0, &fd) {
-            Some(id) => {
-                // Registered before the reply: the RELEASE may come as soon as it is sent.
-                // The kernel holds the file through the backing id; our descriptor can go.
-                self.files
-                    .insert(fh, Arc::new(OpenFile::Passthrough(id.clone())));
+        // Registered before the reply: the RELEASE may come as soon as it is sent.
+        let opened = self.session.open(ino.0, flags.0, |file| {
+            match self.backing(&reply, ino.0, file) {
+                Some(id) => FuseFile::Passthrough(id),
+                None => FuseFile::Daemon(OnceLock::new()),
+            }
+        });
+        match opened {
+            Ok((fh, open)) => match &open.transport {
                 // No FOPEN_KEEP_CACHE here: the page cache is the backing file's own, and
                 // the kernel refuses a passthrough open that asks for caching (EIO).
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
-            }
-            None => {
-                self.files.insert(
-                    fh,
-                    Arc::new(OpenFile::Daemon(DaemonFile {
-                        fd,
-                        size,
-                        mapping: OnceLock::new(),
-                    })),
-                );
-                // Keep the page cache across opens: the file cannot change under the view.
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-                );
-            }
+                FuseFile::Passthrough(id) => {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id)
+                }
+                FuseFile::Daemon(_) => reply.opened(FileHandle(fh), fopen_flags(FILE_CACHE)),
+            },
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn read(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -394,46 +351,35 @@ impl Filesystem for StoreFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self.files.get(&fh.0).map(|f| Arc::clone(&f)) else {
-            return reply.error(Errno::EBADF);
+        let open = match self.session.file(fh.0) {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(e)),
         };
-        let OpenFile::Daemon(open) = &*file else {
+        let FuseFile::Daemon(slot) = &open.transport else {
             // The kernel reads passthrough files itself; a read here would be its bug.
             return reply.error(Errno::EIO);
         };
-        // Short only at the end of the file, as the kernel expects.
-        let want = open.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        let want = open.span(offset, size);
         if want >= MAPPED_READ_MIN as usize {
-            if let Some(mapping) = open.mapping() {
+            if let Some(mapping) = mapping(&open, slot) {
                 // A file that the host has truncated since fails in the kernel's copy of
                 // the reply: the client gets EIO.
                 return mapping.reply(offset, want, reply);
             }
         }
-        let fd = &open.fd;
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| {
             buf.resize(want, 0);
-            let mut filled = 0;
-            // Short reads from the host are retried: the file ends where it ended at open.
-            while filled < buf.len() {
-                match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
-                    Ok(0) => {
-                        warn_limited!(
-                            self.warnings,
-                            node = ino.0,
-                            "a file shrank on the host while open; failing the read"
-                        );
-                        return reply.error(Errno::EIO);
-                    }
-                    Ok(n) => filled += n,
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => return reply.error(errno(e)),
-                }
+            let read = open.read_exact(offset, want, &self.session.warnings, |file, at, len| {
+                let start = (at - offset) as usize;
+                rustix::io::pread(file, &mut buf[start..start + len], at).map_err(Into::into)
+            });
+            match read {
+                Ok(_) => reply.data(buf),
+                Err(e) => reply.error(errno(e)),
             }
-            reply.data(buf);
         });
     }
 
@@ -447,7 +393,7 @@ impl Filesystem for StoreFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some((_, file)) = self.files.remove(&fh.0) {
+        if let Some(file) = self.session.release(fh.0) {
             drop(file);
             // The last handle of the node closes the backing id (on drop); forget the slot.
             self.backings
@@ -461,15 +407,8 @@ impl Filesystem for StoreFs {
             // The kernel takes ENOSYS as "never ask again" and caches directories itself.
             return reply.error(Errno::ENOSYS);
         }
-        match self.view.list(ino.0) {
-            Ok(listing) => {
-                let fh = self.handle();
-                self.dirs.insert(fh, listing);
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                );
-            }
+        match self.session.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), fopen_flags(DIR_CACHE)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -482,43 +421,23 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let listing = match self.listing(ino, fh) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
-        // Offsets: 0 is the start, n means "after the n-th entry" counting `.` and `..`.
-        let parent = match self.view.parent_of(ino.0) {
-            Ok(p) => p,
+        let stream = match self.session.dir_stream(ino.0, fh.0) {
+            Ok(s) => s,
             Err(e) => return reply.error(errno(e)),
         };
-        let dots = [(ino.0, "."), (parent, "..")];
-        let mut index = offset as usize;
-        while index < listing.len() + 2 {
-            let full = if index < 2 {
-                reply.add(
-                    INodeNo(dots[index].0),
-                    index as u64 + 1,
-                    FileType::Directory,
-                    dots[index].1,
-                )
-            } else {
-                let e = &listing[index - 2];
-                // The number a lookup gives, which the listing alone cannot always tell;
-                // an entry that vanished from the host since the listing is left out.
-                match self.view.peek(ino.0, &e.name) {
-                    Ok(attr) => reply.add(
-                        INodeNo(attr.ino),
-                        index as u64 + 1,
-                        file_type(attr.kind),
-                        &e.name,
-                    ),
-                    Err(_) => false,
-                }
+        for slot in stream.from_offset(offset) {
+            // The number a lookup gives, which the listing alone cannot always tell.
+            let Some(attr) = self.session.peek(&stream, &slot) else {
+                continue;
             };
-            if full {
+            if reply.add(
+                INodeNo(attr.ino),
+                slot.next_offset,
+                file_type(attr.kind),
+                slot.name,
+            ) {
                 break;
             }
-            index += 1;
         }
         reply.ok();
     }
@@ -531,53 +450,30 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let listing = match self.listing(ino, fh) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
+        let stream = match self.session.dir_stream(ino.0, fh.0) {
+            Ok(s) => s,
+            Err(e) => return reply.error(errno(e)),
         };
-        let mut index = offset as usize;
-        while index < listing.len() + 2 {
-            if index < 2 {
-                // The kernel takes no reference for `.` and `..`: no lookup is counted.
-                let id = if index == 0 {
-                    Ok(ino.0)
-                } else {
-                    self.view.parent_of(ino.0)
-                };
-                let attr = match id.and_then(|id| self.view.getattr(id)) {
-                    Ok(a) => a,
-                    Err(e) => return reply.error(errno(e)),
-                };
-                let name = if index == 0 { "." } else { ".." };
-                if reply.add(
-                    INodeNo(attr.ino),
-                    index as u64 + 1,
-                    name,
-                    &TTL,
-                    &file_attr(&attr),
-                    Generation(attr.generation),
-                ) {
-                    break;
+        for slot in stream.from_offset(offset) {
+            let attr = match self.session.lookup_slot(&stream, &slot) {
+                Some(Ok(attr)) => attr,
+                Some(Err(e)) => return reply.error(errno(e)),
+                None => continue,
+            };
+            if reply.add(
+                INodeNo(attr.ino),
+                slot.next_offset,
+                slot.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(attr.generation),
+            ) {
+                // Not sent: the reference just counted must not be kept.
+                if slot.dot.is_none() {
+                    self.session.forget(attr.ino, 1);
                 }
-            } else {
-                let entry = &listing[index - 2];
-                // An entry that vanished from the host since the listing is left out.
-                if let Ok(attr) = self.view.lookup(ino.0, &entry.name) {
-                    if reply.add(
-                        INodeNo(attr.ino),
-                        index as u64 + 1,
-                        &entry.name,
-                        &TTL,
-                        &file_attr(&attr),
-                        Generation(attr.generation),
-                    ) {
-                        // Not sent: the reference just counted must not be kept.
-                        self.view.forget(attr.ino, 1);
-                        break;
-                    }
-                }
+                break;
             }
-            index += 1;
         }
         reply.ok();
     }
@@ -590,12 +486,12 @@ impl Filesystem for StoreFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dirs.remove(&fh.0);
+        self.session.releasedir(fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.view.statfs() {
+        match self.session.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 0,
@@ -606,6 +502,32 @@ impl Filesystem for StoreFs {
                 s.f_namemax as u32,
                 s.f_frsize as u32,
             ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        match self.session.getxattr(ino.0, name) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(value) => reply.data(&value),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        // A size of 0 asks how large a buffer the list needs; otherwise the list itself.
+        match self.session.listxattr(ino.0) {
+            Ok(list) if size == 0 => reply.size(list.len() as u32),
+            Ok(list) if list.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(list) => reply.data(&list),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -630,7 +552,7 @@ impl Filesystem for StoreFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn mknod(
@@ -643,7 +565,7 @@ impl Filesystem for StoreFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn mkdir(
@@ -655,15 +577,15 @@ impl Filesystem for StoreFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn symlink(
@@ -674,7 +596,7 @@ impl Filesystem for StoreFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn rename(
@@ -687,7 +609,7 @@ impl Filesystem for StoreFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn link(
@@ -698,7 +620,7 @@ impl Filesystem for StoreFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn write(
@@ -713,7 +635,7 @@ impl Filesystem for StoreFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn create(
@@ -726,7 +648,7 @@ impl Filesystem for StoreFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn setxattr(
@@ -739,34 +661,11 @@ impl Filesystem for StoreFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    // Store files carry no extended attributes (a NAR has none), so the view answers as a
-    // filesystem without any: an empty list and ENODATA. ENOTSUP instead would make tools
-    // that copy attributes (mkfs.erofs, `cp -a`, `rsync -X`) give up on the whole tree.
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        // A size of 0 asks how large a buffer the list needs; otherwise the list itself.
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+        reply.error(errno(self.session.read_only()));
     }
 
     fn fallocate(
@@ -779,7 +678,7 @@ impl Filesystem for StoreFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(errno(self.session.read_only()));
     }
 }
 

@@ -1,0 +1,565 @@
+//! Serving a [`View`] to a guest as a vhost-user virtio-fs device: no host mount, no
+//! `/dev/fuse`, no privileges.
+//!
+//! The VMM (qemu, cloud-hypervisor, crosvm) connects to a Unix socket and shares the
+//! guest's memory; the guest kernel's FUSE requests arrive on virtqueues. virtiofsd's
+//! library decodes them ([`Server`]) and drives the vhost-user protocol
+//! ([`VhostUserFsBackendBuilder`]); this module is the [`FileSystem`] it calls, and it
+//! only translates into the [`Session`]'s calls. Reads go from the held host descriptor
+//! straight into guest memory (`preadv2` on the guest's buffers), with no copy in the
+//! daemon.
+//!
+//! Requests are handled on the queue's own thread, one after another (no thread pool and
+//! no async executor): a guest's requests are short system calls on the host, and the
+//! reply lengths reported to the guest are exactly what was written.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use virtiofsd::filesystem::{
+    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions,
+    GetxattrReply, ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid,
+    SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
+};
+use virtiofsd::fuse;
+use virtiofsd::soft_idmap::Id;
+use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::session::{CachePolicy, DirSlot, DirStream, Session, DIR_CACHE, FILE_CACHE, TTL};
+use crate::view::{Attr, Kind, View};
+
+/// The `FileSystem` virtiofsd's server calls: a session on a view.
+pub struct VirtioFs {
+    session: Arc<Session<()>>,
+    /// Set at INIT: the guest reads directories without opening them (it took
+    /// FUSE_NO_OPENDIR_SUPPORT), so opendir answers ENOSYS once and never comes again.
+    no_opendir: AtomicBool,
+}
+
+impl VirtioFs {
+    /// Serves `view`.
+    pub fn new(view: Arc<View>) -> Self {
+        VirtioFs {
+            session: Arc::new(Session::new(view)),
+            no_opendir: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Serves `view` to the one VMM that connects to `listener`, until it disconnects (the
+/// guest powered off, or the VMM exited). `tag` is the file system name the device reports
+/// to the guest, for VMMs that ask the device for it (qemu otherwise takes it from its own
+/// `tag=` option).
+pub fn serve(view: Arc<View>, mut listener: Listener, tag: Option<String>) -> io::Result<()> {
+    let backend = VhostUserFsBackendBuilder::default()
+        // 0: each queue's requests are served on the queue's thread, in order.
+        .set_thread_pool_size(0)
+        .set_tag(tag)
+        .build(VirtioFs::new(view))
+        .map_err(|e| io::Error::other(format!("cannot create the virtio-fs device: {e}")))?;
+    let mut daemon = VhostUserDaemon::new(
+        "nixstorefs".to_string(),
+        Arc::new(backend),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| io::Error::other(format!("cannot create the vhost-user daemon: {e}")))?;
+    tracing::info!("waiting for the VMM to connect");
+    daemon
+        .start(&mut listener)
+        .map_err(|e| io::Error::other(format!("cannot accept the VMM's connection: {e}")))?;
+    tracing::info!("VMM connected; serving the guest");
+    match daemon.wait() {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(io::Error::other(format!("serving the guest failed: {e}"))),
+    }
+}
+
+fn error(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+fn read_only<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::EROFS))
+}
+
+fn name(c: &CStr) -> &OsStr {
+    OsStr::from_bytes(c.to_bytes())
+}
+
+fn type_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::Directory => libc::S_IFDIR,
+        Kind::RegularFile => libc::S_IFREG,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+        Kind::CharDevice => libc::S_IFCHR,
+        Kind::BlockDevice => libc::S_IFBLK,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> fuse::Attr {
+    // The wire format's times are unsigned; a time before the epoch is clamped to it.
+    let secs = |t: crate::view::Time| t.secs.max(0) as u64;
+    let nsecs = |t: crate::view::Time| if t.secs < 0 { 0 } else { t.nsecs };
+    fuse::Attr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.blocks,
+        atime: secs(a.atime),
+        mtime: secs(a.mtime),
+        ctime: secs(a.ctime),
+        atimensec: nsecs(a.atime),
+        mtimensec: nsecs(a.mtime),
+        ctimensec: nsecs(a.ctime),
+        mode: type_bits(a.kind) | u32::from(a.perm),
+        nlink: a.nlink,
+        uid: a.uid.into(),
+        gid: a.gid.into(),
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn entry(a: &Attr) -> Entry {
+    Entry {
+        inode: a.ino,
+        generation: a.generation,
+        attr: fuse_attr(a),
+        attr_timeout: TTL,
+        entry_timeout: TTL,
+    }
+}
+
+fn open_options(policy: CachePolicy) -> OpenOptions {
+    let mut options = OpenOptions::NOFLUSH;
+    if policy.keep_cache {
+        options |= OpenOptions::KEEP_CACHE;
+    }
+    if policy.cache_dir {
+        options |= OpenOptions::CACHE_DIR;
+    }
+    options
+}
+
+/// A directory stream read from an offset, one entry at a time.
+pub struct DirIter {
+    session: Arc<Session<()>>,
+    stream: DirStream,
+    offset: u64,
+    name: CString,
+}
+
+impl DirectoryIterator for DirIter {
+    fn next(&mut self) -> Option<DirEntry<'_>> {
+        loop {
+            let (slot_name, next_offset, attr) = {
+                let slot: DirSlot<'_> = self.stream.from_offset(self.offset).next()?;
+                // The number a lookup gives; an entry that vanished since is left out.
+                let attr = self.session.peek(&self.stream, &slot);
+                (slot.name.as_bytes().to_vec(), slot.next_offset, attr)
+            };
+            self.offset = next_offset;
+            let Some(attr) = attr else { continue };
+            // Store names never hold NUL (the view only lists what the host's getdents
+            // returned); one that did could not be sent, and is left out.
+            let Ok(name) = CString::new(slot_name) else {
+                continue;
+            };
+            self.name = name;
+            return Some(DirEntry {
+                ino: attr.ino,
+                offset: next_offset,
+                type_: type_bits(attr.kind) >> 12,
+                name: &self.name,
+            });
+        }
+    }
+}
+
+impl FileSystem for VirtioFs {
+    type Inode = u64;
+    type Handle = u64;
+    type DirIter = DirIter;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        // As over /dev/fuse: attributes with every listing (they never change), symlinks
+        // and directories cached, the guest checking permissions itself from the modes and
+        // the (absent) ACLs it caches, and node ids it can use as file handles.
+        let want = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::EXPORT_SUPPORT
+            | FsOptions::POSIX_ACL
+            | FsOptions::ZERO_MESSAGE_OPENDIR;
+        self.no_opendir.store(
+            capable.contains(FsOptions::ZERO_MESSAGE_OPENDIR),
+            Ordering::Relaxed,
+        );
+        tracing::debug!(?capable, "guest connected");
+        Ok(want & capable)
+    }
+
+    fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        match self.session.lookup(parent, self::name(name)) {
+            Ok(attr) => Ok(entry(&attr)),
+            Err(e) => {
+                tracing::debug!(parent, ?name, "lookup: {e}");
+                Err(error(e))
+            }
+        }
+    }
+
+    fn forget(&self, _ctx: Context, inode: u64, count: u64) {
+        self.session.forget(inode, count);
+    }
+
+    fn getattr(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(fuse::Attr, Duration)> {
+        let attr = self.session.getattr(inode).map_err(error)?;
+        Ok((fuse_attr(&attr), TTL))
+    }
+
+    fn readlink(&self, _ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.session.readlink(inode).map_err(error)
+    }
+
+    fn open(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        _kill_priv: bool,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let (fh, _) = self
+            .session
+            .open(inode, flags as i32, |_| ())
+            .map_err(error)?;
+        Ok((Some(fh), open_options(FILE_CACHE)))
+    }
+
+    fn read<W: ZeroCopyWriter>(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        handle: u64,
+        mut w: W,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let open = self.session.file(handle).map_err(error)?;
+        let want = open.span(offset, size);
+        // Straight from the host file into the guest's buffers.
+        open.read_exact(offset, want, &self.session.warnings, |file, at, len| {
+            w.read_from_file_at(file, len, at, None)
+        })
+        .map_err(error)
+    }
+
+    fn release(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _flags: u32,
+        handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.session.release(handle);
+        Ok(())
+    }
+
+    fn opendir(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The guest takes ENOSYS as "never ask again" and reads with handle 0.
+            self.session.getattr(inode).map_err(error)?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let fh = self.session.opendir(inode).map_err(error)?;
+        Ok((Some(fh), open_options(DIR_CACHE)))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+    ) -> io::Result<DirIter> {
+        let stream = self.session.dir_stream(inode, handle).map_err(error)?;
+        Ok(DirIter {
+            session: self.session.clone(),
+            stream,
+            offset,
+            name: CString::default(),
+        })
+    }
+
+    fn releasedir(&self, _ctx: Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.session.releasedir(handle);
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: Context, _inode: u64) -> io::Result<libc::statvfs64> {
+        let s = self.session.statfs().map_err(error)?;
+        // SAFETY: statvfs64 is plain integers, for which all zeros is a valid value.
+        let mut out: libc::statvfs64 = unsafe { std::mem::zeroed() };
+        out.f_bsize = s.f_bsize;
+        out.f_frsize = s.f_frsize;
+        out.f_blocks = s.f_blocks;
+        out.f_files = s.f_files;
+        out.f_namemax = s.f_namemax;
+        // Nothing is free: the view is read-only.
+        out.f_flag = libc::ST_RDONLY;
+        Ok(out)
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let value = self
+            .session
+            .getxattr(inode, self::name(name))
+            .map_err(error)?;
+        if size == 0 {
+            Ok(GetxattrReply::Count(value.len() as u32))
+        } else if value.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(GetxattrReply::Value(value))
+        }
+    }
+
+    fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let list = self.session.listxattr(inode).map_err(error)?;
+        if size == 0 {
+            Ok(ListxattrReply::Count(list.len() as u32))
+        } else if list.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(list))
+        }
+    }
+
+    fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
+        self.session
+            .access(inode, ctx.uid.into_inner(), ctx.gid.into_inner(), mask)
+            .map_err(error)
+    }
+
+    // Nothing is ever written, so there is nothing to flush or sync.
+
+    fn flush(&self, _ctx: Context, _inode: u64, _handle: u64, _lock_owner: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: Context, _inode: u64, _datasync: bool, _handle: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fsyncdir(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _datasync: bool,
+        _handle: u64,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn syncfs(&self, _ctx: Context, _inode: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    // Everything below modifies the store: the view is read-only.
+
+    fn setattr(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _attr: fuse::SetattrIn,
+        _handle: Option<u64>,
+        _valid: SetattrValid,
+    ) -> io::Result<(fuse::Attr, Duration)> {
+        read_only()
+    }
+
+    fn symlink(
+        &self,
+        _ctx: Context,
+        _linkname: &CStr,
+        _parent: u64,
+        _name: &CStr,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn mknod(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _name: &CStr,
+        _mode: u32,
+        _rdev: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn mkdir(
+        &self,
+        _ctx: Context,
+        _parent: u64,
+        _name: &CStr,
+        _mode: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn unlink(&self, _ctx: Context, _parent: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+
+    fn rmdir(&self, _ctx: Context, _parent: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+
+    fn rename(
+        &self,
+        _ctx: Context,
+        _olddir: u64,
+        _oldname: &CStr,
+        _newdir: u64,
+        _newname: &CStr,
+        _flags: u32,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn link(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _newparent: u64,
+        _newname: &CStr,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn create(
+        &self,
+        _ctx: Context,
+        _parent: u64,
+        _name: &CStr,
+        _mode: u32,
+        _kill_priv: bool,
+        _flags: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions)> {
+        read_only()
+    }
+
+    fn write<R: ZeroCopyReader>(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _handle: u64,
+        _r: R,
+        _size: u32,
+        _offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _kill_priv: bool,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        read_only()
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _handle: u64,
+        _mode: u32,
+        _offset: u64,
+        _length: u64,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: Context,
+        _inode: u64,
+        _name: &CStr,
+        _value: &[u8],
+        _flags: u32,
+        _extra_flags: SetxattrFlags,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn removexattr(&self, _ctx: Context, _inode: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+
+    fn copyfilerange(
+        &self,
+        _ctx: Context,
+        _inode_in: u64,
+        _handle_in: u64,
+        _offset_in: u64,
+        _inode_out: u64,
+        _handle_out: u64,
+        _offset_out: u64,
+        _len: u64,
+        _flags: u64,
+    ) -> io::Result<usize> {
+        read_only()
+    }
+
+    fn tmpfile(&self) -> io::Result<(Entry, Option<u64>, OpenOptions)> {
+        read_only()
+    }
+}
+
+/// Migration of the device's state is not offered: a guest moved to another host would
+/// need the same store there anyway, so the VMM is told it is unsupported.
+impl SerializableFileSystem for VirtioFs {}
+
+/// Node numbers are the view's own, root included.
+const _: () = assert!(virtiofsd::filesystem::ROOT_ID == crate::view::ROOT_ID);
