@@ -789,6 +789,11 @@ impl Capture {
         Capture { buf, thread }
     }
 
+    /// What has been read so far.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+
     /// What was read; waits (briefly) for the reader to see the end of the pipe.
     fn finish(mut self) -> String {
         if let Some(t) = self.thread.take() {
@@ -804,8 +809,141 @@ impl Capture {
 
 struct Share {
     tag: String,
-    dir: PathBuf,
-    readonly: bool,
+    source: ShareSource,
+}
+
+/// What serves a virtiofs share.
+enum ShareSource {
+    /// virtiofsd, sharing a host directory.
+    Virtiofsd { dir: PathBuf, readonly: bool },
+    /// nixstorefs's own vhost-user backend (`--socket-path`), serving a closure, run as
+    /// [`UNPRIVILEGED_UID`].
+    Native {
+        store_dir: PathBuf,
+        closure: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+/// The user (and group) the native backend runs as in guest tests: `nobody`, with no
+/// capabilities and no access to /dev/fuse.
+pub const UNPRIVILEGED_UID: u32 = 65534;
+
+/// Runs on the harness thread when a marker first appears on the guest's console.
+type ConsoleHook = (String, Box<dyn FnOnce() + Send>);
+
+/// What the harness saw of a native backend while the guest ran, and how it ended.
+#[derive(Clone, Debug, Default)]
+pub struct BackendReport {
+    /// The share's tag.
+    pub tag: String,
+    /// The daemon's exit status, if it exited by itself within [`BACKEND_EXIT_TIMEOUT`]
+    /// of qemu's exit; `None` if it had to be killed.
+    pub status: Option<ExitStatus>,
+    /// Samples of /proc taken while the guest ran.
+    pub samples: usize,
+    /// The largest number of descriptors the daemon held.
+    pub max_fds: usize,
+    /// The largest private resident memory (RssAnon) seen, in KiB.
+    pub max_anon_kib: u64,
+    /// The largest resident memory (VmRSS) seen, in KiB, guest memory the daemon touched
+    /// included.
+    pub max_rss_kib: u64,
+    /// The daemon's real, effective and saved user ids (first sample).
+    pub uids: Vec<u32>,
+    /// Its effective capabilities (hex, first sample).
+    pub cap_eff: String,
+    /// Whether it ever had /dev/fuse open.
+    pub had_dev_fuse: bool,
+}
+
+/// How long a native backend may take to exit after qemu did.
+pub const BACKEND_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One sample of a process's descriptors and memory from /proc.
+struct ProcSample {
+    fds: usize,
+    dev_fuse: bool,
+    anon_kib: u64,
+    rss_kib: u64,
+    uids: Vec<u32>,
+    cap_eff: String,
+}
+
+fn sample_process(pid: u32) -> Option<ProcSample> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let kib = |name: &str| {
+        field(name)
+            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    let mut fds = 0;
+    let mut dev_fuse = false;
+    for e in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        fds += 1;
+        if fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
+            dev_fuse = true;
+        }
+    }
+    Some(ProcSample {
+        fds,
+        dev_fuse,
+        anon_kib: kib("RssAnon:"),
+        rss_kib: kib("VmRSS:"),
+        uids: field("Uid:")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .filter_map(|u| u.parse().ok())
+            .collect(),
+        cap_eff: field("CapEff:").unwrap_or_default(),
+    })
+}
+
+impl BackendReport {
+    fn add(&mut self, s: ProcSample) {
+        if self.samples == 0 {
+            self.uids = s.uids;
+            self.cap_eff = s.cap_eff;
+        }
+        self.samples += 1;
+        self.max_fds = self.max_fds.max(s.fds);
+        self.max_anon_kib = self.max_anon_kib.max(s.anon_kib);
+        self.max_rss_kib = self.max_rss_kib.max(s.rss_kib);
+        self.had_dev_fuse |= s.dev_fuse;
+    }
+
+    /// Asserts that the daemon ran unprivileged, without /dev/fuse, and exited 0 by
+    /// itself once the guest was gone.
+    pub fn assert_unprivileged_and_clean_exit(&self) {
+        assert!(self.samples > 0, "the backend of {} was never sampled", self.tag);
+        assert_eq!(
+            self.uids,
+            vec![UNPRIVILEGED_UID; 3],
+            "user ids of the backend of {}",
+            self.tag
+        );
+        assert_eq!(
+            u64::from_str_radix(&self.cap_eff, 16).ok(),
+            Some(0),
+            "effective capabilities of the backend of {}",
+            self.tag
+        );
+        assert!(!self.had_dev_fuse, "the backend of {} opened /dev/fuse", self.tag);
+        match self.status {
+            Some(s) => assert!(s.success(), "the backend of {} exited {s}", self.tag),
+            None => panic!(
+                "the backend of {} did not exit within {BACKEND_EXIT_TIMEOUT:?} of the guest",
+                self.tag
+            ),
+        }
+    }
 }
 
 struct Disk {
@@ -822,6 +960,7 @@ pub struct Guest {
     disks: Vec<Disk>,
     timeout: Duration,
     mmio: bool,
+    hooks: Mutex<Vec<ConsoleHook>>,
 }
 
 impl Guest {
@@ -835,6 +974,7 @@ impl Guest {
             disks: Vec::new(),
             timeout: BOOT_TIMEOUT,
             mmio: false,
+            hooks: Mutex::new(Vec::new()),
         }
     }
 
@@ -849,8 +989,10 @@ impl Guest {
     pub fn virtiofs(mut self, tag: &str, dir: impl Into<PathBuf>) -> Guest {
         self.shares.push(Share {
             tag: tag.to_string(),
-            dir: dir.into(),
-            readonly: true,
+            source: ShareSource::Virtiofsd {
+                dir: dir.into(),
+                readonly: true,
+            },
         });
         self
     }
@@ -859,9 +1001,42 @@ impl Guest {
     pub fn virtiofs_writable(mut self, tag: &str, dir: impl Into<PathBuf>) -> Guest {
         self.shares.push(Share {
             tag: tag.to_string(),
-            dir: dir.into(),
-            readonly: false,
+            source: ShareSource::Virtiofsd {
+                dir: dir.into(),
+                readonly: false,
+            },
         });
+        self
+    }
+
+    /// Serves `closure` of `store_dir` under `tag` with nixstorefs's own vhost-user
+    /// backend (`nixstorefs --socket-path`), run as [`UNPRIVILEGED_UID`] with `args`
+    /// added. Both must be readable by that user (see [`open_to_others`]).
+    pub fn nixstorefs(
+        mut self,
+        tag: &str,
+        store_dir: impl Into<PathBuf>,
+        closure: impl Into<PathBuf>,
+        args: &[&str],
+    ) -> Guest {
+        self.shares.push(Share {
+            tag: tag.to_string(),
+            source: ShareSource::Native {
+                store_dir: store_dir.into(),
+                closure: closure.into(),
+                args: args.iter().map(|a| a.to_string()).collect(),
+            },
+        });
+        self
+    }
+
+    /// Runs `f` on the harness thread as soon as `marker` appears on the console, while
+    /// the guest goes on: for changing the host under a running guest.
+    pub fn on_console(self, marker: &str, f: impl FnOnce() + Send + 'static) -> Guest {
+        self.hooks
+            .lock()
+            .unwrap()
+            .push((marker.to_string(), Box::new(f)));
         self
     }
 
@@ -950,30 +1125,60 @@ impl Guest {
                     "memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"
                 ))
                 .args(["-numa", "node,memdev=mem"]);
-            let virtiofsd = virtiofsd();
             for (i, share) in self.shares.iter().enumerate() {
-                let sock = tmp.path().join(format!("vfs{i}.sock"));
-                let log = tmp.path().join(format!("virtiofsd{i}.log"));
-                let out = File::create(&log).expect("create virtiofsd's log");
-                let err = out.try_clone().expect("duplicate virtiofsd's log");
-                let mut v = Command::new(&virtiofsd);
-                v.arg("--socket-path")
-                    .arg(&sock)
-                    .arg("--shared-dir")
-                    .arg(&share.dir)
-                    .args(["--sandbox", "none", "--cache", "auto"])
-                    .stdin(Stdio::null())
-                    .stdout(out)
-                    .stderr(err);
-                if share.readonly {
-                    v.arg("--readonly");
-                }
+                let log = tmp.path().join(format!("daemon{i}.log"));
+                let out = File::create(&log).expect("create the share daemon's log");
+                let err = out.try_clone().expect("duplicate the share daemon's log");
+                let (mut v, sock, native) = match &share.source {
+                    ShareSource::Virtiofsd { dir, readonly } => {
+                        let sock = tmp.path().join(format!("vfs{i}.sock"));
+                        let mut v = Command::new(virtiofsd());
+                        v.arg("--socket-path")
+                            .arg(&sock)
+                            .arg("--shared-dir")
+                            .arg(dir)
+                            .args(["--sandbox", "none", "--cache", "auto"]);
+                        if *readonly {
+                            v.arg("--readonly");
+                        }
+                        (v, sock, false)
+                    }
+                    ShareSource::Native {
+                        store_dir,
+                        closure,
+                        args,
+                    } => {
+                        // A directory the unprivileged daemon may create its socket in.
+                        let dir = tmp.path().join(format!("native{i}"));
+                        fs::create_dir(&dir).expect("create the socket directory");
+                        rustix::fs::chown(
+                            &dir,
+                            Some(rustix::fs::Uid::from_raw(UNPRIVILEGED_UID)),
+                            Some(rustix::fs::Gid::from_raw(UNPRIVILEGED_UID)),
+                        )
+                        .expect("give the socket directory to the unprivileged user");
+                        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
+                            .expect("open the VM directory");
+                        let sock = dir.join("store.sock");
+                        let mut v = Command::new(harness::bin("nixstorefs"));
+                        v.args(["-f", "-v", "--socket-path"])
+                            .arg(&sock)
+                            .arg("--store-dir")
+                            .arg(store_dir)
+                            .args(args)
+                            .arg(closure)
+                            .env("RUST_LOG", "info");
+                        as_unprivileged(&mut v);
+                        (v, sock, true)
+                    }
+                };
+                v.stdin(Stdio::null()).stdout(out).stderr(err);
                 let child = die_with_parent(&mut v)
                     .spawn()
-                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", virtiofsd.display()));
+                    .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", v.get_program()));
                 let mut d = Reaped { child: Some(child) };
                 wait_for_socket(&mut d, &sock, &log);
-                daemons.push(d);
+                daemons.push((d, native, share.tag.clone()));
                 daemon_logs.push((share.tag.clone(), log));
                 cmd.arg("-chardev")
                     .arg(format!("socket,id=vfs{i},path={}", qemu_value(&sock)))
@@ -1011,20 +1216,60 @@ impl Guest {
         let mut q = Reaped { child: Some(child) };
         let console = Capture::start(q.child().stdout.take(), echo);
         let stderr = Capture::start(q.child().stderr.take(), false);
-        let status = harness::wait_bounded(q.child(), self.timeout);
+        let mut backends: Vec<BackendReport> = daemons
+            .iter()
+            .filter(|(_, native, _)| *native)
+            .map(|(_, _, tag)| BackendReport {
+                tag: tag.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let mut hooks = std::mem::take(&mut *self.hooks.lock().unwrap());
+        // Waits for qemu, sampling the native backends and running console hooks.
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            if let Some(s) = q.child().try_wait().expect("wait for qemu") {
+                break Some(s);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            let natives = daemons.iter_mut().filter(|(_, native, _)| *native);
+            for ((d, _, _), report) in natives.zip(backends.iter_mut()) {
+                if let Some(sample) = sample_process(d.child().id()) {
+                    report.add(sample);
+                }
+            }
+            if !hooks.is_empty() {
+                let text = console.text();
+                let (due, rest): (Vec<_>, Vec<_>) =
+                    hooks.into_iter().partition(|(m, _)| text.contains(m.as_str()));
+                hooks = rest;
+                for (_, f) in due {
+                    f();
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
         let timed_out = status.is_none();
         drop(q);
         let elapsed = started.elapsed();
+        // A native backend ends by itself when the guest is gone.
+        let natives = daemons.iter_mut().filter(|(_, native, _)| *native);
+        for ((d, _, _), report) in natives.zip(backends.iter_mut()) {
+            report.status = harness::wait_bounded(d.child(), BACKEND_EXIT_TIMEOUT);
+        }
         drop(daemons);
         let mut virtiofsd_log = String::new();
         for (tag, log) in daemon_logs {
             let text = fs::read_to_string(&log).unwrap_or_default();
-            virtiofsd_log.push_str(&format!("--- virtiofsd for tag {tag}:\n{text}"));
+            virtiofsd_log.push_str(&format!("--- share daemon for tag {tag}:\n{text}"));
         }
         let boot = Boot {
             console: console.finish(),
             qemu_stderr: stderr.finish(),
             virtiofsd_log,
+            backends,
             status,
             timed_out,
             elapsed,
@@ -1039,18 +1284,57 @@ impl Guest {
     }
 }
 
-/// Waits (at most 10 s) for virtiofsd to listen on `sock`; panics with its log if it dies.
+/// Makes `cmd` run as [`UNPRIVILEGED_UID`], with no supplementary groups (registered
+/// before [`die_with_parent`]: a change of user clears the parent-death signal).
+fn as_unprivileged(cmd: &mut Command) -> &mut Command {
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe and touch no memory of
+    // the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(UNPRIVILEGED_UID) != 0
+                || libc::setuid(UNPRIVILEGED_UID) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Makes `dir` and every directory above it up to `/tmp` searchable, and everything in it
+/// readable, by other users: for a store the unprivileged backend serves.
+pub fn open_to_others(dir: &Path) {
+    let status = Command::new("chmod")
+        .args(["-R", "go+rX"])
+        .arg(dir)
+        .status()
+        .expect("run chmod");
+    assert!(status.success(), "chmod -R go+rX {} failed", dir.display());
+    let mut p = dir.parent();
+    while let Some(d) = p {
+        if d == Path::new("/tmp") || d == Path::new("/") {
+            break;
+        }
+        let mode = fs::metadata(d).expect("stat a parent").permissions().mode();
+        fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o055)).expect("chmod a parent");
+        p = d.parent();
+    }
+}
+
+/// Waits (at most 10 s) for a share daemon to listen on `sock`; panics with its log if it
+/// dies.
 fn wait_for_socket(d: &mut Reaped, sock: &Path, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
-        let exited = d.child().try_wait().expect("wait for virtiofsd");
+        let exited = d.child().try_wait().expect("wait for the share daemon");
         if exited.is_some() || Instant::now() >= deadline {
             let why = match exited {
                 Some(s) => format!("exited ({s})"),
                 None => "did not create its socket within 10 s".to_string(),
             };
             panic!(
-                "virtiofsd {why}:\n{}",
+                "the share daemon {why}:\n{}",
                 fs::read_to_string(log).unwrap_or_default()
             );
         }
@@ -1065,8 +1349,10 @@ pub struct Boot {
     pub console: String,
     /// qemu's own stderr.
     pub qemu_stderr: String,
-    /// The virtiofsd logs, one section per share.
+    /// The share daemons' logs (virtiofsd, nixstorefs), one section per share.
     pub virtiofsd_log: String,
+    /// What was seen of each native backend, in the order the shares were added.
+    pub backends: Vec<BackendReport>,
     /// qemu's exit status; `None` if it was killed at the timeout.
     pub status: Option<ExitStatus>,
     /// Whether the timeout killed qemu.

@@ -39,6 +39,15 @@ struct Setup {
     dir: TempDir,
 }
 
+/// How a virtiofs test shares the closure with its guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Share {
+    /// virtiofsd sharing a host FUSE mount of nixstorefs: two daemons, two hops.
+    VirtiofsdOverMount,
+    /// nixstorefs's own vhost-user backend, run unprivileged: no host mount.
+    Native,
+}
+
 /// Declares `mod $name` with one test per guest kernel, each calling `fn $name(kernel)`.
 macro_rules! on_both_kernels {
     ($($name:ident),* $(,)?) => {$(
@@ -58,6 +67,8 @@ macro_rules! on_both_kernels {
 
 on_both_kernels!(
     virtiofs_share_of_a_nixstorefs_mount,
+    native_backend_share,
+    native_backend_wrong_tag_fails_and_powers_off,
     erofs_image_found_by_label,
     erofs_image_found_by_uuid,
     real_root_is_switched_into,
@@ -144,6 +155,22 @@ impl Setup {
     fn mount(&self) -> Mount {
         Mount::foreground(&self.s.store_dir, &self.s.closure_file, &[])
     }
+
+    /// `g` with the closure shared under [`TAG`] as `how` says, and the host mount that
+    /// must outlive the boot, if there is one.
+    fn shared(&self, g: Guest, how: Share) -> (Guest, Option<Mount>) {
+        match how {
+            Share::VirtiofsdOverMount => {
+                let m = self.mount();
+                (g.virtiofs(TAG, m.mountpoint()), Some(m))
+            }
+            Share::Native => {
+                vm::open_to_others(self.dir.path());
+                let g = g.nixstorefs(TAG, &self.s.store_dir, &self.s.closure_file, &[]);
+                (g, None)
+            }
+        }
+    }
 }
 
 fn sha256_hex(path: &Path) -> String {
@@ -228,6 +255,14 @@ fn assert_booted_ok(boot: &Boot) {
 /// Also checks what PID 1 hands on: /run not world-writable, and the words the kernel
 /// passed to init (`single`, what follows `--`) given to the system's init.
 fn virtiofs_share_of_a_nixstorefs_mount(kernel: Kernel) {
+    share_of_the_closure(kernel, Share::VirtiofsdOverMount);
+}
+
+fn native_backend_share(kernel: Kernel) {
+    share_of_the_closure(kernel, Share::Native);
+}
+
+fn share_of_the_closure(kernel: Kernel, how: Share) {
     let Some(t) = Setup::new(kernel, |s| {
         // Before store_checks, whose `set --` replaces the arguments.
         format!(
@@ -240,14 +275,17 @@ fn virtiofs_share_of_a_nixstorefs_mount(kernel: Kernel) {
     }) else {
         return;
     };
-    let m = t.mount();
-    let boot = t
+    let guest = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
-        .cmdline("single -- --log-target=console")
-        .virtiofs(TAG, m.mountpoint())
-        .boot();
+        .cmdline("single -- --log-target=console");
+    let (guest, _mount) = t.shared(guest, how);
+    let boot = guest.boot();
     assert_booted_ok(&boot);
     assert_store_seen(&boot, &t.s);
+    if how == Share::Native {
+        // Unprivileged, no /dev/fuse, and gone with status 0 once the guest powered off.
+        boot.backends[0].assert_unprivileged_and_clean_exit();
+    }
     assert_eq!(boot.expect_value("RUN-MODE "), "755", "mode of /run");
     // 20% of the guest's memory, not tmpfs's default of half of it.
     let run_kib: u64 = boot
@@ -555,15 +593,24 @@ fn mount_store_switches_closures_atomically(kernel: Kernel) {
 }
 
 fn wrong_virtiofs_tag_fails_and_powers_off(kernel: Kernel) {
+    wrong_tag(kernel, Share::VirtiofsdOverMount);
+}
+
+fn native_backend_wrong_tag_fails_and_powers_off(kernel: Kernel) {
+    wrong_tag(kernel, Share::Native);
+}
+
+fn wrong_tag(kernel: Kernel, how: Share) {
     let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
         return;
     };
-    let m = t.mount();
-    let boot = t
-        .guest("nixstore=virtiofs:wrong-tag nixstore.timeout=3")
-        .virtiofs(TAG, m.mountpoint())
-        .boot();
+    let guest = t.guest("nixstore=virtiofs:wrong-tag nixstore.timeout=3");
+    let (guest, _mount) = t.shared(guest, how);
+    let boot = guest.boot();
     boot.assert_stopped();
+    if how == Share::Native {
+        boot.backends[0].assert_unprivileged_and_clean_exit();
+    }
     // What was expected, and what was found: the one share there is (6.1 does not show
     // its tag; 6.9 and later do).
     let found = if t.kernel.version.starts_with("6.1.") {
