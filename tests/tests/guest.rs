@@ -1036,3 +1036,155 @@ fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
     assert_booted_ok(&boot);
     assert_store_seen(&boot, &t.s);
 }
+
+/// A guest walks the whole closure and reads every file, then drops its caches and does it
+/// again, three times, over the native backend with tiny caches (16 forgotten nodes, 8
+/// directory descriptors): every node is forgotten and evicted and looked up again. No
+/// ESTALE or other error, the same listing and bytes each time, and a descriptor and a
+/// working directory held across the drops keep working. The daemon stays within its
+/// descriptor bound.
+#[test]
+fn native_backend_walk_survives_drop_caches() {
+    let kernel = Kernel::compressed_modules();
+    let Some(t) = Setup::new(kernel, |s| {
+        let deep_dir = s.deep_file.parent().unwrap().display().to_string();
+        format!(
+            "echo GUEST-START\n\
+             walk() {{\n\
+               find /nix/store 2>/tmp/err.$1 | sort > /tmp/walk.$1\n\
+               find /nix/store -type f -exec cat {{}} \\; 2>>/tmp/err.$1 | sha256sum > /tmp/sum.$1\n\
+             }}\n\
+             walk 0\n\
+             exec 3< /nix/store/{big}\n\
+             cd /nix/store/{deep_dir}\n\
+             for i in 1 2 3; do\n\
+               echo 3 > /proc/sys/vm/drop_caches\n\
+               walk $i\n\
+               cmp -s /tmp/walk.0 /tmp/walk.$i || echo \"WALK-DIFF $i\"\n\
+               cmp -s /tmp/sum.0 /tmp/sum.$i || echo \"SUM-DIFF $i\"\n\
+               ls . > /dev/null || echo \"CWD-FAILED $i\"\n\
+             done\n\
+             cat /tmp/err.* | sed 's/^/WALK-ERROR /'\n\
+             set -- $(sha256sum <&3)\n\
+             echo \"HELD-SHA256 $1\"\n\
+             echo \"WALKED $(wc -l < /tmp/walk.0)\"\n\
+             echo GUEST-OK\n",
+            big = s.big_file.display(),
+        )
+    }) else {
+        return;
+    };
+    vm::open_to_others(t.dir.path());
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(
+            TAG,
+            &t.s.store_dir,
+            &t.s.closure_file,
+            &["--max-forgotten-nodes", "16", "--max-cached-dirs", "8"],
+        )
+        .timeout(Duration::from_secs(180))
+        .boot();
+    assert_booted_ok(&boot);
+    for marker in ["WALK-DIFF", "SUM-DIFF", "CWD-FAILED", "WALK-ERROR", "Stale"] {
+        boot.assert_no_marker(marker);
+    }
+    assert_eq!(
+        boot.expect_value("HELD-SHA256 "),
+        sha256_hex(&t.s.host(&t.s.big_file)),
+        "a descriptor held across the cache drops"
+    );
+    // Everything below the closure's paths, and /nix/store itself.
+    let expected = t
+        .s
+        .closure
+        .iter()
+        .map(|p| walk_count(&t.s.store_dir.join(p)))
+        .sum::<usize>()
+        + 1;
+    assert_eq!(boot.expect_value("WALKED "), expected.to_string());
+    let backend = &boot.backends[0];
+    backend.assert_unprivileged_and_clean_exit();
+    // 8 directory descriptors, a few open files, and the daemon's own (stdio, the
+    // socket, /proc, the store, epoll and event descriptors).
+    assert!(
+        backend.max_fds < 48,
+        "the daemon held up to {} descriptors",
+        backend.max_fds
+    );
+    println!(
+        "native backend: at most {} descriptors, {} KiB private memory",
+        backend.max_fds, backend.max_anon_kib
+    );
+}
+
+/// How many lines `find` prints for `path`: itself and everything below it, without
+/// following symlinks (a name with a newline in it takes two lines).
+fn walk_count(path: &Path) -> usize {
+    let lines = 1 + path
+        .file_name()
+        .map_or(0, |n| n.as_encoded_bytes().iter().filter(|&&b| b == b'\n').count());
+    if !fs::symlink_metadata(path).unwrap().is_dir() {
+        return lines;
+    }
+    lines
+        + fs::read_dir(path)
+            .unwrap()
+            .map(|e| walk_count(&e.unwrap().path()))
+            .sum::<usize>()
+}
+
+/// While a guest reads a directory of the closure over and over, dropping its caches each
+/// time, the host swaps that directory for a symlink to a store path outside the closure.
+/// The guest sees the swap (a symlink, served verbatim, whose target it cannot reach) and
+/// never a byte of the secret.
+#[test]
+fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
+    let kernel = Kernel::compressed_modules();
+    let Some(t) = Setup::new(kernel, |s| {
+        let dir = s.replaceable_dirs[0].display().to_string();
+        format!(
+            "echo GUEST-START\n\
+             ls /nix/store/{dir} > /dev/null || echo NOT-READABLE\n\
+             echo SWAP-NOW\n\
+             i=0\n\
+             while [ $i -lt 60 ]; do\n\
+               echo 3 > /proc/sys/vm/drop_caches\n\
+               if [ -L /nix/store/{dir} ]; then echo SWAP-SEEN; fi\n\
+               ls -la /nix/store/{dir}/ 2>&1\n\
+               cat /nix/store/{dir}/* /nix/store/{dir}/secret 2>&1\n\
+               i=$((i+1))\n\
+             done > /tmp/seen\n\
+             grep -m1 SWAP-SEEN /tmp/seen\n\
+             echo \"LEAKS $(grep -c 'TOP SECRET' /tmp/seen)\"\n\
+             echo GUEST-OK\n"
+        )
+    }) else {
+        return;
+    };
+    vm::open_to_others(t.dir.path());
+    let host_dir = t.s.host(&t.s.replaceable_dirs[0]);
+    let depth = t.s.replaceable_dirs[0].components().count() - 1;
+    let secret_path = t.s.secret.parent().unwrap().to_path_buf();
+    let target = Path::new(&"../".repeat(depth)).join(&secret_path);
+    assert!(
+        host_dir.parent().unwrap().join(&target).join("secret").is_file(),
+        "the symlink must reach the secret on the host"
+    );
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(TAG, &t.s.store_dir, &t.s.closure_file, &[])
+        .on_console("SWAP-NOW", move || {
+            let aside = host_dir.with_extension("aside");
+            fs::rename(&host_dir, &aside).expect("move the directory aside");
+            std::os::unix::fs::symlink(&target, &host_dir).expect("put the symlink in place");
+        })
+        .timeout(Duration::from_secs(180))
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_no_marker("NOT-READABLE");
+    boot.assert_marker("SWAP-SEEN");
+    assert_eq!(boot.expect_value("LEAKS "), "0");
+    assert!(!boot.console.contains("TOP SECRET"), "the secret reached the guest");
+    boot.backends[0].assert_unprivileged_and_clean_exit();
+}
