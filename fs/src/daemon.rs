@@ -180,7 +180,8 @@ impl SocketFile {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| format!("cannot create the lock file {}: {e}", lock_path.display()))?;
-        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        if let Err(e) =
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         {
             let mut pid = String::new();
             let _ = lock.read_to_string(&mut pid);
@@ -204,8 +205,7 @@ impl SocketFile {
         // A socket file left by a daemon that was killed is replaced (its lock is free).
         let listener = vhost::vhost_user::Listener::new(path, true);
         rustix::process::umask(old);
-        let listener =
-            listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        let listener = listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
         let file = SocketFile {
             path: path.to_path_buf(),
             lock_path,

@@ -14,10 +14,10 @@
 
 pub mod cli;
 pub mod closure;
-pub mod session;
-pub mod transport;
 pub mod gc_roots;
+pub mod session;
 pub mod store_path;
+pub mod transport;
 pub mod view;
 
 pub mod daemon;

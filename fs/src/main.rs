@@ -8,10 +8,10 @@ use std::sync::Arc;
 use clap::Parser;
 use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::daemon;
-use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
-use nixstorefs::transport::virtiofs;
 use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::options::MountOptions;
+use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
+use nixstorefs::transport::virtiofs;
 use nixstorefs::view::{View, ViewError, ViewOptions};
 
 const EXAMPLES: &str = "\
@@ -261,12 +261,8 @@ fn serve(
 
     let canonical = std::fs::canonicalize(mountpoint)
         .map_err(|e| Failure::input(format!("mountpoint {}: {e}", mountpoint.display())))?;
-    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
-        Failure::runtime(format!(
-            "cannot mount on {}: {e}",
-            mountpoint.display()
-        ))
-    })?;
+    let mut session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
     let mut unmounter = session.unmount_callable();
@@ -301,9 +297,9 @@ fn serve(
     daemon::notify_ready();
     // Off the startup path: until it is done, reads use the kernel's default read-ahead.
     nixstorefs::transport::fuse::tune_read_ahead(&canonical);
-    session.run().map_err(|e| {
-        Failure::runtime(format!("serving {} failed: {e}", mountpoint.display()))
-    })?;
+    session
+        .run()
+        .map_err(|e| Failure::runtime(format!("serving {} failed: {e}", mountpoint.display())))?;
     log_stats(&view, "unmounted; exiting");
     Ok(())
 }

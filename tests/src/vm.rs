@@ -922,7 +922,11 @@ impl BackendReport {
     /// Asserts that the daemon ran unprivileged, without /dev/fuse, and exited 0 by
     /// itself once the guest was gone.
     pub fn assert_unprivileged_and_clean_exit(&self) {
-        assert!(self.samples > 0, "the backend of {} was never sampled", self.tag);
+        assert!(
+            self.samples > 0,
+            "the backend of {} was never sampled",
+            self.tag
+        );
         assert_eq!(
             self.uids,
             vec![UNPRIVILEGED_UID; 3],
@@ -935,7 +939,11 @@ impl BackendReport {
             "effective capabilities of the backend of {}",
             self.tag
         );
-        assert!(!self.had_dev_fuse, "the backend of {} opened /dev/fuse", self.tag);
+        assert!(
+            !self.had_dev_fuse,
+            "the backend of {} opened /dev/fuse",
+            self.tag
+        );
         match self.status {
             Some(s) => assert!(s.success(), "the backend of {} exited {s}", self.tag),
             None => panic!(
@@ -1242,8 +1250,9 @@ impl Guest {
             }
             if !hooks.is_empty() {
                 let text = console.text();
-                let (due, rest): (Vec<_>, Vec<_>) =
-                    hooks.into_iter().partition(|(m, _)| text.contains(m.as_str()));
+                let (due, rest): (Vec<_>, Vec<_>) = hooks
+                    .into_iter()
+                    .partition(|(m, _)| text.contains(m.as_str()));
                 hooks = rest;
                 for (_, f) in due {
                     f();
@@ -1286,7 +1295,7 @@ impl Guest {
 
 /// Makes `cmd` run as [`UNPRIVILEGED_UID`], with no supplementary groups (registered
 /// before [`die_with_parent`]: a change of user clears the parent-death signal).
-fn as_unprivileged(cmd: &mut Command) -> &mut Command {
+pub fn as_unprivileged(cmd: &mut Command) -> &mut Command {
     // SAFETY: setgroups, setgid and setuid are async-signal-safe and touch no memory of
     // the parent.
     unsafe {

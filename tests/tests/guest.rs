@@ -1095,13 +1095,12 @@ fn native_backend_walk_survives_drop_caches() {
         "a descriptor held across the cache drops"
     );
     // Everything below the closure's paths, and /nix/store itself.
-    let expected = t
-        .s
-        .closure
-        .iter()
-        .map(|p| walk_count(&t.s.store_dir.join(p)))
-        .sum::<usize>()
-        + 1;
+    let expected =
+        t.s.closure
+            .iter()
+            .map(|p| walk_count(&t.s.store_dir.join(p)))
+            .sum::<usize>()
+            + 1;
     assert_eq!(boot.expect_value("WALKED "), expected.to_string());
     let backend = &boot.backends[0];
     backend.assert_unprivileged_and_clean_exit();
@@ -1121,9 +1120,9 @@ fn native_backend_walk_survives_drop_caches() {
 /// How many lines `find` prints for `path`: itself and everything below it, without
 /// following symlinks (a name with a newline in it takes two lines).
 fn walk_count(path: &Path) -> usize {
-    let lines = 1 + path
-        .file_name()
-        .map_or(0, |n| n.as_encoded_bytes().iter().filter(|&&b| b == b'\n').count());
+    let lines = 1 + path.file_name().map_or(0, |n| {
+        n.as_encoded_bytes().iter().filter(|&&b| b == b'\n').count()
+    });
     if !fs::symlink_metadata(path).unwrap().is_dir() {
         return lines;
     }
@@ -1168,7 +1167,12 @@ fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
     let secret_path = t.s.secret.parent().unwrap().to_path_buf();
     let target = Path::new(&"../".repeat(depth)).join(&secret_path);
     assert!(
-        host_dir.parent().unwrap().join(&target).join("secret").is_file(),
+        host_dir
+            .parent()
+            .unwrap()
+            .join(&target)
+            .join("secret")
+            .is_file(),
         "the symlink must reach the secret on the host"
     );
     let boot = t
@@ -1185,6 +1189,9 @@ fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
     boot.assert_no_marker("NOT-READABLE");
     boot.assert_marker("SWAP-SEEN");
     assert_eq!(boot.expect_value("LEAKS "), "0");
-    assert!(!boot.console.contains("TOP SECRET"), "the secret reached the guest");
+    assert!(
+        !boot.console.contains("TOP SECRET"),
+        "the secret reached the guest"
+    );
     boot.backends[0].assert_unprivileged_and_clean_exit();
 }

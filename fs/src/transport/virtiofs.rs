@@ -23,9 +23,9 @@ use std::time::Duration;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use virtiofsd::filesystem::{
-    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions,
-    GetxattrReply, ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid,
-    SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
+    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply,
+    ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags,
+    ZeroCopyReader, ZeroCopyWriter,
 };
 use virtiofsd::fuse;
 use virtiofsd::soft_idmap::Id;
