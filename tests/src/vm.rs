@@ -832,13 +832,17 @@ pub const UNPRIVILEGED_UID: u32 = 65534;
 /// Runs on the harness thread when a marker first appears on the guest's console.
 type ConsoleHook = (String, Box<dyn FnOnce() + Send>);
 
-/// What the harness saw of a native backend while the guest ran, and how it ended.
+/// What the harness saw of a share's daemon (virtiofsd, or the native backend) while the
+/// guest ran, and how it ended.
 #[derive(Clone, Debug, Default)]
 pub struct BackendReport {
     /// The share's tag.
     pub tag: String,
-    /// The daemon's exit status, if it exited by itself within [`BACKEND_EXIT_TIMEOUT`]
-    /// of qemu's exit; `None` if it had to be killed.
+    /// Whether it is nixstorefs's own backend (else virtiofsd).
+    pub native: bool,
+    /// A native backend's exit status, if it exited by itself within
+    /// [`BACKEND_EXIT_TIMEOUT`] of qemu's exit; `None` if it had to be killed (virtiofsd is
+    /// always killed).
     pub status: Option<ExitStatus>,
     /// Samples of /proc taken while the guest ran.
     pub samples: usize,
@@ -922,6 +926,7 @@ impl BackendReport {
     /// Asserts that the daemon ran unprivileged, without /dev/fuse, and exited 0 by
     /// itself once the guest was gone.
     pub fn assert_unprivileged_and_clean_exit(&self) {
+        assert!(self.native, "the share {} is not served natively", self.tag);
         assert!(
             self.samples > 0,
             "the backend of {} was never sampled",
@@ -1192,7 +1197,7 @@ impl Guest {
                     .arg(format!("socket,id=vfs{i},path={}", qemu_value(&sock)))
                     .arg("-device")
                     .arg(format!(
-                        "vhost-user-fs-pci,chardev=vfs{i},tag={}",
+                        "vhost-user-fs-pci,chardev=vfs{i},tag={},queue-size=1024",
                         share.tag
                     ));
             }
@@ -1226,9 +1231,9 @@ impl Guest {
         let stderr = Capture::start(q.child().stderr.take(), false);
         let mut backends: Vec<BackendReport> = daemons
             .iter()
-            .filter(|(_, native, _)| *native)
-            .map(|(_, _, tag)| BackendReport {
+            .map(|(_, native, tag)| BackendReport {
                 tag: tag.clone(),
+                native: *native,
                 ..Default::default()
             })
             .collect();
@@ -1242,8 +1247,7 @@ impl Guest {
             if Instant::now() >= deadline {
                 break None;
             }
-            let natives = daemons.iter_mut().filter(|(_, native, _)| *native);
-            for ((d, _, _), report) in natives.zip(backends.iter_mut()) {
+            for ((d, _, _), report) in daemons.iter_mut().zip(backends.iter_mut()) {
                 if let Some(sample) = sample_process(d.child().id()) {
                     report.add(sample);
                 }
@@ -1264,9 +1268,10 @@ impl Guest {
         drop(q);
         let elapsed = started.elapsed();
         // A native backend ends by itself when the guest is gone.
-        let natives = daemons.iter_mut().filter(|(_, native, _)| *native);
-        for ((d, _, _), report) in natives.zip(backends.iter_mut()) {
-            report.status = harness::wait_bounded(d.child(), BACKEND_EXIT_TIMEOUT);
+        for ((d, native, _), report) in daemons.iter_mut().zip(backends.iter_mut()) {
+            if *native {
+                report.status = harness::wait_bounded(d.child(), BACKEND_EXIT_TIMEOUT);
+            }
         }
         drop(daemons);
         let mut virtiofsd_log = String::new();
@@ -1360,7 +1365,7 @@ pub struct Boot {
     pub qemu_stderr: String,
     /// The share daemons' logs (virtiofsd, nixstorefs), one section per share.
     pub virtiofsd_log: String,
-    /// What was seen of each native backend, in the order the shares were added.
+    /// What was seen of each share's daemon, in the order the shares were added.
     pub backends: Vec<BackendReport>,
     /// qemu's exit status; `None` if it was killed at the timeout.
     pub status: Option<ExitStatus>,
