@@ -153,6 +153,29 @@ impl DirStream {
     }
 }
 
+/// The answer to an extended attribute request, by the protocol's rule: a buffer size of
+/// 0 asks how large a buffer the value needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Xattr {
+    /// The size the value needs.
+    Size(u32),
+    /// The value itself.
+    Data(Vec<u8>),
+}
+
+impl Xattr {
+    /// `value` for a buffer of `size` bytes: its size, the value, or `ERANGE`.
+    pub fn fit(value: Vec<u8>, size: u32) -> Result<Xattr> {
+        if size == 0 {
+            Ok(Xattr::Size(value.len() as u32))
+        } else if value.len() > size as usize {
+            Err(Errno::RANGE)
+        } else {
+            Ok(Xattr::Data(value))
+        }
+    }
+}
+
 /// One client's session on a view: handles, directory streams and policy, shared by every
 /// transport; `X` is what the transport keeps per open file.
 pub struct Session<X> {
@@ -305,18 +328,19 @@ impl<X> Session<X> {
         Errno::ROFS
     }
 
-    /// A store object's extended attribute `name`: there are none (a NAR has none), so
-    /// `ENODATA`, which tools that copy attributes take as "nothing to copy". `ENOTSUP`
-    /// would make them give up on the whole tree.
-    pub fn getxattr(&self, id: NodeId, _name: &OsStr) -> Result<Vec<u8>> {
+    /// A store object's extended attribute `name`, for a buffer of `size` bytes: there are
+    /// none (a NAR has none), so `ENODATA`, which tools that copy attributes take as
+    /// "nothing to copy". `ENOTSUP` would make them give up on the whole tree.
+    pub fn getxattr(&self, id: NodeId, _name: &OsStr, _size: u32) -> Result<Xattr> {
         self.view.getattr(id)?;
         Err(Errno::NODATA)
     }
 
-    /// The list of a store object's extended attribute names: empty.
-    pub fn listxattr(&self, id: NodeId) -> Result<Vec<u8>> {
+    /// The list of a store object's extended attribute names (empty), for a buffer of
+    /// `size` bytes.
+    pub fn listxattr(&self, id: NodeId, size: u32) -> Result<Xattr> {
         self.view.getattr(id)?;
-        Ok(Vec::new())
+        Xattr::fit(Vec::new(), size)
     }
 
     /// Whether a client with `uid` and `gid` may access `id` with `mask` (access(2)'s

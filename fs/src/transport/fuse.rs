@@ -22,7 +22,7 @@ use fuser::{
 };
 
 use super::mapping::FileMapping;
-use crate::session::{CachePolicy, OpenFile, Session, DIR_CACHE, FILE_CACHE, TTL};
+use crate::session::{CachePolicy, OpenFile, Session, Xattr, DIR_CACHE, FILE_CACHE, TTL};
 use crate::view::{self, Attr, Kind, NodeId, View, ROOT_ID};
 use crate::warn_limited;
 
@@ -187,6 +187,14 @@ pub fn tune_read_ahead(mountpoint: &Path) {
 
 fn errno(e: rustix::io::Errno) -> Errno {
     Errno::from_i32(e.raw_os_error())
+}
+
+fn xattr_reply(answer: view::Result<Xattr>, reply: fuser::ReplyXattr) {
+    match answer {
+        Ok(Xattr::Size(n)) => reply.size(n),
+        Ok(Xattr::Data(value)) => reply.data(&value),
+        Err(e) => reply.error(errno(e)),
+    }
 }
 
 fn fopen_flags(policy: CachePolicy) -> FopenFlags {
@@ -514,22 +522,11 @@ impl Filesystem for StoreFs {
         size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        match self.session.getxattr(ino.0, name) {
-            Ok(value) if size == 0 => reply.size(value.len() as u32),
-            Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
-            Ok(value) => reply.data(&value),
-            Err(e) => reply.error(errno(e)),
-        }
+        xattr_reply(self.session.getxattr(ino.0, name, size), reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        // A size of 0 asks how large a buffer the list needs; otherwise the list itself.
-        match self.session.listxattr(ino.0) {
-            Ok(list) if size == 0 => reply.size(list.len() as u32),
-            Ok(list) if list.len() > size as usize => reply.error(Errno::ERANGE),
-            Ok(list) => reply.data(&list),
-            Err(e) => reply.error(errno(e)),
-        }
+        xattr_reply(self.session.listxattr(ino.0, size), reply);
     }
 
     // Everything below modifies the store: the view is read-only.

@@ -32,7 +32,7 @@ use virtiofsd::soft_idmap::Id;
 use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::session::{CachePolicy, DirSlot, DirStream, Session, DIR_CACHE, FILE_CACHE, TTL};
+use crate::session::{CachePolicy, DirSlot, DirStream, Session, Xattr, DIR_CACHE, FILE_CACHE, TTL};
 use crate::view::{Attr, Kind, View};
 
 /// The `FileSystem` virtiofsd's server calls: a session on a view.
@@ -346,27 +346,18 @@ impl FileSystem for VirtioFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        let value = self
-            .session
-            .getxattr(inode, self::name(name))
-            .map_err(error)?;
-        if size == 0 {
-            Ok(GetxattrReply::Count(value.len() as u32))
-        } else if value.len() > size as usize {
-            Err(io::Error::from_raw_os_error(libc::ERANGE))
-        } else {
-            Ok(GetxattrReply::Value(value))
+        match self.session.getxattr(inode, self::name(name), size) {
+            Ok(Xattr::Size(n)) => Ok(GetxattrReply::Count(n)),
+            Ok(Xattr::Data(value)) => Ok(GetxattrReply::Value(value)),
+            Err(e) => Err(error(e)),
         }
     }
 
     fn listxattr(&self, _ctx: Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let list = self.session.listxattr(inode).map_err(error)?;
-        if size == 0 {
-            Ok(ListxattrReply::Count(list.len() as u32))
-        } else if list.len() > size as usize {
-            Err(io::Error::from_raw_os_error(libc::ERANGE))
-        } else {
-            Ok(ListxattrReply::Names(list))
+        match self.session.listxattr(inode, size) {
+            Ok(Xattr::Size(n)) => Ok(ListxattrReply::Count(n)),
+            Ok(Xattr::Data(list)) => Ok(ListxattrReply::Names(list)),
+            Err(e) => Err(error(e)),
         }
     }
 

@@ -281,24 +281,20 @@ pub fn run(
         } else {
             "virtiofsd"
         };
-        r.add(Measurement {
-            id: format!("guest/{variant}/daemon-fds"),
-            section: "guest",
-            label: format!("descriptors held at most by {daemon}, virtiofs over {variant}"),
-            unit: "fds",
-            better: Better::Lower,
-            samples: fds.clone(),
-            params: json!({"variant": variant}),
-        });
-        r.add(Measurement {
-            id: format!("guest/{variant}/daemon-anon"),
-            section: "guest",
-            label: format!("private memory at most of {daemon}, virtiofs over {variant}"),
-            unit: "MiB",
-            better: Better::Lower,
-            samples: anon.clone(),
-            params: json!({"variant": variant}),
-        });
+        for (key, label, unit, samples) in [
+            ("daemon-fds", "descriptors held at most by", "fds", fds),
+            ("daemon-anon", "private memory at most of", "MiB", anon),
+        ] {
+            r.add(Measurement {
+                id: format!("guest/{variant}/{key}"),
+                section: "guest",
+                label: format!("{label} {daemon}, virtiofs over {variant}"),
+                unit,
+                better: Better::Lower,
+                samples: samples.clone(),
+                params: json!({"variant": variant}),
+            });
+        }
     }
     for (step, label) in STEPS {
         let (vs_plain, vs_mount) = match step {
