@@ -37,7 +37,11 @@ pub const METHOD: &str = "A VM (qemu TCG, 1 vCPU, 512 MiB, the host's Debian ker
      Targets: the native backend's cold walk and small-file reads at most 1.0× virtiofsd \
      over the plain directory and at least 1.2× faster than virtiofsd over the mount, its \
      large-file reads at least 0.9× as fast as the plain directory's; both walks through \
-     the mount within 1.3× of the plain directory.";
+     the mount within 1.3× of the plain directory. \
+     Footprint: one more boot each over the native backend and over virtiofsd sharing a plain \
+     directory reads every file of the store path with --many-files files once (`find | \
+     xargs cat`); the daemon's most descriptors and private memory meanwhile are reported, \
+     with targets for the native backend: under 1,024 descriptors and under 64 MiB.";
 
 const TAG: &str = "nix-store";
 /// Boots per variant, in turn with the other variant's.
@@ -261,7 +265,6 @@ pub fn run(
             steps.entry(step).or_default().extend(times);
         }
     }
-    let _ = fs::remove_dir_all(&dir);
     for (variant, steps) in &results {
         for (step, label) in STEPS {
             r.add(Measurement {
@@ -324,6 +327,119 @@ pub fn run(
             step.starts_with("walk").then_some(Target::AtMost(1.3)),
         );
     }
+    let footprint_dir = dir.with_file_name("guest-footprint");
+    let _ = fs::remove_dir_all(&footprint_dir);
+    let measured = footprint(b, &kernel, &initramfs, &footprint_dir, r);
+    let _ = fs::remove_dir_all(&footprint_dir);
+    let _ = fs::remove_dir_all(&dir);
+    measured
+}
+
+/// The guest's script for the footprint boots: read every file once, count them.
+const FOOTPRINT_SCRIPT: &str = "#!/bin/busybox sh\nexport PATH=/bin\necho GUEST-START\n\
+     busybox find /nix/store -type f | busybox xargs busybox cat > /dev/null\n\
+     echo \"FILES $(busybox find /nix/store -type f | busybox wc -l)\"\n\
+     echo GUEST-OK\nbusybox sync\nbusybox poweroff -f\n";
+
+/// Boots a guest that walks and reads every file of the store path with
+/// [`store::Params::many_files`] files, once over the native backend and once over
+/// virtiofsd sharing a plain directory, and records the most descriptors and private
+/// memory each daemon held meanwhile.
+fn footprint(
+    b: &Built,
+    kernel: &Kernel,
+    initramfs: &Path,
+    dir: &Path,
+    r: &mut Results,
+) -> Result<(), String> {
+    let e = |e: std::io::Error| e.to_string();
+    let many = b
+        .footprint_paths
+        .last()
+        .ok_or("no footprint store path")?
+        .clone();
+    let store_dir = dir.join("store");
+    fs::create_dir_all(&store_dir).map_err(e)?;
+    store::link_tree(&b.host.store_dir.join(&many), &store_dir.join(&many)).map_err(e)?;
+    let prog = GuestProgram {
+        base: base_name("nixstorefs-bench-footprint"),
+    };
+    let bin = store_dir.join(&prog.base).join("bin");
+    fs::create_dir_all(&bin).map_err(e)?;
+    fs::write(bin.join("run"), FOOTPRINT_SCRIPT).map_err(e)?;
+    fs::set_permissions(bin.join("run"), fs::Permissions::from_mode(0o555)).map_err(e)?;
+    let closure = dir.join("closure.txt");
+    fs::write(
+        &closure,
+        format!(
+            "{}\n{}\n",
+            store_dir.join(&many).display(),
+            store_dir.join(&prog.base).display()
+        ),
+    )
+    .map_err(e)?;
+    vm::open_to_others(dir);
+    for variant in ["native", "plain"] {
+        eprintln!("bench: [guest] reading every file of {many} over {variant}");
+        let boot = catch_unwind(AssertUnwindSafe(|| {
+            let g = Guest::new(kernel, initramfs)
+                .cmdline("loglevel=4")
+                .cmdline(&format!("nixstore=virtiofs:{TAG}"))
+                .cmdline(&prog.init_arg())
+                .timeout(Duration::from_secs(1800));
+            match variant {
+                "native" => g.nixstorefs(TAG, &store_dir, &closure, &[]),
+                _ => g.virtiofs(TAG, &store_dir),
+            }
+            .boot()
+        }))
+        .map_err(|_| format!("booting the footprint guest over {variant} failed (see above)"))?;
+        if !boot.console.contains("GUEST-OK") {
+            return Err(format!(
+                "the footprint guest over {variant} did not finish ({}); console tail:\n{}",
+                boot.status_text(),
+                tail(&boot.console, 30)
+            ));
+        }
+        let files = boot.value("FILES ").unwrap_or("?").to_string();
+        let d = boot.backends.first().ok_or("no share daemon was sampled")?;
+        let daemon = if variant == "native" {
+            "nixstorefs --socket-path"
+        } else {
+            "virtiofsd"
+        };
+        for (key, label, unit, value) in [
+            ("fds", "descriptors held at most by", "fds", d.max_fds as f64),
+            (
+                "anon",
+                "private memory at most of",
+                "MiB",
+                d.max_anon_kib as f64 / 1024.0,
+            ),
+        ] {
+            r.add(Measurement {
+                id: format!("guest-footprint/{variant}/{key}"),
+                section: "guest",
+                label: format!("{label} {daemon} while a guest reads {files} files"),
+                unit,
+                better: Better::Lower,
+                samples: vec![value],
+                params: json!({"variant": variant, "files": files}),
+            });
+        }
+    }
+    r.absolute(
+        "guest",
+        "native backend's descriptors after a guest read every file",
+        "guest-footprint/native/fds",
+        Target::Below(1024.0),
+    );
+    r.absolute(
+        "guest",
+        "native backend's private memory after a guest read every file",
+        "guest-footprint/native/anon",
+        Target::Below(64.0),
+    );
     Ok(())
 }
 
