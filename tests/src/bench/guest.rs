@@ -33,7 +33,7 @@ pub const METHOD: &str = "A VM (qemu TCG, 1 vCPU, 512 MiB, the host's Debian ker
      boot's first run is a warm-up. Timed in the guest with /proc/uptime (10 ms \
      resolution). Under TCG only the ratios mean anything. The share daemon's descriptors \
      and private resident memory (RssAnon; guest memory it wrote into is shared, not \
-     counted) are the largest seen in /proc every 20 ms while the guest ran. \
+     counted) are the largest seen in /proc every 100 ms while the guest ran. \
      Targets: the native backend's cold walk and small-file reads at most 1.0× virtiofsd \
      over the plain directory and at least 1.2× faster than virtiofsd over the mount, its \
      large-file reads at least 0.9× as fast as the plain directory's; both walks through \
@@ -409,7 +409,12 @@ fn footprint(
             "virtiofsd"
         };
         for (key, label, unit, value) in [
-            ("fds", "descriptors held at most by", "fds", d.max_fds as f64),
+            (
+                "fds",
+                "descriptors held at most by",
+                "fds",
+                d.max_fds as f64,
+            ),
             (
                 "anon",
                 "private memory at most of",
