@@ -1040,9 +1040,9 @@ fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
 /// A guest walks the whole closure and reads every file, then drops its caches and does it
 /// again, three times, over the native backend with tiny caches (16 forgotten nodes, 8
 /// directory descriptors): every node is forgotten and evicted and looked up again. No
-/// ESTALE or other error, the same listing and bytes each time, and a descriptor and a
-/// working directory held across the drops keep working. The daemon stays within its
-/// descriptor bound.
+/// ESTALE or other error, the same listing, bytes and inode numbers (`ls -lAiR`) each time,
+/// and a descriptor and a working directory held across the drops keep working. The daemon
+/// stays within its descriptor bound.
 #[test]
 fn native_backend_walk_survives_drop_caches() {
     let kernel = Kernel::compressed_modules();
@@ -1053,6 +1053,7 @@ fn native_backend_walk_survives_drop_caches() {
              walk() {{\n\
                find /nix/store 2>/tmp/err.$1 | sort > /tmp/walk.$1\n\
                find /nix/store -type f -exec cat {{}} \\; 2>>/tmp/err.$1 | sha256sum > /tmp/sum.$1\n\
+               ls -lAiR /nix/store > /tmp/ls.$1 2>>/tmp/err.$1\n\
              }}\n\
              walk 0\n\
              exec 3< /nix/store/{big}\n\
@@ -1062,6 +1063,7 @@ fn native_backend_walk_survives_drop_caches() {
                walk $i\n\
                cmp -s /tmp/walk.0 /tmp/walk.$i || echo \"WALK-DIFF $i\"\n\
                cmp -s /tmp/sum.0 /tmp/sum.$i || echo \"SUM-DIFF $i\"\n\
+               cmp -s /tmp/ls.0 /tmp/ls.$i || echo \"INODES-DIFF $i\"\n\
                ls . > /dev/null || echo \"CWD-FAILED $i\"\n\
              done\n\
              cat /tmp/err.* | sed 's/^/WALK-ERROR /'\n\
@@ -1086,7 +1088,14 @@ fn native_backend_walk_survives_drop_caches() {
         .timeout(Duration::from_secs(180))
         .boot();
     assert_booted_ok(&boot);
-    for marker in ["WALK-DIFF", "SUM-DIFF", "CWD-FAILED", "WALK-ERROR", "Stale"] {
+    for marker in [
+        "WALK-DIFF",
+        "SUM-DIFF",
+        "INODES-DIFF",
+        "CWD-FAILED",
+        "WALK-ERROR",
+        "Stale",
+    ] {
         boot.assert_no_marker(marker);
     }
     assert_eq!(
@@ -1194,4 +1203,109 @@ fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
         "the secret reached the guest"
     );
     boot.backends[0].assert_unprivileged_and_clean_exit();
+}
+
+/// Every kind of modification a guest can send reaches the native backend (the guest
+/// remounts the share read-write first, so its own kernel does not refuse them) and fails
+/// with EROFS; the host store is unchanged afterwards.
+#[test]
+fn native_backend_refuses_every_modification() {
+    let kernel = Kernel::compressed_modules();
+    let Some(t) = Setup::new(kernel, |s| {
+        let f = format!("/nix/store/{}", s.small_files[3].display());
+        let d = format!(
+            "/nix/store/{}",
+            s.small_files[3].parent().unwrap().display()
+        );
+        let empty = format!("/nix/store/{}/empty-dir", s.odd_dir.display());
+        let ops = [
+            ("append", format!("echo x >> {f}")),
+            ("truncate-open", format!("echo x > {f}")),
+            ("create", format!("touch {d}/new")),
+            ("create-at-root", "touch /nix/store/new".to_string()),
+            ("mkdir", format!("mkdir {d}/newdir")),
+            ("rmdir", format!("rmdir {empty}")),
+            ("unlink", format!("rm -f {f}")),
+            ("rename", format!("mv {f} {d}/renamed")),
+            ("symlink", format!("ln -s x {d}/link")),
+            ("link", format!("ln {f} {d}/hardlink")),
+            ("chmod", format!("chmod 777 {f}")),
+            ("chown", format!("chown 1:1 {f}")),
+            ("utimes", format!("touch -d 2000-01-01 {f}")),
+            ("truncate", format!("truncate -s 0 {f}")),
+            ("mknod", format!("mknod {d}/fifo p")),
+        ];
+        let mut script = String::from(
+            "echo GUEST-START\n\
+             mount -o remount,rw /nix/store; echo \"REMOUNT $?\"\n\
+             grep ' /nix/store ' /proc/self/mountinfo | sed 's/^/MOUNT /'\n",
+        );
+        for (name, cmd) in ops {
+            script.push_str(&format!(
+                "if ( {cmd} ) 2>/tmp/err; then echo \"MODIFIED {name}\"; \
+                 else echo \"REFUSED {name}: $(cat /tmp/err)\"; fi\n"
+            ));
+        }
+        script.push_str("echo \"OPS 15\"\necho GUEST-OK\n");
+        script
+    }) else {
+        return;
+    };
+    vm::open_to_others(t.dir.path());
+    let before = files_digest(&t.s.store_dir);
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(TAG, &t.s.store_dir, &t.s.closure_file, &[])
+        .boot();
+    assert_booted_ok(&boot);
+    assert_eq!(
+        boot.expect_value("REMOUNT "),
+        "0",
+        "the guest could not remount rw"
+    );
+    // So the guest's kernel passed the requests on: the daemon refused them.
+    let mount = boot.expect_value("MOUNT ");
+    assert!(
+        mount.contains(" /nix/store rw"),
+        "not remounted rw: {mount}"
+    );
+    boot.assert_no_marker("MODIFIED ");
+    let refused: Vec<&str> = boot.lines().filter(|l| l.starts_with("REFUSED ")).collect();
+    assert_eq!(refused.len().to_string(), boot.expect_value("OPS "));
+    for line in &refused {
+        assert!(line.contains("Read-only file system"), "{line}");
+    }
+    assert_eq!(
+        files_digest(&t.s.store_dir),
+        before,
+        "the host store changed"
+    );
+    boot.backends[0].assert_unprivileged_and_clean_exit();
+}
+
+/// Every path below `dir` with its mode and, for files, its bytes, in one digest.
+fn files_digest(dir: &Path) -> String {
+    fn walk(p: &Path, h: &mut Sha256) {
+        let meta = fs::symlink_metadata(p).unwrap();
+        h.update(p.as_os_str().as_encoded_bytes());
+        h.update(format!(
+            "{:o}",
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
+        ));
+        if meta.is_file() {
+            h.update(fs::read(p).unwrap());
+        } else if meta.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(&n, h);
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    walk(dir, &mut h);
+    sample::hex(&h.finalize())
 }
