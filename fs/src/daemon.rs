@@ -168,6 +168,17 @@ impl SocketFile {
     ) -> Result<(vhost::vhost_user::Listener, SocketFile), String> {
         use std::os::unix::fs::OpenOptionsExt;
         let gid = group.map(group_id).transpose()?;
+        // Only a socket is replaced: a regular file named by mistake is never deleted.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                return Err(format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ));
+            }
+            _ => {}
+        }
+
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".pid");
         let lock_path = std::path::PathBuf::from(lock_path);
@@ -196,9 +207,18 @@ impl SocketFile {
                 format!("cannot lock {}: {e}", lock_path.display())
             });
         }
+        // From here on the lock is ours: whatever fails, the lock file and any socket made
+        // go with `file`.
+        let file = SocketFile {
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock
+                .try_clone()
+                .map_err(|e| format!("cannot keep the lock: {e}"))?,
+        };
         lock.set_len(0)
             .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .map_err(|e| format!("cannot write {}: {e}", lock_path.display()))?;
+            .map_err(|e| format!("cannot write {}: {e}", file.lock_path.display()))?;
         // The socket's mode comes from the umask at bind: no moment with wider permissions.
         let mask = if gid.is_some() { 0o117 } else { 0o177 };
         let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(mask));
@@ -206,11 +226,6 @@ impl SocketFile {
         let listener = vhost::vhost_user::Listener::new(path, true);
         rustix::process::umask(old);
         let listener = listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        let file = SocketFile {
-            path: path.to_path_buf(),
-            lock_path,
-            _lock: lock,
-        };
         if let Some(gid) = gid {
             rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
                 format!(

@@ -47,6 +47,7 @@ the garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.
 /// to one guest as a vhost-user virtio-fs device (--socket-path, --fd).
 #[derive(Parser, Debug)]
 #[command(version, after_help = EXAMPLES)]
+#[command(group(clap::ArgGroup::new("guest").args(["socket_path", "fd"])))]
 struct Args {
     /// The closure: a store-paths list (`nix-store -qR`), a closureInfo output directory, a
     /// registration (`nix-store --dump-db`), or `-` for standard input.
@@ -72,7 +73,7 @@ struct Args {
 
     /// The file system name the device reports to guests, for VMMs that ask the device for
     /// it (qemu's vhost-user-fs-pci takes its own tag= instead).
-    #[arg(long, value_name = "TAG")]
+    #[arg(long, value_name = "TAG", requires = "guest")]
     tag: Option<String>,
 
     #[command(flatten)]

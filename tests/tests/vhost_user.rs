@@ -146,6 +146,32 @@ fn bad_input_exits_2_and_creates_no_socket() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing/dir"));
 
+    // A path that is there and not a socket is never replaced (nor deleted).
+    let file = t.sockets.join("not-a-socket");
+    fs::write(&file, "keep me\n").unwrap();
+    rustix::fs::chown(
+        &file,
+        Some(rustix::fs::Uid::from_raw(UNPRIVILEGED_UID)),
+        None,
+    )
+    .unwrap();
+    let out = harness::run(
+        &mut t.command(&["-f", "--socket-path", file.to_str().unwrap()]),
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep me\n");
+    assert!(!lock_of(&file).exists(), "no lock left behind");
+
+    // --tag means nothing to a mount.
+    let mnt = t.sockets.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut cmd = Command::new(harness::bin("nixstorefs"));
+    cmd.args(["--tag", "x"]).arg(&t.s.closure_file).arg(&mnt);
+    let out = harness::run(&mut cmd, TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
     // Neither a mountpoint nor a socket.
     let mut cmd = Command::new(harness::bin("nixstorefs"));
     cmd.arg(&t.s.closure_file);
