@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs what nixstorefs and its tests need. Idempotent; run as root.
-# With --runtime, only what the nixstorefs daemon itself needs (fuse3).
+# With --runtime, only what building and running the nixstorefs daemon needs.
 #   fuse3              fusermount3 and mount.fuse3, /dev/fuse permissions
+#   libcap-ng-dev      links nixstorefs's virtio-fs transport (virtiofsd's library binds
+#                      libcap-ng), and builds virtiofsd from crates.io
 #   erofs-utils        fsck.erofs and dump.erofs, to check the images mkimage writes
 #   busybox-static     a static shell for test guests
 #   qemu-system-x86    the test guests (TCG: no KVM needed)
 #   linux-image-amd64  the guest kernel and its modules (virtiofs, erofs, overlay)
 #   cpio, kmod         guest-init/mkinitramfs.sh builds the test guests' initramfs with them
 #   xfsprogs, btrfs-progs   root filesystems for the guest tests of root=
-#   libcap-ng-dev, libseccomp-dev   to build virtiofsd from crates.io
+#   libseccomp-dev     to build virtiofsd from crates.io
 #   strace             to see that mkimage syncs the output directory after its rename
 #   nix-bin            a real Nix (nix-build, nix-store --gc, nix-daemon) for the garbage
 #                      collection tests, which use private store and state directories
@@ -19,9 +21,9 @@ set -euo pipefail
 runtime_only=false
 [ "${1:-}" = "--runtime" ] && runtime_only=true
 
-packages=(fuse3)
+packages=(fuse3 libcap-ng-dev)
 $runtime_only || packages+=(erofs-utils busybox-static qemu-system-x86 linux-image-amd64
-  libcap-ng-dev libseccomp-dev pkg-config nix-bin strace cpio kmod xfsprogs btrfs-progs gcc)
+  libseccomp-dev pkg-config nix-bin strace cpio kmod xfsprogs btrfs-progs gcc)
 
 missing=()
 for p in "${packages[@]}"; do
