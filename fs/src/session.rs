@@ -379,9 +379,4 @@ impl<X> Session<X> {
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         self.view.statfs()
     }
-
-    /// Open file and directory handles, for logs and tests.
-    pub fn open_handles(&self) -> (usize, usize) {
-        (self.files.len(), self.dirs.len())
-    }
 }

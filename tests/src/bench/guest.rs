@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nixstorefs_tests::sample::base_name;
-use nixstorefs_tests::vm::{self, Guest, GuestProgram, Initramfs, Kernel};
+use nixstorefs_tests::vm::{self, Boot, Guest, GuestProgram, Initramfs, Kernel};
 use serde_json::json;
 
 use crate::mounts::FuseMount;
@@ -121,13 +121,14 @@ fn script(runs: usize, big: &[PathBuf]) -> String {
     s
 }
 
-/// A store directory with closure paths `names` (hard links) and the guest's program, and a closure
-/// file listing all of it.
+/// A store directory under `dir` with closure paths `names` (hard links) and a guest program
+/// `program` running `script`, and a closure file listing all of it.
 fn guest_store(
     b: &Built,
     names: &[String],
     dir: &Path,
-    runs: usize,
+    program: &str,
+    script: &str,
 ) -> Result<(PathBuf, PathBuf, GuestProgram), String> {
     let e = |e: std::io::Error| e.to_string();
     if dir.exists() {
@@ -139,11 +140,11 @@ fn guest_store(
         store::link_tree(&b.host.store_dir.join(name), &store_dir.join(name)).map_err(e)?;
     }
     let prog = GuestProgram {
-        base: base_name("nixstorefs-bench-guest"),
+        base: base_name(program),
     };
     let bin = store_dir.join(&prog.base).join("bin");
     fs::create_dir_all(&bin).map_err(e)?;
-    fs::write(bin.join("run"), script(runs, &b.big_files)).map_err(e)?;
+    fs::write(bin.join("run"), script).map_err(e)?;
     fs::set_permissions(bin.join("run"), fs::Permissions::from_mode(0o555)).map_err(e)?;
     let mut list = String::new();
     for n in names.iter().chain([&prog.base]) {
@@ -207,7 +208,13 @@ pub fn run(
     // Each variant boots ROUNDS times, alternating with the other, so that a slow spell of
     // the machine does not land on one variant only.
     let per_boot = runs.div_ceil(ROUNDS);
-    let (store_dir, closure, prog) = guest_store(b, &b.closure[..paths], &dir, per_boot)?;
+    let (store_dir, closure, prog) = guest_store(
+        b,
+        &b.closure[..paths],
+        &dir,
+        "nixstorefs-bench-guest",
+        &script(per_boot, &b.big_files),
+    )?;
     let initramfs = dir.join("initramfs.cpio");
     let kernel = catch_unwind(|| {
         let k = Kernel::find();
@@ -232,29 +239,18 @@ pub fn run(
             "bench: [guest] booting with virtiofs over {variant} ({} of {ROUNDS})",
             round + 1
         );
-        let boot = catch_unwind(AssertUnwindSafe(|| {
-            let g = Guest::new(&kernel, &initramfs)
-                .cmdline("loglevel=4")
-                .cmdline(&format!("nixstore=virtiofs:{TAG}"))
-                .cmdline(&prog.init_arg())
-                .timeout(Duration::from_secs(900));
-            match variant {
-                "native" => g.nixstorefs(TAG, &store_dir, &closure, &[]),
-                _ => g.virtiofs(TAG, &shared),
-            }
-            .boot()
-        }))
-        .map_err(|_| format!("booting the guest over {variant} failed (see above)"))?;
+        let share = match variant {
+            "native" => Share::Native {
+                store_dir: &store_dir,
+                closure: &closure,
+            },
+            _ => Share::Virtiofsd(&shared),
+        };
+        let boot = boot_guest(&kernel, &initramfs, &prog, share, Duration::from_secs(900));
         if let Some(m) = mount {
             m.unmount()?;
         }
-        if !boot.console.contains("GUEST-OK") {
-            return Err(format!(
-                "the guest over {variant} did not finish ({}); console tail:\n{}",
-                boot.status_text(),
-                tail(&boot.console, 30)
-            ));
-        }
+        let boot = boot.map_err(|e| format!("the guest over {variant}: {e}"))?;
         if let Some(d) = boot.backends.first() {
             let entry = daemons.entry(variant).or_default();
             entry.0.push(d.max_fds as f64);
@@ -352,55 +348,30 @@ fn footprint(
     dir: &Path,
     r: &mut Results,
 ) -> Result<(), String> {
-    let e = |e: std::io::Error| e.to_string();
     let many = b
         .footprint_paths
         .last()
         .ok_or("no footprint store path")?
         .clone();
-    let store_dir = dir.join("store");
-    fs::create_dir_all(&store_dir).map_err(e)?;
-    store::link_tree(&b.host.store_dir.join(&many), &store_dir.join(&many)).map_err(e)?;
-    let prog = GuestProgram {
-        base: base_name("nixstorefs-bench-footprint"),
-    };
-    let bin = store_dir.join(&prog.base).join("bin");
-    fs::create_dir_all(&bin).map_err(e)?;
-    fs::write(bin.join("run"), FOOTPRINT_SCRIPT).map_err(e)?;
-    fs::set_permissions(bin.join("run"), fs::Permissions::from_mode(0o555)).map_err(e)?;
-    let closure = dir.join("closure.txt");
-    fs::write(
-        &closure,
-        format!(
-            "{}\n{}\n",
-            store_dir.join(&many).display(),
-            store_dir.join(&prog.base).display()
-        ),
-    )
-    .map_err(e)?;
+    let (store_dir, closure, prog) = guest_store(
+        b,
+        std::slice::from_ref(&many),
+        dir,
+        "nixstorefs-bench-footprint",
+        FOOTPRINT_SCRIPT,
+    )?;
     vm::open_to_others(dir);
     for variant in ["native", "plain"] {
         eprintln!("bench: [guest] reading every file of {many} over {variant}");
-        let boot = catch_unwind(AssertUnwindSafe(|| {
-            let g = Guest::new(kernel, initramfs)
-                .cmdline("loglevel=4")
-                .cmdline(&format!("nixstore=virtiofs:{TAG}"))
-                .cmdline(&prog.init_arg())
-                .timeout(Duration::from_secs(1800));
-            match variant {
-                "native" => g.nixstorefs(TAG, &store_dir, &closure, &[]),
-                _ => g.virtiofs(TAG, &store_dir),
-            }
-            .boot()
-        }))
-        .map_err(|_| format!("booting the footprint guest over {variant} failed (see above)"))?;
-        if !boot.console.contains("GUEST-OK") {
-            return Err(format!(
-                "the footprint guest over {variant} did not finish ({}); console tail:\n{}",
-                boot.status_text(),
-                tail(&boot.console, 30)
-            ));
-        }
+        let share = match variant {
+            "native" => Share::Native {
+                store_dir: &store_dir,
+                closure: &closure,
+            },
+            _ => Share::Virtiofsd(&store_dir),
+        };
+        let boot = boot_guest(kernel, initramfs, &prog, share, Duration::from_secs(1800))
+            .map_err(|e| format!("the footprint guest over {variant}: {e}"))?;
         let files = boot.value("FILES ").unwrap_or("?").to_string();
         let d = boot.backends.first().ok_or("no share daemon was sampled")?;
         let daemon = if variant == "native" {
@@ -446,6 +417,49 @@ fn footprint(
         Target::Below(64.0),
     );
     Ok(())
+}
+
+/// What serves `/nix/store` to a bench guest.
+enum Share<'a> {
+    /// nixstorefs's own backend, serving a closure of a store directory.
+    Native {
+        store_dir: &'a Path,
+        closure: &'a Path,
+    },
+    /// virtiofsd, sharing a directory.
+    Virtiofsd(&'a Path),
+}
+
+/// Boots a guest running `prog` with the store shared as `share`, and checks that the
+/// program finished.
+fn boot_guest(
+    kernel: &Kernel,
+    initramfs: &Path,
+    prog: &GuestProgram,
+    share: Share<'_>,
+    timeout: Duration,
+) -> Result<Boot, String> {
+    let boot = catch_unwind(AssertUnwindSafe(|| {
+        let g = Guest::new(kernel, initramfs)
+            .cmdline("loglevel=4")
+            .cmdline(&format!("nixstore=virtiofs:{TAG}"))
+            .cmdline(&prog.init_arg())
+            .timeout(timeout);
+        match share {
+            Share::Native { store_dir, closure } => g.nixstorefs(TAG, store_dir, closure, &[]),
+            Share::Virtiofsd(dir) => g.virtiofs(TAG, dir),
+        }
+        .boot()
+    }))
+    .map_err(|_| "booting failed (see above)".to_string())?;
+    if !boot.console.contains("GUEST-OK") {
+        return Err(format!(
+            "did not finish ({}); console tail:\n{}",
+            boot.status_text(),
+            tail(&boot.console, 30)
+        ));
+    }
+    Ok(boot)
 }
 
 fn tail(s: &str, n: usize) -> String {
