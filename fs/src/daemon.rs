@@ -83,28 +83,53 @@ pub fn close_stdio(keep_stderr: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sends `READY=1` to systemd when it asked for notification (`NOTIFY_SOCKET`).
-pub fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let result = (|| -> std::io::Result<()> {
-        let socket = UnixDatagram::unbound()?;
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-        if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
-            socket.send_to_addr(b"READY=1", &addr)?;
-        } else {
-            socket.send_to(b"READY=1", &path)?;
+/// systemd's readiness notification (`NOTIFY_SOCKET`), connected in advance: the
+/// sandbox allows no new sockets, so the socket is made (and connected) before it is
+/// entered and only written to afterwards.
+pub struct Notifier {
+    socket: Option<UnixDatagram>,
+}
+
+impl Notifier {
+    /// Connects to `NOTIFY_SOCKET` when systemd asked for notification; a socket that
+    /// cannot be reached is said once here and readiness is then not sent.
+    pub fn from_env() -> Self {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Notifier { socket: None };
+        };
+        let connected = (|| -> std::io::Result<UnixDatagram> {
+            let socket = UnixDatagram::unbound()?;
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+            if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+                socket.connect_addr(&addr)?;
+            } else {
+                socket.connect(&path)?;
+            }
+            Ok(socket)
+        })();
+        match connected {
+            Ok(socket) => Notifier {
+                socket: Some(socket),
+            },
+            Err(e) => {
+                tracing::warn!(
+                    "cannot notify systemd through {}: {e}",
+                    path.to_string_lossy()
+                );
+                Notifier { socket: None }
+            }
         }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        tracing::warn!(
-            "cannot notify systemd through {}: {e}",
-            path.to_string_lossy()
-        );
+    }
+
+    /// Sends `READY=1`, if systemd asked for it.
+    pub fn ready(&self) {
+        if let Some(socket) = &self.socket {
+            if let Err(e) = socket.send(b"READY=1") {
+                tracing::warn!("cannot notify systemd: {e}");
+            }
+        }
     }
 }
 
@@ -162,26 +187,78 @@ pub struct SocketFile {
 impl SocketFile {
     /// Creates and listens on the socket at `path`: readable and writable by its owner
     /// only, or by `group` too when one is given. Errors name the path and the cause.
+    ///
+    /// Nothing that may belong to someone else is replaced: a path that is not a socket,
+    /// a socket another program still listens on, a socket in a directory that other
+    /// users may write to (unless it is sticky and the socket ours), or a socket whose
+    /// lock another daemon holds.
     pub fn listen(
         path: &std::path::Path,
         group: Option<&str>,
     ) -> Result<(vhost::vhost_user::Listener, SocketFile), String> {
-        use std::os::unix::fs::OpenOptionsExt;
         let gid = group.map(group_id).transpose()?;
-        // Only a socket is replaced: a regular file named by mistake is never deleted.
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-                return Err(format!(
-                    "{} exists and is not a socket; not replacing it",
-                    path.display()
-                ));
-            }
-            _ => {}
-        }
-
+        check_socket_dir(path)?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".pid");
         let lock_path = std::path::PathBuf::from(lock_path);
+        let mut lock = take_lock(path, &lock_path)?;
+        // Only a dead socket is replaced: a regular file named by mistake is never deleted,
+        // and a socket some program listens on (one that takes no lock) is left to it.
+        let refused = match std::fs::symlink_metadata(path) {
+            Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => Some(format!(
+                "{} exists and is not a socket; not replacing it",
+                path.display()
+            )),
+            Ok(_) if socket_is_live(path) => Some(format!(
+                "{} is a socket another program listens on; not replacing it",
+                path.display()
+            )),
+            _ => None,
+        };
+        if let Some(message) = refused {
+            // The lock file is ours (we hold it): it goes, the path stays.
+            let _ = std::fs::remove_file(&lock_path);
+            return Err(message);
+        }
+        // From here on whatever fails, the lock file and any socket made go with `file`.
+        let file = SocketFile {
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock
+                .try_clone()
+                .map_err(|e| format!("cannot keep the lock: {e}"))?,
+        };
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| format!("cannot write {}: {e}", file.lock_path.display()))?;
+        // The socket's mode comes from the umask at bind: no moment with wider permissions.
+        let mask = if gid.is_some() { 0o117 } else { 0o177 };
+        let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(mask));
+        // A socket file left by a daemon that was killed is replaced (its lock is free and
+        // nothing listens on it).
+        let listener = vhost::vhost_user::Listener::new(path, true);
+        rustix::process::umask(old);
+        let listener = listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        if let Some(gid) = gid {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+                format!(
+                    "cannot give socket {} to group {}: {e}",
+                    path.display(),
+                    group.unwrap_or_default()
+                )
+            })?;
+        }
+        Ok((listener, file))
+    }
+}
+
+/// Takes the exclusive lock of `lock_path`, created if missing, and checks that the file
+/// locked is still the one at the path: a daemon that exits unlinks its lock file while
+/// holding it, so a lock taken on a file opened just before is a lock on nothing, and is
+/// taken again on the file now at the path.
+fn take_lock(path: &std::path::Path, lock_path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    for _ in 0..100 {
         let mut lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -189,7 +266,7 @@ impl SocketFile {
             .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&lock_path)
+            .open(lock_path)
             .map_err(|e| format!("cannot create the lock file {}: {e}", lock_path.display()))?;
         if let Err(e) =
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
@@ -207,40 +284,108 @@ impl SocketFile {
                 format!("cannot lock {}: {e}", lock_path.display())
             });
         }
-        // From here on the lock is ours: whatever fails, the lock file and any socket made
-        // go with `file`.
-        let file = SocketFile {
-            path: path.to_path_buf(),
-            lock_path,
-            _lock: lock
-                .try_clone()
-                .map_err(|e| format!("cannot keep the lock: {e}"))?,
-        };
-        lock.set_len(0)
-            .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .map_err(|e| format!("cannot write {}: {e}", file.lock_path.display()))?;
-        // The socket's mode comes from the umask at bind: no moment with wider permissions.
-        let mask = if gid.is_some() { 0o117 } else { 0o177 };
-        let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(mask));
-        // A socket file left by a daemon that was killed is replaced (its lock is free).
-        let listener = vhost::vhost_user::Listener::new(path, true);
-        rustix::process::umask(old);
-        let listener = listener.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        if let Some(gid) = gid {
-            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
-                format!(
-                    "cannot give socket {} to group {}: {e}",
-                    path.display(),
-                    group.unwrap_or_default()
-                )
-            })?;
+        let held = lock
+            .metadata()
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        match std::fs::symlink_metadata(lock_path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(lock),
+            // Unlinked or replaced between our open and our lock: try the new one.
+            _ => continue,
         }
-        Ok((listener, file))
+    }
+    Err(format!(
+        "cannot lock {}: it keeps being replaced",
+        lock_path.display()
+    ))
+}
+
+/// Refuses a socket directory that other users could use to plant or swap the socket:
+/// one writable by group or others, unless it is sticky (as /tmp is: only owners remove
+/// entries) and whatever is at the path already is ours; or one owned by another user.
+fn check_socket_dir(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        format!(
+            "socket {}: directory {}: {e}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "socket directory {} belongs to uid {}, who could replace the socket; use a \
+             directory of your own, such as $XDG_RUNTIME_DIR",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        let sticky = meta.mode() & libc::S_ISVTX != 0;
+        let ours = match std::fs::symlink_metadata(path) {
+            Ok(m) => m.uid() == me,
+            Err(_) => true,
+        };
+        if !sticky || !ours {
+            return Err(format!(
+                "socket directory {} (mode {:o}) is writable by other users{}; use a \
+                 directory of your own, such as $XDG_RUNTIME_DIR",
+                dir.display(),
+                meta.mode() & 0o7777,
+                if sticky {
+                    format!(", and {} is not ours", path.display())
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a program listens on the socket at `path`. The kernel's table of Unix sockets
+/// is read first, which disturbs no one: a probe connection would be taken by a server
+/// that serves one connection (virtiofsd, another nixstorefs) as its VMM, and end it.
+/// A socket absent from the table (bound in another network namespace) is probed with
+/// `connect()`; only a refused connection proves it dead.
+fn socket_is_live(path: &std::path::Path) -> bool {
+    let wanted = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    if let Ok(table) = std::fs::read("/proc/net/unix") {
+        // Columns: Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 is
+        // __SO_ACCEPTCON, a listening socket.
+        for line in table.split(|&b| b == b'\n').skip(1) {
+            let fields: Vec<&[u8]> = line
+                .split(|&b| b == b' ')
+                .filter(|f| !f.is_empty())
+                .collect();
+            if fields.len() >= 8 && fields[7] == wanted {
+                let flags = std::str::from_utf8(fields[3])
+                    .ok()
+                    .and_then(|f| u32::from_str_radix(f, 16).ok())
+                    .unwrap_or(0);
+                if flags & 0x10000 != 0 {
+                    return true;
+                }
+            }
+        }
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => true,
+        Err(e) => {
+            e.raw_os_error() != Some(libc::ECONNREFUSED) && e.raw_os_error() != Some(libc::ENOENT)
+        }
     }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        // The socket first, then the lock file, while still holding the lock: a daemon
+        // waiting on this lock file finds it unlinked once it has it, and takes the new
+        // one (see `take_lock`).
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(&self.lock_path);
     }

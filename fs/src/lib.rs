@@ -10,6 +10,7 @@
 //!   streams, cache policy.
 //! * [`transport`] holds the thin translations: [`transport::fuse`] for a host mount,
 //!   [`transport::virtiofs`] for a guest over vhost-user.
+//! * [`sandbox`] confines the daemon once it serves: Landlock, seccomp, no privileges.
 //! * [`gc_roots`] holds the closure's paths as Nix temporary roots while they are served.
 
 pub mod cli;
@@ -24,3 +25,4 @@ pub mod daemon;
 mod fdcache;
 pub mod options;
 mod ratelimit;
+pub mod sandbox;

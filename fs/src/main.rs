@@ -10,6 +10,8 @@ use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Fa
 use nixstorefs::daemon;
 use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::options::MountOptions;
+use nixstorefs::sandbox::{self, Profile, SandboxMode, SandboxOptions, SeccompMode};
+use nixstorefs::session::SessionLimits;
 use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
 use nixstorefs::transport::virtiofs;
 use nixstorefs::view::{View, ViewError, ViewOptions};
@@ -78,6 +80,9 @@ struct Args {
 
     #[command(flatten)]
     closure_options: ClosureOptions,
+
+    #[command(flatten)]
+    sandbox: SandboxOptions,
 
     /// Stay in the foreground instead of detaching once the mount or socket is live.
     #[arg(short, long)]
@@ -221,19 +226,71 @@ fn check_socket_dir(socket: &Path) -> Result<(), Failure> {
     }
 }
 
-/// Lets the process keep as many descriptors open as it is allowed to: the cache bounds what
-/// the view holds, but open files are held for as long as clients keep them open.
-fn raise_fd_limit() {
+/// What a guest's session may hold, from the options.
+fn session_limits() -> SessionLimits {
+    SessionLimits::default()
+}
+
+/// The most descriptors the daemon needs at once: the caches' bounds, the vhost-user
+/// connection's guest memory regions and queue eventfds, the FUSE request threads' queues,
+/// and a margin for what one request opens for a moment (an `O_PATH` descriptor, a
+/// directory being listed) and for logging, the store, `/proc` and the socket.
+fn fd_budget(args: &Args) -> u64 {
+    const MARGIN: u64 = 64;
+    // vhost-user-backend accepts up to 509 memory slots; 3 eventfds per queue, 2 queues.
+    const VHOST_USER: u64 = 509 + 3 * 2 + 2;
+    let caches = u64::from(args.max_cached_dirs) + session_limits().max_cached_files as u64;
+    let transport = if args.mountpoint.is_some() {
+        // A cloned /dev/fuse per thread, and passthrough files while being registered.
+        2 * u64::from(args.threads)
+    } else {
+        VHOST_USER
+    };
+    MARGIN + caches + transport
+}
+
+/// Sets the soft descriptor limit to what the daemon needs (never to the hard maximum,
+/// which is often 524,288 or more): past it, an open fails with EMFILE rather than the
+/// daemon holding descriptors without bound. The sandbox lowers the hard limit too.
+fn set_fd_limit(budget: u64) {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    if limit.current < limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
-            tracing::debug!("cannot raise the descriptor limit: {e}");
-        }
+    let soft = limit.maximum.map_or(budget, |max| max.min(budget));
+    let wanted = rustix::process::Rlimit {
+        current: Some(soft),
+        maximum: limit.maximum,
+    };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, wanted) {
+        tracing::debug!("cannot set the descriptor limit: {e}");
     }
+}
+
+/// Enters the sandbox for `profile`: once, with the process single-threaded.
+fn enter_sandbox(
+    args: &Args,
+    view: &View,
+    profile: Profile,
+    listener: Option<i32>,
+) -> Result<(), Failure> {
+    let plan = sandbox::Plan {
+        mode: args.sandbox.sandbox,
+        seccomp: args.sandbox.seccomp,
+        profile,
+        store_dir: view.store_dir().to_path_buf(),
+        max_fds: fd_budget(args),
+        listener,
+    };
+    let entered = sandbox::enter(&plan).map_err(|e| Failure::runtime(e.to_string()))?;
+    if plan.mode == SandboxMode::Landlock && entered.landlock_abi == 0 {
+        tracing::warn!("this kernel has no Landlock: file access is not confined");
+    }
+    tracing::info!(
+        landlock_abi = entered.landlock_abi,
+        landlock_complete = entered.landlock_complete,
+        seccomp = ?entered.seccomp,
+        max_fds = entered.max_fds,
+        "sandbox entered"
+    );
+    Ok(())
 }
 
 /// Mounts and serves until unmounted. `detached` is the pipe to a waiting parent: taken and
@@ -295,7 +352,7 @@ fn serve(
         }
         detached.ready();
     }
-    daemon::notify_ready();
+    daemon::Notifier::from_env().ready();
     // Off the startup path: until it is done, reads use the kernel's default read-ahead.
     nixstorefs::transport::fuse::tune_read_ahead(&canonical);
     session
@@ -343,19 +400,33 @@ fn serve_guest(
             None,
         ),
     };
+    // Everything that needs the wider world happens before the sandbox: /dev/null for the
+    // standard descriptors, systemd's socket.
+    if detached.is_some() {
+        if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
+            tracing::warn!("cannot detach from the terminal: {e}");
+        }
+    }
+    let notifier = daemon::Notifier::from_env();
+    let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    enter_sandbox(args, &view, Profile::VirtioFs, Some(listener_fd))?;
+
     let view = Arc::new(view);
     enum Event {
-        Ended(std::io::Result<()>),
+        Ended(std::io::Result<virtiofs::Ended>),
         Signal(i32),
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let served = tx.clone();
     let guest_view = view.clone();
     let tag = args.tag.clone();
+    let limits = session_limits();
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || {
-            let _ = served.send(Event::Ended(virtiofs::serve(guest_view, listener, tag)));
+            let _ = served.send(Event::Ended(virtiofs::serve(
+                guest_view, listener, tag, limits,
+            )));
         })
         .map_err(|e| Failure::runtime(format!("cannot start the serving thread: {e}")))?;
     std::thread::Builder::new()
@@ -366,15 +437,19 @@ fn serve_guest(
         .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
 
     if let Some(detached) = detached.take() {
-        if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
-            tracing::warn!("cannot detach from the terminal: {e}");
-        }
         detached.ready();
     }
-    daemon::notify_ready();
+    notifier.ready();
     let result = match rx.recv() {
-        Ok(Event::Ended(Ok(()))) => {
+        Ok(Event::Ended(Ok(virtiofs::Ended::Disconnected))) => {
             log_stats(&view, "the guest disconnected; exiting");
+            Ok(())
+        }
+        Ok(Event::Ended(Ok(virtiofs::Ended::DisconnectedDuringSetup))) => {
+            tracing::warn!(
+                "the VMM disconnected before the guest used the device: check the VMM's own \
+                 log (a guest without the virtiofs driver, or a VMM that failed to start)"
+            );
             Ok(())
         }
         Ok(Event::Ended(Err(e))) => Err(Failure::runtime(e.to_string())),
@@ -411,6 +486,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    if args.sandbox.sandbox != SandboxMode::None || args.sandbox.seccomp != SeccompMode::None {
+        // Before anything is opened: what the daemon holds, it opened itself.
+        let mut keep = vec![];
+        keep.extend(args.fd);
+        if let Err(e) = sandbox::close_inherited(&keep) {
+            eprintln!("nixstorefs: cannot close inherited descriptors: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if let Err(f) = init_logging(args.verbose, args.log_file.as_deref()) {
         eprintln!("nixstorefs: {}", f.message);
         return ExitCode::from(f.status);
@@ -422,7 +506,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    raise_fd_limit();
+    set_fd_limit(fd_budget(&args));
     let (view, mut roots) = match prepare(&args, &mut opts) {
         Ok(prepared) => prepared,
         Err(f) => {

@@ -10,11 +10,14 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use lru::LruCache;
+use parking_lot::Mutex;
 use rustix::io::Errno;
 
 use crate::ratelimit::Limiter;
@@ -48,12 +51,15 @@ pub const DIR_CACHE: CachePolicy = CachePolicy {
 };
 
 /// A regular file a client has open, with what its transport keeps beside it (`X`).
+///
+/// A handle is a small record: it holds no host descriptor. The descriptor it reads
+/// through is the node's, shared by every handle of the node and kept in a bounded cache
+/// ([`Session::host_file`]), so a client holding many handles holds no more of the host's
+/// descriptors than the cache's size.
 #[derive(Debug)]
 pub struct OpenFile<X> {
     /// The node it was opened as.
     pub node: NodeId,
-    /// The host file, read-only, checked to be the node's object.
-    pub file: File,
     /// The size at open, which is what the client believes. A read that finds less was
     /// shrunk on the host: it fails rather than come back short, because a kernel fills a
     /// short read up to the size it believes with zeros, bytes the file never had.
@@ -69,11 +75,13 @@ impl<X> OpenFile<X> {
         self.size.saturating_sub(offset).min(u64::from(len)) as usize
     }
 
-    /// Reads exactly `want` bytes at `offset` through `read_at(file, offset, len)`, which
-    /// moves up to `len` bytes to the client and says how many it moved. Short host reads
-    /// are retried; a host file that ends early fails the read with `EIO`. Returns `want`.
+    /// Reads exactly `want` bytes at `offset` of `file` (this handle's host file, from
+    /// [`Session::host_file`]) through `read_at(file, offset, len)`, which moves up to
+    /// `len` bytes to the client and says how many it moved. Short host reads are
+    /// retried; a host file that ends early fails the read with `EIO`. Returns `want`.
     pub fn read_exact(
         &self,
+        file: &File,
         offset: u64,
         want: usize,
         warnings: &Limiter,
@@ -81,7 +89,7 @@ impl<X> OpenFile<X> {
     ) -> Result<usize> {
         let mut done = 0;
         while done < want {
-            match read_at(&self.file, offset + done as u64, want - done) {
+            match read_at(file, offset + done as u64, want - done) {
                 Ok(0) => {
                     warn_limited!(
                         warnings,
@@ -97,6 +105,14 @@ impl<X> OpenFile<X> {
         }
         Ok(want)
     }
+}
+
+/// What a listing costs in memory, roughly: its entries and their names.
+fn listing_bytes(listing: &[DirEntry]) -> usize {
+    listing
+        .iter()
+        .map(|e| std::mem::size_of::<DirEntry>() + e.name.len())
+        .sum()
 }
 
 /// The errno of an I/O error (`EIO` when it carries none).
@@ -176,24 +192,77 @@ impl Xattr {
     }
 }
 
+/// What one client may make the daemon hold, whatever it sends. Past a bound the client
+/// gets `EMFILE` (handles) or `ENFILE` (directory snapshot bytes), never the host's memory
+/// or descriptors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Open file handles at once.
+    pub max_open_files: usize,
+    /// Open directory handles at once.
+    pub max_open_dirs: usize,
+    /// Bytes of directory listings held by open directory handles, counted per handle
+    /// (listings are shared, so this overstates what is held).
+    pub max_dir_bytes: usize,
+    /// Host descriptors of open files kept at once, shared by all handles of a node.
+    pub max_cached_files: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            // A handle record is under 100 bytes: 6.5 MiB at most.
+            max_open_files: 65_536,
+            max_open_dirs: 4_096,
+            max_dir_bytes: 64 << 20,
+            max_cached_files: 256,
+        }
+    }
+}
+
+/// An open directory handle and what it counts against the limits.
+struct OpenDir {
+    stream: DirStream,
+    bytes: usize,
+}
+
 /// One client's session on a view: handles, directory streams and policy, shared by every
 /// transport; `X` is what the transport keeps per open file.
 pub struct Session<X> {
     view: Arc<View>,
+    limits: SessionLimits,
     files: DashMap<u64, Arc<OpenFile<X>>>,
-    dirs: DashMap<u64, DirStream>,
+    dirs: DashMap<u64, OpenDir>,
+    /// Handles and bytes held, checked against `limits` before each open.
+    open_files: AtomicUsize,
+    open_dirs: AtomicUsize,
+    dir_bytes: AtomicUsize,
+    /// The host descriptor of each node with open handles, least recently used out first;
+    /// an evicted node is reopened (and its identity checked again) at its next read.
+    host_files: Mutex<LruCache<NodeId, Arc<File>>>,
     next_handle: AtomicU64,
     /// Rate limits per-request warnings of the transports and the session.
     pub warnings: Limiter,
 }
 
 impl<X> Session<X> {
-    /// A session on `view` with no handles open.
+    /// A session on `view` with no handles open and the default limits.
     pub fn new(view: Arc<View>) -> Self {
+        Session::with_limits(view, SessionLimits::default())
+    }
+
+    /// A session on `view` bounded by `limits`.
+    pub fn with_limits(view: Arc<View>, limits: SessionLimits) -> Self {
+        let cached = NonZeroUsize::new(limits.max_cached_files.max(1)).expect("at least one");
         Session {
             view,
+            limits,
             files: DashMap::new(),
             dirs: DashMap::new(),
+            open_files: AtomicUsize::new(0),
+            open_dirs: AtomicUsize::new(0),
+            dir_bytes: AtomicUsize::new(0),
+            host_files: Mutex::new(LruCache::new(cached)),
             next_handle: AtomicU64::new(1),
             warnings: Limiter::default(),
         }
@@ -204,8 +273,43 @@ impl<X> Session<X> {
         &self.view
     }
 
+    /// The limits the session enforces.
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+
+    /// How many file and directory handles are open now.
+    pub fn open_handles(&self) -> (usize, usize) {
+        (
+            self.open_files.load(Ordering::Relaxed),
+            self.open_dirs.load(Ordering::Relaxed),
+        )
+    }
+
     fn handle(&self) -> u64 {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes one unit of `counter` if that stays within `max`.
+    fn take(counter: &AtomicUsize, amount: usize, max: usize) -> bool {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                n.checked_add(amount).filter(|&m| m <= max)
+            })
+            .is_ok()
+    }
+
+    /// Ends the client's session: every handle is closed and every reference the client
+    /// held on nodes is released, as if it had sent RELEASE and FORGET for each (FUSE's
+    /// DESTROY, a virtio device reset). The view is left as it was at startup.
+    pub fn reset(&self) {
+        self.files.clear();
+        self.dirs.clear();
+        self.open_files.store(0, Ordering::Relaxed);
+        self.open_dirs.store(0, Ordering::Relaxed);
+        self.dir_bytes.store(0, Ordering::Relaxed);
+        self.host_files.lock().clear();
+        self.view.forget_all();
     }
 
     /// Looks `name` up in `parent`, counting one reference the client must FORGET.
@@ -229,9 +333,10 @@ impl<X> Session<X> {
     }
 
     /// Opens regular file `id` with open(2) `flags`: anything that could modify it is
-    /// refused with `EROFS`. `attach` makes the transport's state for the handle from the
-    /// host file; the file is registered before the handle is returned, so that a release
-    /// sent as soon as the client has the reply finds it.
+    /// refused with `EROFS`, a handle past the session's limit with `EMFILE`. `attach`
+    /// makes the transport's state for the handle from the host file; the file is
+    /// registered before the handle is returned, so that a release sent as soon as the
+    /// client has the reply finds it.
     pub fn open(
         &self,
         id: NodeId,
@@ -239,18 +344,54 @@ impl<X> Session<X> {
         attach: impl FnOnce(&File) -> X,
     ) -> Result<(u64, Arc<OpenFile<X>>)> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        let host = self.view.open(id, write)?;
-        let file = File::from(host.fd);
-        let transport = attach(&file);
-        let open = Arc::new(OpenFile {
-            node: id,
-            file,
-            size: host.size,
-            transport,
+        if write {
+            return Err(Errno::ROFS);
+        }
+        if !Self::take(&self.open_files, 1, self.limits.max_open_files) {
+            warn_limited!(
+                self.warnings,
+                limit = self.limits.max_open_files,
+                "the client holds as many open files as it may; refusing more (EMFILE)"
+            );
+            return Err(Errno::MFILE);
+        }
+        let opened = self.open_host(id).map(|(file, size)| {
+            let open = Arc::new(OpenFile {
+                node: id,
+                size,
+                transport: attach(&file),
+            });
+            let fh = self.handle();
+            self.files.insert(fh, open.clone());
+            (fh, open)
         });
-        let fh = self.handle();
-        self.files.insert(fh, open.clone());
-        Ok((fh, open))
+        if opened.is_err() {
+            self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        opened
+    }
+
+    /// The node's host file and its size, from the cache or opened (and checked) anew.
+    fn open_host(&self, id: NodeId) -> Result<(Arc<File>, u64)> {
+        let host = self.view.open(id, false)?;
+        let file = Arc::new(File::from(host.fd));
+        self.host_files.lock().put(id, file.clone());
+        Ok((file, host.size))
+    }
+
+    /// The host file `open` reads from: the node's cached descriptor, or the node opened
+    /// again through the view, which checks that it is still the same object.
+    pub fn host_file(&self, open: &OpenFile<X>) -> Result<Arc<File>> {
+        if let Some(file) = self.host_files.lock().get(&open.node) {
+            return Ok(file.clone());
+        }
+        let (file, size) = self.open_host(open.node)?;
+        if size != open.size {
+            // The view refuses files changed since they were reported; this is a file
+            // changed between two opens, which the same rule covers.
+            return Err(Errno::IO);
+        }
+        Ok(file)
     }
 
     /// The open file of handle `fh`, shared so that no table lock is held while replying.
@@ -261,17 +402,40 @@ impl<X> Session<X> {
             .ok_or(Errno::BADF)
     }
 
-    /// Closes handle `fh`, giving back its file (the descriptor closes when the last
-    /// reader lets go of it).
+    /// Closes handle `fh`, giving back its record.
     pub fn release(&self, fh: u64) -> Option<Arc<OpenFile<X>>> {
-        self.files.remove(&fh).map(|(_, f)| f)
+        let released = self.files.remove(&fh).map(|(_, f)| f);
+        if released.is_some() {
+            self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        released
     }
 
-    /// Opens directory `id` as a stream with stable offsets.
+    /// Opens directory `id` as a stream with stable offsets: a snapshot of its listing,
+    /// counted against the session's limits (`EMFILE` past the handle count, `ENFILE`
+    /// past the listing bytes).
     pub fn opendir(&self, id: NodeId) -> Result<u64> {
         let stream = self.stream(id)?;
+        let bytes = listing_bytes(&stream.listing);
+        if !Self::take(&self.open_dirs, 1, self.limits.max_open_dirs) {
+            warn_limited!(
+                self.warnings,
+                limit = self.limits.max_open_dirs,
+                "the client holds as many open directories as it may; refusing more (EMFILE)"
+            );
+            return Err(Errno::MFILE);
+        }
+        if !Self::take(&self.dir_bytes, bytes, self.limits.max_dir_bytes) {
+            self.open_dirs.fetch_sub(1, Ordering::Relaxed);
+            warn_limited!(
+                self.warnings,
+                limit = self.limits.max_dir_bytes,
+                "the client's open directories hold as many listing bytes as they may (ENFILE)"
+            );
+            return Err(Errno::NFILE);
+        }
         let fh = self.handle();
-        self.dirs.insert(fh, stream);
+        self.dirs.insert(fh, OpenDir { stream, bytes });
         Ok(fh)
     }
 
@@ -283,7 +447,7 @@ impl<X> Session<X> {
             return self.stream(id);
         }
         match self.dirs.get(&fh) {
-            Some(s) if s.node == id => Ok(s.clone()),
+            Some(d) if d.stream.node == id => Ok(d.stream.clone()),
             _ => Err(Errno::BADF),
         }
     }
@@ -300,7 +464,10 @@ impl<X> Session<X> {
 
     /// Closes directory handle `fh`.
     pub fn releasedir(&self, fh: u64) {
-        self.dirs.remove(&fh);
+        if let Some((_, dir)) = self.dirs.remove(&fh) {
+            self.open_dirs.fetch_sub(1, Ordering::Relaxed);
+            self.dir_bytes.fetch_sub(dir.bytes, Ordering::Relaxed);
+        }
     }
 
     /// The attributes of a slot without counting a reference: what a plain readdir

@@ -1305,6 +1305,15 @@ impl View {
         }
     }
 
+    /// Releases every reference clients hold, as a FORGET of each live node would: for a
+    /// client that went away (DESTROY, a device reset) without forgetting what it held.
+    pub fn forget_all(&self) {
+        let live: Vec<NodeId> = self.live.iter().map(|e| *e.key()).collect();
+        for id in live {
+            self.forget(id, u64::MAX);
+        }
+    }
+
     /// The node number of the directory holding `id` (the root holds itself).
     pub fn parent_of(&self, id: NodeId) -> Result<NodeId> {
         if id == ROOT_ID {

@@ -63,10 +63,11 @@ const MAPPED_READ_MIN: u32 = 128 * 1024;
 /// mapped (then reads fall back to `pread`).
 fn mapping<'a>(
     open: &'a OpenFile<FuseFile>,
+    file: &File,
     slot: &'a OnceLock<Option<FileMapping>>,
 ) -> Option<&'a FileMapping> {
     slot.get_or_init(|| {
-        FileMapping::new(open.file.as_fd(), open.size)
+        FileMapping::new(file.as_fd(), open.size)
             .inspect_err(|e| tracing::debug!("cannot map a file, using pread: {e}"))
             .ok()
     })
@@ -368,8 +369,12 @@ impl Filesystem for StoreFs {
             return reply.error(Errno::EIO);
         };
         let want = open.span(offset, size);
+        let file = match self.session.host_file(&open) {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(e)),
+        };
         if want >= MAPPED_READ_MIN as usize {
-            if let Some(mapping) = mapping(&open, slot) {
+            if let Some(mapping) = mapping(&open, &file, slot) {
                 // A file that the host has truncated since fails in the kernel's copy of
                 // the reply: the client gets EIO.
                 return mapping.reply(offset, want, reply);
@@ -380,10 +385,16 @@ impl Filesystem for StoreFs {
         }
         BUF.with_borrow_mut(|buf| {
             buf.resize(want, 0);
-            let read = open.read_exact(offset, want, &self.session.warnings, |file, at, len| {
-                let start = (at - offset) as usize;
-                rustix::io::pread(file, &mut buf[start..start + len], at).map_err(Into::into)
-            });
+            let read = open.read_exact(
+                &file,
+                offset,
+                want,
+                &self.session.warnings,
+                |file, at, len| {
+                    let start = (at - offset) as usize;
+                    rustix::io::pread(file, &mut buf[start..start + len], at).map_err(Into::into)
+                },
+            );
             match read {
                 Ok(_) => reply.data(buf),
                 Err(e) => reply.error(errno(e)),

@@ -11,7 +11,13 @@
 //!
 //! Requests are handled on the queue's own thread, one after another (no thread pool and
 //! no async executor): a guest's requests are short system calls on the host, and the
-//! reply lengths reported to the guest are exactly what was written.
+//! reply lengths reported to the guest are exactly what was written. The queues
+//! themselves are served by [`device`], which trusts nothing the guest puts on them.
+//!
+//! Everything the guest can make the daemon hold is bounded by the session's
+//! [`SessionLimits`]; DESTROY and a device reset give all of it back.
+
+pub mod device;
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -29,11 +35,14 @@ use virtiofsd::filesystem::{
 };
 use virtiofsd::fuse;
 use virtiofsd::soft_idmap::Id;
-use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::session::{CachePolicy, DirSlot, DirStream, Session, Xattr, DIR_CACHE, FILE_CACHE, TTL};
+use self::device::Device;
+use crate::session::{
+    CachePolicy, DirSlot, DirStream, Session, SessionLimits, Xattr, DIR_CACHE, FILE_CACHE, TTL,
+};
 use crate::view::{Attr, Kind, View};
+use crate::warn_limited;
 
 /// The `FileSystem` virtiofsd's server calls: a session on a view.
 pub struct VirtioFs {
@@ -44,29 +53,49 @@ pub struct VirtioFs {
 }
 
 impl VirtioFs {
-    /// Serves `view`.
-    pub fn new(view: Arc<View>) -> Self {
+    /// Serves `view` to one guest, bounded by `limits`.
+    pub fn new(view: Arc<View>, limits: SessionLimits) -> Self {
         VirtioFs {
-            session: Arc::new(Session::new(view)),
+            session: Arc::new(Session::with_limits(view, limits)),
             no_opendir: AtomicBool::new(false),
         }
     }
+
+    /// The session served, for its counters.
+    pub fn session(&self) -> &Arc<Session<()>> {
+        &self.session
+    }
+}
+
+/// How serving a guest ended, when it ended without a fault of the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The VMM disconnected after the guest used the device (it powered off, or the VMM
+    /// exited).
+    Disconnected,
+    /// The VMM disconnected before the guest queued any request (during vhost-user setup,
+    /// or a guest that never loaded the driver).
+    DisconnectedDuringSetup,
 }
 
 /// Serves `view` to the one VMM that connects to `listener`, until it disconnects (the
 /// guest powered off, or the VMM exited). `tag` is the file system name the device reports
 /// to the guest, for VMMs that ask the device for it (qemu otherwise takes it from its own
-/// `tag=` option).
-pub fn serve(view: Arc<View>, mut listener: Listener, tag: Option<String>) -> io::Result<()> {
-    let backend = VhostUserFsBackendBuilder::default()
-        // 0: each queue's requests are served on the queue's thread, in order.
-        .set_thread_pool_size(0)
-        .set_tag(tag)
-        .build(VirtioFs::new(view))
-        .map_err(|e| io::Error::other(format!("cannot create the virtio-fs device: {e}")))?;
+/// `tag=` option). Another VMM connecting while the first is served is refused, with a
+/// log line.
+///
+/// The daemon is expected to be sandboxed already: this starts threads, and the sandbox
+/// must be entered while the process has one.
+pub fn serve(
+    view: Arc<View>,
+    mut listener: Listener,
+    tag: Option<String>,
+    limits: SessionLimits,
+) -> io::Result<Ended> {
+    let device = Arc::new(Device::new(VirtioFs::new(view, limits), tag)?);
     let mut daemon = VhostUserDaemon::new(
         "nixstorefs".to_string(),
-        Arc::new(backend),
+        device.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| io::Error::other(format!("cannot create the vhost-user daemon: {e}")))?;
@@ -75,14 +104,58 @@ pub fn serve(view: Arc<View>, mut listener: Listener, tag: Option<String>) -> io
         .start(&mut listener)
         .map_err(|e| io::Error::other(format!("cannot accept the VMM's connection: {e}")))?;
     tracing::info!("VMM connected; serving the guest");
-    match daemon.wait() {
-        Ok(()) => Ok(()),
-        Err(vhost_user_backend::Error::HandleRequest(
+    std::thread::Builder::new()
+        .name("refuse-vmm".into())
+        .spawn(move || refuse_others(listener))?;
+    let result = daemon.wait();
+    let regions = device.memory_regions();
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
+        )) => {
+            if device.started() {
+                Ok(Ended::Disconnected)
+            } else {
+                Ok(Ended::DisconnectedDuringSetup)
+            }
+        }
+        Err(e) if regions == 0 => Err(io::Error::other(format!(
+            "the VMM shared none of the guest's memory with the daemon ({e}): give qemu \
+             -object memory-backend-memfd,id=mem,size=<the -m size>,share=on \
+             -numa node,memdev=mem (or a memory-backend-file with share=on)"
+        ))),
         Err(e) => Err(io::Error::other(format!("serving the guest failed: {e}"))),
     }
 }
+
+/// Accepts and closes every further connection: one daemon serves one guest. A second
+/// VMM pointed at the same socket (a copy-pasted command line, a restarted VM while the
+/// old one still runs) is told so in the log instead of hanging unanswered.
+fn refuse_others(listener: Listener) {
+    let warnings = crate::ratelimit::Limiter::default();
+    loop {
+        match listener.accept() {
+            Ok(Some(stream)) => {
+                drop(stream);
+                warn_limited!(
+                    warnings,
+                    "another VMM connected while a guest is served; refused: one daemon \
+                     serves one guest, so start another with its own --socket-path"
+                );
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!("no longer accepting connections: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// The largest READ served: what virtiofsd's server announces at INIT (`max_pages` of
+/// 1 MiB, and `max_write` of the same).
+const MAX_READ: u32 = 1 << 20;
 
 fn error(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
@@ -212,6 +285,11 @@ impl FileSystem for VirtioFs {
         Ok(want & capable)
     }
 
+    fn destroy(&self) {
+        // The guest's driver went away (unmount, reboot): it holds nothing any more.
+        self.session.reset();
+    }
+
     fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         match self.session.lookup(parent, self::name(name)) {
             Ok(attr) => Ok(entry(&attr)),
@@ -266,11 +344,26 @@ impl FileSystem for VirtioFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let open = self.session.file(handle).map_err(error)?;
-        let want = open.span(offset, size);
+        // Never more than was negotiated at INIT, whatever the request says.
+        let want = open.span(offset, size.min(MAX_READ));
+        let file = self.session.host_file(&open).map_err(error)?;
         // Straight from the host file into the guest's buffers.
-        open.read_exact(offset, want, &self.session.warnings, |file, at, len| {
-            w.read_from_file_at(file, len, at, None)
-        })
+        open.read_exact(
+            &file,
+            offset,
+            want,
+            &self.session.warnings,
+            |file, at, len| {
+                match w.read_from_file_at(file, len, at, None)? {
+                    // Nothing moved: the file ended early (it shrank on the host), or the
+                    // guest's buffers are smaller than the size it asked for.
+                    0 if file.metadata()?.len() >= at + len as u64 => {
+                        Err(io::Error::from_raw_os_error(libc::EINVAL))
+                    }
+                    n => Ok(n),
+                }
+            },
+        )
         .map_err(error)
     }
 
