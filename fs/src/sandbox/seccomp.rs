@@ -219,8 +219,10 @@ pub fn compile(
         ARCH,
     )
     .map_err(|e| e.to_string())?;
+    // In this order: installing a filter takes prctl and seccomp calls, which the
+    // allow-list does not allow, so it goes last.
     let mut programs = Vec::new();
-    for filter in [allow_list, no_clone3] {
+    for filter in [no_clone3, allow_list] {
         programs.push(BpfProgram::try_from(filter).map_err(|e| e.to_string())?);
     }
     Ok(programs)

@@ -18,6 +18,10 @@
 //! [`SessionLimits`]; DESTROY and a device reset give all of it back.
 
 pub mod device;
+#[cfg(any(test, feature = "hostile-guest"))]
+pub mod hostile;
+#[cfg(test)]
+mod hostile_tests;
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -155,7 +159,7 @@ fn refuse_others(listener: Listener) {
 
 /// The largest READ served: what virtiofsd's server announces at INIT (`max_pages` of
 /// 1 MiB, and `max_write` of the same).
-const MAX_READ: u32 = 1 << 20;
+pub(crate) const MAX_READ: u32 = 1 << 20;
 
 fn error(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())

@@ -32,7 +32,7 @@ use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::filesystem::FileSystem;
-use virtiofsd::fuse::{InHeader, OutHeader};
+use virtiofsd::fuse::{InHeader, OutHeader, ReadIn};
 use virtiofsd::server::Server;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, Le32};
 use vmm_sys_util::epoll::EventSet;
@@ -56,8 +56,9 @@ const MAX_QUEUE_SIZE: usize = 1024;
 /// The tag's field in the device's configuration space (virtio spec 5.11.4).
 pub const MAX_TAG_LEN: usize = 36;
 
-/// FUSE opcodes that are never answered.
+/// FUSE opcodes: READ, and those that are never answered.
 const FUSE_FORGET: u32 = 2;
+const FUSE_READ: u32 = 15;
 const FUSE_INTERRUPT: u32 = 36;
 const FUSE_DESTROY: u32 = 38;
 const FUSE_BATCH_FORGET: u32 = 42;
@@ -237,11 +238,26 @@ impl<F: FileSystem + Sync> Device<F> {
             }
         };
         // The header, read from a copy of the reader: the server reads it again.
-        let header: Option<InHeader> = reader.clone().read_obj().ok();
+        let mut peek = reader.clone();
+        let header: Option<InHeader> = peek.read_obj().ok();
         let Some(header) = header else {
             warn_limited!(self.warnings, "a request shorter than its header");
             return 0;
         };
+        let mut writer = writer;
+        if header.opcode == FUSE_READ {
+            // The library's writer hands a read whole guest buffers, however much smaller
+            // the READ is; a buffer larger than the READ would take more of the file than
+            // the reply reports. So the writer is cut to the header and the READ's size
+            // (at most what was negotiated).
+            if let Ok(read_in) = peek.read_obj::<ReadIn>() {
+                let size = read_in.size.min(super::MAX_READ) as usize;
+                let reply = size_of::<OutHeader>() + size;
+                if writer.available_bytes() > reply {
+                    let _beyond = writer.split_at(reply);
+                }
+            }
+        }
         let replies = !matches!(
             header.opcode,
             FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT | FUSE_DESTROY
