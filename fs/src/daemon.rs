@@ -182,6 +182,7 @@ pub struct SocketFile {
     path: std::path::PathBuf,
     lock_path: std::path::PathBuf,
     _lock: std::fs::File,
+    cleaner: Option<Cleaner>,
 }
 
 impl SocketFile {
@@ -227,6 +228,7 @@ impl SocketFile {
             _lock: lock
                 .try_clone()
                 .map_err(|e| format!("cannot keep the lock: {e}"))?,
+            cleaner: None,
         };
         lock.set_len(0)
             .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
@@ -381,13 +383,108 @@ fn socket_is_live(path: &std::path::Path) -> bool {
     }
 }
 
+impl SocketFile {
+    /// Hands the removal of the socket and its lock file to a small process forked now,
+    /// which keeps the lock until it has removed both: the sandboxed daemon may not unlink
+    /// files, and this way they go even when the daemon is killed. Must be called while
+    /// the process has one thread.
+    pub fn clean_up_from_outside(&mut self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.cleaner = Some(Cleaner::spawn(
+            &[&self.path, &self.lock_path],
+            self._lock.as_raw_fd(),
+        )?);
+        Ok(())
+    }
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        // The socket first, then the lock file, while still holding the lock: a daemon
-        // waiting on this lock file finds it unlinked once it has it, and takes the new
-        // one (see `take_lock`).
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(&self.lock_path);
+        match self.cleaner.take() {
+            Some(cleaner) => cleaner.finish(),
+            None => {
+                // The socket first, then the lock file, while still holding the lock: a
+                // daemon waiting on this lock file finds it unlinked once it has it, and
+                // takes the new one (see `take_lock`).
+                let _ = std::fs::remove_file(&self.path);
+                let _ = std::fs::remove_file(&self.lock_path);
+            }
+        }
+    }
+}
+
+/// A process that removes files when the daemon ends, however it ends: asked to (and
+/// the daemon waits until it is done), or when the daemon dies (its end of a pipe closes).
+/// It inherits the daemon's descriptors, the socket's lock among them (a `flock` belongs
+/// to the open file, shared across the fork), so no other daemon takes the socket before
+/// the old files are gone.
+struct Cleaner {
+    request: std::os::fd::OwnedFd,
+    done: std::os::fd::OwnedFd,
+}
+
+impl Cleaner {
+    fn spawn(paths: &[&std::path::Path], lock: std::os::fd::RawFd) -> std::io::Result<Cleaner> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let paths: Vec<std::ffi::CString> = paths
+            .iter()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(std::io::Error::other)?;
+        let (request_read, request) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (done_read, done_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // SAFETY: called while the process has one thread (the caller's contract); the
+        // child only makes async-signal-safe calls (sigprocmask, close, read, unlink,
+        // write, _exit) on data prepared before the fork.
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => unsafe {
+                // Terminal signals to the process group must not end it before its job.
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                // Every descriptor but its pipes and the lock: it must not hold the
+                // terminal, the pipes of whoever started the daemon (they wait for their
+                // end of file), or the listening socket.
+                let mut keep = [request_read.as_raw_fd(), done_write.as_raw_fd(), lock];
+                keep.sort_unstable();
+                let mut first = 0u32;
+                for fd in keep {
+                    let fd = fd as u32;
+                    if fd > first {
+                        libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
+                    }
+                    first = fd + 1;
+                }
+                libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
+                let mut byte = 0u8;
+                // A byte (asked) or end of file (the daemon died): either way, clean up.
+                while libc::read(request_read.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) < 0
+                    && *libc::__errno_location() == libc::EINTR
+                {}
+                for path in &paths {
+                    libc::unlink(path.as_ptr());
+                }
+                libc::write(done_write.as_raw_fd(), (&byte as *const u8).cast(), 1);
+                libc::_exit(0)
+            },
+            _child => {
+                drop(request_read);
+                drop(done_write);
+                Ok(Cleaner {
+                    request,
+                    done: done_read,
+                })
+            }
+        }
+    }
+
+    /// Asks for the clean-up and waits until it is done (the files are gone).
+    fn finish(self) {
+        let _ = rustix::io::write(&self.request, &[1]);
+        let mut ack = [0u8; 1];
+        let _ = rustix::io::read(&self.done, &mut ack);
     }
 }
 

@@ -264,6 +264,11 @@ fn set_fd_limit(budget: u64) {
     }
 }
 
+/// Whether any part of the sandbox is asked for.
+fn sandboxed(args: &Args) -> bool {
+    args.sandbox.sandbox != SandboxMode::None || args.sandbox.seccomp != SeccompMode::None
+}
+
 /// Enters the sandbox for `profile`: once, with the process single-threaded.
 fn enter_sandbox(
     args: &Args,
@@ -390,8 +395,14 @@ fn serve_guest(
     let signals = daemon::block_signals();
     let (listener, socket) = match endpoint {
         Endpoint::Socket(path) => {
-            let (listener, file) = daemon::SocketFile::listen(path, args.socket_group.as_deref())
-                .map_err(Failure::runtime)?;
+            let (listener, mut file) =
+                daemon::SocketFile::listen(path, args.socket_group.as_deref())
+                    .map_err(Failure::runtime)?;
+            if sandboxed(args) {
+                file.clean_up_from_outside().map_err(|e| {
+                    Failure::runtime(format!("cannot start the clean-up process: {e}"))
+                })?;
+            }
             tracing::info!(socket = %path.display(), "listening");
             (listener, Some(file))
         }
@@ -486,7 +497,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if args.sandbox.sandbox != SandboxMode::None || args.sandbox.seccomp != SeccompMode::None {
+    if sandboxed(&args) {
         // Before anything is opened: what the daemon holds, it opened itself.
         let mut keep = vec![];
         keep.extend(args.fd);

@@ -25,7 +25,12 @@ enum Outcome {
 }
 
 /// Forks; the child enters the sandbox over `store` and exits with `attempt`'s result.
-fn in_sandbox(store: &Path, mode: SandboxMode, seccomp: SeccompMode, attempt: &dyn Fn() -> i32) -> Outcome {
+fn in_sandbox(
+    store: &Path,
+    mode: SandboxMode,
+    seccomp: SeccompMode,
+    attempt: &dyn Fn() -> i32,
+) -> Outcome {
     let plan = Plan {
         mode,
         seccomp,
@@ -77,7 +82,9 @@ fn exec_true() -> i32 {
     // SAFETY: a NUL-terminated argument vector of valid C strings; on success the image is
     // replaced (and exits 0), on failure errno says why.
     unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(255)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(255)
 }
 
 fn sandbox_refuses_escapes() {
@@ -107,7 +114,9 @@ fn sandbox_refuses_escapes() {
         // SAFETY: socket(2) with integer arguments; the descriptor is closed at exit.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
         if fd < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(255)
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(255)
         } else {
             0
         }
@@ -130,7 +139,13 @@ fn sandbox_refuses_escapes() {
         in_sandbox(&store, SandboxMode::None, SeccompMode::Kill, attempt)
     };
 
-    // What the daemon does keeps working.
+    // What the daemon does keeps working: threads (clone3 refused, clone of a thread
+    // allowed), reading and listing the store.
+    let thread = || {
+        let spawned = std::thread::spawn(|| 7).join();
+        i32::from(spawned.ok() != Some(7))
+    };
+    assert_eq!(full(&thread), Outcome::Exited(0), "starting a thread");
     assert_eq!(full(&read_inside), Outcome::Exited(0), "reading the store");
     assert_eq!(full(&list_inside), Outcome::Exited(0), "listing the store");
     // /proc/self/status is outside the store: read it under seccomp alone for the flags.
@@ -141,7 +156,11 @@ fn sandbox_refuses_escapes() {
     );
 
     // Every escape is refused, by both layers on their own.
-    assert_eq!(full(&read_outside), Outcome::Exited(libc::EACCES), "a file outside");
+    assert_eq!(
+        full(&read_outside),
+        Outcome::Exited(libc::EACCES),
+        "a file outside"
+    );
     assert_eq!(landlock_only(&read_outside), Outcome::Exited(libc::EACCES));
     assert_eq!(full(&write_inside), sigsys, "opening for writing");
     assert_eq!(landlock_only(&write_inside), Outcome::Exited(libc::EACCES));
@@ -161,7 +180,12 @@ fn sandbox_refuses_escapes() {
     // Log mode kills nothing: the call goes through (to the audit log), Landlock still
     // refuses what it covers.
     assert_eq!(
-        in_sandbox(&store, SandboxMode::Landlock, SeccompMode::Log, &write_inside),
+        in_sandbox(
+            &store,
+            SandboxMode::Landlock,
+            SeccompMode::Log,
+            &write_inside
+        ),
         Outcome::Exited(libc::EACCES)
     );
     drop(tcp);
@@ -228,9 +252,13 @@ fn main() {
     let mut passed = 0;
     for (name, test) in TESTS {
         let selected = filters.is_empty()
-            || filters
-                .iter()
-                .any(|f| if exact { f.as_str() == *name } else { name.contains(f.as_str()) });
+            || filters.iter().any(|f| {
+                if exact {
+                    f.as_str() == *name
+                } else {
+                    name.contains(f.as_str())
+                }
+            });
         if selected {
             println!("test {name} ...");
             test();

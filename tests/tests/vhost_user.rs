@@ -217,11 +217,38 @@ fn socket_lives_exactly_as_long_as_the_daemon() {
     assert!(status.success(), "SIGINT ends the daemon cleanly: {status}");
 }
 
+/// Waits (bounded) until `path` is gone.
+fn gone(path: &Path) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while fs::symlink_metadata(path).is_ok() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn a_killed_daemons_socket_is_removed() {
+    let t = setup();
+    let socket = t.socket("store.sock");
+    let mut d = t.start(&socket, &[]);
+    let status = d.signal_and_wait(rustix::process::Signal::KILL);
+    assert!(!status.success());
+    // The sandboxed daemon's clean-up process removes both, kill -9 or not.
+    assert!(gone(&socket), "the socket was left behind");
+    assert!(gone(&lock_of(&socket)), "the lock was left behind");
+    let mut d = t.start(&socket, &[]);
+    assert!(d.signal_and_wait(rustix::process::Signal::TERM).success());
+}
+
 #[test]
 fn a_killed_daemons_socket_is_replaced() {
     let t = setup();
     let socket = t.socket("store.sock");
-    let mut d = t.start(&socket, &[]);
+    // Without the sandbox there is no clean-up process: the files stay, and are replaced.
+    let mut d = t.start(&socket, &["--sandbox", "none", "--seccomp", "none"]);
     let status = d.signal_and_wait(rustix::process::Signal::KILL);
     assert!(!status.success());
     assert!(socket.exists() && lock_of(&socket).exists(), "left behind");

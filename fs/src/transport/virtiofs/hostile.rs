@@ -223,7 +223,10 @@ impl Harness {
         let reply = Reply { used, bytes };
         if used >= 16 {
             let header_len = u32::from_le_bytes(reply.bytes[0..4].try_into().unwrap());
-            assert_eq!(header_len, used, "a reply's header length is its used length");
+            assert_eq!(
+                header_len, used,
+                "a reply's header length is its used length"
+            );
         }
         reply
     }

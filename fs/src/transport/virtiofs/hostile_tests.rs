@@ -1,8 +1,8 @@
 //! A hostile guest against the virtio-fs device, request by request: every bound holds,
 //! nothing panics or spins, and no byte from outside the closure comes back.
 
-use super::hostile::{opcode, Harness, CLOSURE_PATH, IN_HEADER, OUTSIDE_PATH, ROOT};
 use super::device::Drained;
+use super::hostile::{opcode, Harness, CLOSURE_PATH, IN_HEADER, OUTSIDE_PATH, ROOT};
 use crate::session::SessionLimits;
 
 fn limits() -> SessionLimits {
@@ -28,7 +28,10 @@ fn opens_without_release_are_bounded() {
     let before = Harness::open_descriptors();
     let mut handles = Vec::new();
     for _ in 0..limits().max_open_files {
-        handles.push(h.open(opcode::OPEN, file).expect("an open within the limit"));
+        handles.push(
+            h.open(opcode::OPEN, file)
+                .expect("an open within the limit"),
+        );
     }
     // Opening every other file too: the host descriptors stay within the cache.
     for i in 0..40 {
@@ -45,7 +48,12 @@ fn opens_without_release_are_bounded() {
         handles.len()
     );
     // The guest keeps working: its handles read, and a release makes room.
-    let reply = h.call(opcode::READ, file, &Harness::read_in(handles[7], 0, 4096), 16 + 4096);
+    let reply = h.call(
+        opcode::READ,
+        file,
+        &Harness::read_in(handles[7], 0, 4096),
+        16 + 4096,
+    );
     assert_eq!(reply.error(), Some(0));
     assert_eq!(reply.body(), b"hello, guest\n");
     let released = h.call(opcode::RELEASE, file, &Harness::release_in(handles[0]), 16);
@@ -131,20 +139,40 @@ fn huge_and_far_reads() {
     let big = node(&mut h, "big");
     let fh = h.open(opcode::OPEN, big).unwrap();
     // 4 GiB asked for, 64 KiB of buffers given: refused, not a panic or a wrong length.
-    let reply = h.call(opcode::READ, big, &Harness::read_in(fh, 0, u32::MAX), 16 + 65536);
+    let reply = h.call(
+        opcode::READ,
+        big,
+        &Harness::read_in(fh, 0, u32::MAX),
+        16 + 65536,
+    );
     assert_eq!(reply.error(), Some(libc::EINVAL));
     // Within the buffers but past the negotiated maximum: clamped to 1 MiB.
-    let reply = h.call(opcode::READ, big, &Harness::read_in(fh, 0, u32::MAX), 16 + (2 << 20));
+    let reply = h.call(
+        opcode::READ,
+        big,
+        &Harness::read_in(fh, 0, u32::MAX),
+        16 + (2 << 20),
+    );
     assert_eq!(reply.error(), Some(0));
     assert_eq!(reply.body().len(), 1 << 20);
     // At the end of every offset: nothing, successfully.
     for offset in [u64::MAX, u64::MAX - 1, 1 << 63, 3 << 20] {
-        let reply = h.call(opcode::READ, big, &Harness::read_in(fh, offset, 4096), 16 + 4096);
+        let reply = h.call(
+            opcode::READ,
+            big,
+            &Harness::read_in(fh, offset, 4096),
+            16 + 4096,
+        );
         assert_eq!(reply.error(), Some(0), "offset {offset}");
         assert!(reply.body().is_empty());
     }
     // A handle never given out, and one of a directory.
-    let reply = h.call(opcode::READ, big, &Harness::read_in(fh + 1000, 0, 10), 16 + 10);
+    let reply = h.call(
+        opcode::READ,
+        big,
+        &Harness::read_in(fh + 1000, 0, 10),
+        16 + 10,
+    );
     assert_eq!(reply.error(), Some(libc::EBADF));
 }
 
@@ -173,7 +201,10 @@ fn buffers_too_short_for_a_reply() {
     let request = h.request(opcode::READ, file, &Harness::read_in(fh, 0, 10));
     for cut in [0, 1, IN_HEADER - 1, IN_HEADER, IN_HEADER + 8] {
         let reply = h.send(&request[..cut.max(1)], 4096);
-        assert!(reply.used == 0 || reply.error().is_some_and(|e| e != 0), "cut at {cut}");
+        assert!(
+            reply.used == 0 || reply.error().is_some_and(|e| e != 0),
+            "cut at {cut}"
+        );
     }
     // A header that claims more than the buffers hold, and an unknown opcode.
     let mut lying = h.request(opcode::LOOKUP, ROOT, b"file\0");
@@ -257,17 +288,29 @@ fn nothing_outside_the_closure() {
     }
     // Nothing the guest can read names the secret: walk, list and read everything.
     let mut seen = Vec::new();
-    let listing = h.call(opcode::READDIR, ROOT, &Harness::read_in(0, 0, 65536), 16 + 65536);
+    let listing = h.call(
+        opcode::READDIR,
+        ROOT,
+        &Harness::read_in(0, 0, 65536),
+        16 + 65536,
+    );
     seen.extend_from_slice(&listing.bytes);
     for name in ["file", "big", "link", "dir"] {
         let n = h.lookup(path, name).unwrap();
         if let Ok(fh) = h.open(opcode::OPEN, n) {
-            let r = h.call(opcode::READ, n, &Harness::read_in(fh, 0, 1 << 20), 16 + (1 << 20));
+            let r = h.call(
+                opcode::READ,
+                n,
+                &Harness::read_in(fh, 0, 1 << 20),
+                16 + (1 << 20),
+            );
             seen.extend_from_slice(&r.bytes);
         }
         let r = h.call(opcode::READLINK, n, &[], 16 + 4096);
         seen.extend_from_slice(&r.bytes);
     }
     assert!(!Harness::leaks(&seen));
-    assert!(!seen.windows(OUTSIDE_PATH.len()).any(|w| w == OUTSIDE_PATH.as_bytes()));
+    assert!(!seen
+        .windows(OUTSIDE_PATH.len())
+        .any(|w| w == OUTSIDE_PATH.as_bytes()));
 }
