@@ -525,3 +525,169 @@ pub fn inherited_listener(fd: i32) -> Result<vhost::vhost_user::Listener, String
     // SAFETY: the descriptor is open, a listening Unix socket, and ours from here on.
     Ok(unsafe { vhost::vhost_user::Listener::from_raw_fd(fd) })
 }
+
+/// How an unmount asked of the [`Unmounter`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unmounted {
+    /// The mount is gone.
+    Unmounted,
+    /// It was busy, and is detached instead: gone from the tree, open files still work.
+    Detached,
+    /// Neither worked.
+    Failed,
+}
+
+/// A process that unmounts the FUSE mount when the sandboxed daemon asks: Landlock
+/// forbids a confined process to unmount anything, and seccomp allows neither `umount2`
+/// nor running `fusermount3`. It is forked before the sandbox is entered, holds nothing
+/// but its two pipes, and exits once it has unmounted or once the daemon is gone.
+pub struct Unmounter {
+    request: std::os::fd::OwnedFd,
+    done: std::os::fd::OwnedFd,
+}
+
+impl Unmounter {
+    /// Forks the unmounter for `mountpoint`: with `umount2` when the daemon runs as root,
+    /// else with `fusermount3 -u` (`-z` when busy). Must be called while the process has
+    /// one thread.
+    pub fn spawn(mountpoint: &std::path::Path) -> std::io::Result<Unmounter> {
+        use std::ffi::CString;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let target =
+            CString::new(mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let root = rustix::process::geteuid().is_root();
+        let fusermount = CString::new(fusermount_path().as_os_str().as_bytes())
+            .map_err(std::io::Error::other)?;
+        let dev_null = CString::new("/dev/null").expect("no NUL");
+        let (name, unmount, lazy) = (
+            CString::new("fusermount3").expect("no NUL"),
+            CString::new("-u").expect("no NUL"),
+            CString::new("-uz").expect("no NUL"),
+        );
+        let (request_read, request) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (done_read, done_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // Runs `fusermount3 FLAG TARGET` and says whether it exited 0; async-signal-safe.
+        let run = |flag: &CString| -> bool {
+            // SAFETY: fork/exec/waitpid in the single-threaded unmounter, with argument
+            // vectors prepared before it was forked.
+            unsafe {
+                match libc::fork() {
+                    -1 => false,
+                    0 => {
+                        let null = libc::open(dev_null.as_ptr(), libc::O_RDWR);
+                        for fd in 0..=2 {
+                            libc::dup2(null, fd);
+                        }
+                        let argv = [
+                            name.as_ptr(),
+                            flag.as_ptr(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                        ];
+                        libc::execv(fusermount.as_ptr(), argv.as_ptr());
+                        libc::_exit(127)
+                    }
+                    child => {
+                        let mut status = 0;
+                        while libc::waitpid(child, &mut status, 0) < 0
+                            && *libc::__errno_location() == libc::EINTR
+                        {}
+                        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+                    }
+                }
+            }
+        };
+        // SAFETY: called while the process has one thread (the caller's contract); the
+        // child only makes async-signal-safe calls on data prepared before the fork.
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                // Nothing of the daemon's: not /dev/fuse (the connection must end with the
+                // daemon), not the pipes of whoever started it.
+                let mut keep = [request_read.as_raw_fd(), done_write.as_raw_fd()];
+                keep.sort_unstable();
+                let mut first = 0u32;
+                for fd in keep {
+                    let fd = fd as u32;
+                    if fd > first {
+                        libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
+                    }
+                    first = fd + 1;
+                }
+                libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
+                let mut byte = 0u8;
+                let got = loop {
+                    let n = libc::read(request_read.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+                    if n >= 0 || *libc::__errno_location() != libc::EINTR {
+                        break n;
+                    }
+                };
+                if got != 1 {
+                    // The daemon is gone without asking: leave the mount as it is.
+                    libc::_exit(0);
+                }
+                let outcome = if root {
+                    if libc::umount2(target.as_ptr(), 0) == 0 {
+                        Unmounted::Unmounted
+                    } else if libc::umount2(target.as_ptr(), libc::MNT_DETACH) == 0 {
+                        Unmounted::Detached
+                    } else {
+                        Unmounted::Failed
+                    }
+                } else if run(&unmount) {
+                    Unmounted::Unmounted
+                } else if run(&lazy) {
+                    Unmounted::Detached
+                } else {
+                    Unmounted::Failed
+                };
+                let answer = outcome as u8;
+                libc::write(done_write.as_raw_fd(), (&answer as *const u8).cast(), 1);
+                libc::_exit(0)
+            },
+            _child => {
+                drop(request_read);
+                drop(done_write);
+                Ok(Unmounter {
+                    request,
+                    done: done_read,
+                })
+            }
+        }
+    }
+
+    /// Asks for the unmount and waits for the answer.
+    pub fn unmount(&self) -> Unmounted {
+        if rustix::io::write(&self.request, &[1]).is_err() {
+            return Unmounted::Failed;
+        }
+        let mut answer = [0u8; 1];
+        match rustix::io::read(&self.done, &mut answer) {
+            Ok(1) if answer[0] == Unmounted::Unmounted as u8 => Unmounted::Unmounted,
+            Ok(1) if answer[0] == Unmounted::Detached as u8 => Unmounted::Detached,
+            _ => Unmounted::Failed,
+        }
+    }
+}
+
+/// Where `fusermount3` is (`FUSERMOUNT_PATH`, else the first on `PATH`, else `fusermount`),
+/// looked up before the unmounter is forked.
+fn fusermount_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("FUSERMOUNT_PATH") {
+        return p.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    for name in ["fusermount3", "fusermount"] {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    "/bin/fusermount3".into()
+}

@@ -298,6 +298,49 @@ fn enter_sandbox(
     Ok(())
 }
 
+/// How the signal thread unmounts: itself (no sandbox), or through the unmounter process
+/// forked before the sandbox (a confined process may not unmount).
+enum Unmount {
+    Session(fuser::SessionUnmounter),
+    Helper(daemon::Unmounter),
+}
+
+impl Unmount {
+    /// Unmounts `target`, or detaches it lazily when it is busy (open files keep working
+    /// until closed). False, with the error logged, when neither works.
+    fn unmount(mut self, target: &Path) -> bool {
+        match &mut self {
+            Unmount::Session(unmounter) => match unmounter.unmount() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "unmount of {} failed ({e}); detaching it lazily",
+                        target.display()
+                    );
+                    match daemon::detach_mount(target) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!("cannot detach {}: {e}", target.display());
+                            false
+                        }
+                    }
+                }
+            },
+            Unmount::Helper(helper) => match helper.unmount() {
+                daemon::Unmounted::Unmounted => true,
+                daemon::Unmounted::Detached => {
+                    tracing::warn!("{} was busy; detached it lazily", target.display());
+                    true
+                }
+                daemon::Unmounted::Failed => {
+                    tracing::error!("cannot unmount or detach {}", target.display());
+                    false
+                }
+            },
+        }
+    }
+}
+
 /// Mounts and serves until unmounted. `detached` is the pipe to a waiting parent: taken and
 /// told once the mount is live, left in place when mounting fails.
 fn serve(
@@ -328,38 +371,40 @@ fn serve(
         .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
-    let mut unmounter = session.unmount_callable();
+    // Everything that needs the wider world happens before the sandbox: the unmounter,
+    // /dev/null for the standard descriptors, systemd's socket, the read-ahead setting.
+    let unmounter = if sandboxed(args) {
+        let unmounter = daemon::Unmounter::spawn(&canonical)
+            .map_err(|e| Failure::runtime(format!("cannot start the unmounter: {e}")))?;
+        Unmount::Helper(unmounter)
+    } else {
+        Unmount::Session(session.unmount_callable())
+    };
+    if detached.is_some() {
+        if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
+            tracing::warn!("cannot detach from the terminal: {e}");
+        }
+    }
+    let notifier = daemon::Notifier::from_env();
+    nixstorefs::transport::fuse::tune_read_ahead(&canonical);
+    enter_sandbox(args, &view, Profile::Fuse, None)?;
+
     let target = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let sig = signals.wait();
             tracing::info!(signal = sig, "unmounting");
-            if let Err(e) = unmounter.unmount() {
-                // Busy: detach it instead, so the daemon can still exit cleanly; open files
-                // keep working until they are closed.
-                tracing::warn!(
-                    "unmount of {} failed ({e}); detaching it lazily",
-                    target.display()
-                );
-                if let Err(e) = daemon::detach_mount(&target) {
-                    tracing::error!("cannot detach {}: {e}", target.display());
-                    std::process::exit(1);
-                }
+            if !unmounter.unmount(&target) {
+                std::process::exit(1);
             }
         })
         .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
 
     if let Some(detached) = detached.take() {
-        let keep_stderr = args.log_file.is_some();
-        if let Err(e) = daemon::close_stdio(keep_stderr) {
-            tracing::warn!("cannot detach from the terminal: {e}");
-        }
         detached.ready();
     }
-    daemon::Notifier::from_env().ready();
-    // Off the startup path: until it is done, reads use the kernel's default read-ahead.
-    nixstorefs::transport::fuse::tune_read_ahead(&canonical);
+    notifier.ready();
     session
         .run()
         .map_err(|e| Failure::runtime(format!("serving {} failed: {e}", mountpoint.display())))?;

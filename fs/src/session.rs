@@ -240,6 +240,9 @@ pub struct Session<X> {
     /// The host descriptor of each node with open handles, least recently used out first;
     /// an evicted node is reopened (and its identity checked again) at its next read.
     host_files: Mutex<LruCache<NodeId, Arc<File>>>,
+    /// Open handles per node: a node's descriptor leaves the cache with its last handle,
+    /// so closed files hold no descriptor.
+    node_handles: DashMap<NodeId, usize>,
     next_handle: AtomicU64,
     /// Rate limits per-request warnings of the transports and the session.
     pub warnings: Limiter,
@@ -263,6 +266,7 @@ impl<X> Session<X> {
             open_dirs: AtomicUsize::new(0),
             dir_bytes: AtomicUsize::new(0),
             host_files: Mutex::new(LruCache::new(cached)),
+            node_handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
             warnings: Limiter::default(),
         }
@@ -309,6 +313,7 @@ impl<X> Session<X> {
         self.open_dirs.store(0, Ordering::Relaxed);
         self.dir_bytes.store(0, Ordering::Relaxed);
         self.host_files.lock().clear();
+        self.node_handles.clear();
         self.view.forget_all();
     }
 
@@ -362,6 +367,7 @@ impl<X> Session<X> {
                 transport: attach(&file),
             });
             let fh = self.handle();
+            *self.node_handles.entry(id).or_insert(0) += 1;
             self.files.insert(fh, open.clone());
             (fh, open)
         });
@@ -405,8 +411,25 @@ impl<X> Session<X> {
     /// Closes handle `fh`, giving back its record.
     pub fn release(&self, fh: u64) -> Option<Arc<OpenFile<X>>> {
         let released = self.files.remove(&fh).map(|(_, f)| f);
-        if released.is_some() {
+        if let Some(open) = &released {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
+            let last = match self.node_handles.get_mut(&open.node) {
+                Some(mut n) => {
+                    *n -= 1;
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                // Removed only if still unused: an open may have raced in since.
+                if self
+                    .node_handles
+                    .remove_if(&open.node, |_, n| *n == 0)
+                    .is_some()
+                {
+                    self.host_files.lock().pop(&open.node);
+                }
+            }
         }
         released
     }

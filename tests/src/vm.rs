@@ -859,6 +859,10 @@ pub struct BackendReport {
     pub cap_eff: String,
     /// Whether it ever had /dev/fuse open.
     pub had_dev_fuse: bool,
+    /// `NoNewPrivs` in the last sample (the sandbox is entered after startup).
+    pub no_new_privs: bool,
+    /// `Seccomp` in the last sample: 2 is a filter.
+    pub seccomp: u32,
 }
 
 /// How long a native backend may take to exit after qemu did.
@@ -872,6 +876,8 @@ struct ProcSample {
     rss_kib: u64,
     uids: Vec<u32>,
     cap_eff: String,
+    no_new_privs: bool,
+    seccomp: u32,
 }
 
 /// Samples `pid`; `links` also reads where each descriptor points (to see /dev/fuse),
@@ -910,6 +916,8 @@ fn sample_process(pid: u32, links: bool) -> Option<ProcSample> {
             .filter_map(|u| u.parse().ok())
             .collect(),
         cap_eff: field("CapEff:").unwrap_or_default(),
+        no_new_privs: field("NoNewPrivs:").as_deref() == Some("1"),
+        seccomp: field("Seccomp:").and_then(|v| v.parse().ok()).unwrap_or(0),
     })
 }
 
@@ -924,6 +932,8 @@ impl BackendReport {
         self.max_anon_kib = self.max_anon_kib.max(s.anon_kib);
         self.max_rss_kib = self.max_rss_kib.max(s.rss_kib);
         self.had_dev_fuse |= s.dev_fuse;
+        self.no_new_privs = s.no_new_privs;
+        self.seccomp = s.seccomp;
     }
 
     /// Asserts that the daemon ran unprivileged, without /dev/fuse, and exited 0 by
@@ -951,6 +961,13 @@ impl BackendReport {
             !self.had_dev_fuse,
             "the backend of {} opened /dev/fuse",
             self.tag
+        );
+        assert!(
+            self.no_new_privs && self.seccomp == 2,
+            "the backend of {} is not sandboxed: NoNewPrivs {}, Seccomp {}",
+            self.tag,
+            self.no_new_privs,
+            self.seccomp
         );
         match self.status {
             Some(s) => assert!(s.success(), "the backend of {} exited {s}", self.tag),

@@ -13,6 +13,7 @@
 //! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
 
 use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -1043,6 +1044,109 @@ fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
 /// ESTALE or other error, the same listing, bytes and inode numbers (`ls -lAiR`) each time,
 /// and a descriptor and a working directory held across the drops keep working. The daemon
 /// stays within its descriptor bound.
+/// A static C program that opens one file N times and holds every descriptor, then reads
+/// another file while holding them: a guest process that never closes what it opens.
+const HOLD_OPEN_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[2]);
+    struct rlimit r = { n + 64, n + 64 };
+    if (setrlimit(RLIMIT_NOFILE, &r) != 0) { perror("setrlimit"); return 1; }
+    int held = 0, error = 0;
+    for (int i = 0; i < n; i++) {
+        if (open(argv[1], O_RDONLY) < 0) { error = errno; break; }
+        held++;
+    }
+    printf("HELD %d\n", held);
+    if (error) printf("OPEN-ERROR %d\n", error);
+    char buf[64];
+    int fd = open(argv[3], O_RDONLY);
+    ssize_t got = fd < 0 ? -errno : read(fd, buf, sizeof buf);
+    printf("OTHER-READ %zd\n", got);
+    fflush(stdout);
+    sleep(2);
+    return 0;
+}
+"#;
+
+/// A guest process holding tens of thousands of opens of one store file: the daemon's
+/// descriptors stay within its caches (one host descriptor for the node, not one per
+/// open), and the guest keeps working meanwhile.
+#[test]
+fn native_backend_many_opens_stay_bounded() {
+    const OPENS: usize = 30_000;
+    let kernel = Kernel::compressed_modules();
+    let Some(t) = Setup::new(kernel, |s| {
+        format!(
+            "echo GUEST-START\n\
+             holdopen=$(dirname $0)/holdopen\n\
+             $holdopen /nix/store/{big} {OPENS} /nix/store/{deep}\n\
+             echo \"AFTER $(cat /nix/store/{deep} | wc -c)\"\n\
+             echo GUEST-OK\n",
+            big = s.big_file.display(),
+            deep = s.deep_file.display(),
+        )
+    }) else {
+        return;
+    };
+    // The program, built static, beside the guest's script in its store path.
+    let bin = t.s.store_dir.join(&t.prog.base).join("bin");
+    let source = t.dir.path().join("holdopen.c");
+    fs::write(&source, HOLD_OPEN_C).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = harness::run(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(bin.join("holdopen"))
+            .arg(&source),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "gcc -static (libc6-dev) failed: {out:?}"
+    );
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o555)).unwrap();
+    vm::open_to_others(t.dir.path());
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(
+            TAG,
+            &t.s.store_dir,
+            &t.s.closure_file,
+            &["--max-cached-dirs", "8"],
+        )
+        .timeout(Duration::from_secs(300))
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_no_marker("OPEN-ERROR");
+    assert_eq!(boot.expect_value("HELD "), OPENS.to_string());
+    let deep_len = fs::metadata(t.s.host(&t.s.deep_file)).unwrap().len();
+    let expected_read = deep_len.min(64).to_string();
+    assert_eq!(
+        boot.expect_value("OTHER-READ "),
+        expected_read,
+        "reading while holding"
+    );
+    assert_eq!(boot.expect_value("AFTER "), deep_len.to_string());
+    let backend = &boot.backends[0];
+    backend.assert_unprivileged_and_clean_exit();
+    // One host descriptor for the held file, whatever the guest holds.
+    assert!(
+        backend.max_fds < 48,
+        "{OPENS} guest opens made the daemon hold up to {} descriptors",
+        backend.max_fds
+    );
+    println!(
+        "native backend under {OPENS} held opens: at most {} descriptors, {} KiB private memory",
+        backend.max_fds, backend.max_anon_kib
+    );
+}
+
 #[test]
 fn native_backend_walk_survives_drop_caches() {
     let kernel = Kernel::compressed_modules();

@@ -79,6 +79,14 @@ fn many_files_read_through_a_bounded_cache() {
     }
     let held = Harness::open_descriptors() - before;
     assert!(held <= limits().max_cached_files + 2, "{held} descriptors");
+    // Closed files hold none.
+    for &(f, fh) in &opened {
+        h.call(opcode::RELEASE, f, &Harness::release_in(fh), 16);
+    }
+    assert!(
+        Harness::open_descriptors() <= before,
+        "descriptors left after the last release"
+    );
 }
 
 #[test]
