@@ -6,7 +6,7 @@
 //! `openat` may not ask for writing, creating or truncating (except for the FUSE daemon,
 //! whose request threads reopen `/dev/fuse` read-write; Landlock confines that to the
 //! device), `accept4` only takes from the VMM's listening socket, `clone` only makes
-//! threads, `prctl` only names them, `ioctl` only speaks to `/dev/fuse` and asks whether
+//! threads, `prctl` only names them (or reads the auxiliary vector), `ioctl` only speaks to `/dev/fuse` and asks whether
 //! a descriptor is non-blocking. Notably absent: `execve`, `socket`, `connect`, `bind`,
 //! `ptrace`, `mount`, `umount2`, `unlink*`, `rename*`, `mkdir*`, `pwrite*`, `ftruncate`,
 //! `chmod`/`chown` of any kind, `openat2`. (The FUSE daemon's `umount2` is answered
@@ -48,6 +48,9 @@ const WRITE_FLAGS: u64 =
 const FUSE_DEV_IOC_CLONE: u64 = 0x8004_e500;
 const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
 const FUSE_DEV_IOC_BACKING_CLOSE: u64 = 0x4004_e502;
+
+/// `prctl(PR_GET_AUXV)` (linux/prctl.h, Linux 6.4).
+const PR_GET_AUXV: u64 = 0x4155_5856;
 
 /// System calls allowed with any arguments, for both transports.
 const ALWAYS: &[libc::c_long] = &[
@@ -168,12 +171,14 @@ fn rules(
         // Likewise answered EINVAL by a filter of its own (see `compile`).
         rules.insert(libc::SYS_umount2, Vec::new());
     }
-    // Naming threads.
+    // Naming threads, and reading the auxiliary vector (rustix asks for the page size
+    // that way).
     rules.insert(
         libc::SYS_prctl,
         vec![
             rule(vec![cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?,
             rule(vec![cond(0, SeccompCmpOp::Eq, libc::PR_GET_NAME as u64)?])?,
+            rule(vec![cond(0, SeccompCmpOp::Eq, PR_GET_AUXV)?])?,
         ],
     );
     // ioctl: FIONBIO (vhost-user sets its socket non-blocking), and /dev/fuse's own.
