@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use mkimage::cache::{self, Cache, KeyBuilder};
+use mkimage::cache::{self, Cache, KeyBuilder, LockKind};
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
@@ -330,8 +330,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Ok(());
     };
 
-    let serve = |how: &str| -> Result<(), Failure> {
-        let served = cache.serve(&key, output).map_err(|e| {
+    let serve = |entry: &cache::Entry, how: &str| -> Result<(), Failure> {
+        let served = cache.serve(&key, entry, output).map_err(|e| {
             runtime(format!(
                 "cannot make {} from {}: {e}",
                 output.display(),
@@ -339,11 +339,6 @@ fn run(args: &Args) -> Result<(), Failure> {
             ))
         })?;
         cache.touch(&key);
-        if let Some(max) = args.cache_max_size {
-            cache
-                .evict(max, &key)
-                .map_err(|e| runtime(format!("cache eviction: {e}")))?;
-        }
         if !args.quiet {
             eprintln!(
                 "mkimage: cache {how}: {} is {} ({}), {:.3} s",
@@ -355,26 +350,60 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
         Ok(())
     };
-    if let Ok(Some(_)) = cache.check(&key) {
-        return serve("hit");
+    // Eviction runs after every use of the cache, so that leftovers of runs that died are
+    // removed even without --cache-max-size; it takes the lock of each entry it removes,
+    // and leaves alone this run's.
+    let evict = || -> Result<(), Failure> {
+        let done = cache
+            .evict(args.cache_max_size, &key)
+            .map_err(|e| runtime(format!("cache eviction: {e}")))?;
+        tracing::debug!("cache after eviction: {done:?}");
+        Ok(())
+    };
+    {
+        // Shared: concurrent hits go together, but not alongside a build or an eviction.
+        let _shared = cache
+            .lock(&key, LockKind::Shared)
+            .map_err(|e| runtime(format!("cache: {e}")))?;
+        if let Ok(Some(entry)) = cache.check(&key) {
+            serve(&entry, "hit")?;
+            drop(_shared);
+            return evict();
+        }
     }
-    // A miss or a damaged entry: build it under the lock, unless a concurrent run built
-    // it meanwhile.
-    let _lock = cache
-        .lock(&key)
+    // A miss or a damaged entry: build it under the exclusive lock, unless a concurrent
+    // run built it meanwhile.
+    let lock = cache
+        .lock(&key, LockKind::Exclusive)
         .map_err(|e| runtime(format!("cache: {e}")))?;
     match cache.check(&key) {
-        Ok(Some(_)) => return serve("hit (built by a concurrent run)"),
+        Ok(Some(entry)) => {
+            serve(&entry, "hit (built by a concurrent run)")?;
+            drop(lock);
+            return evict();
+        }
         Ok(None) => {}
         Err(damage) => tracing::warn!("rebuilding a damaged cache entry: {damage}"),
     }
-    let entry = cache.image_path(&key);
-    let stats = write(args, &view, &snapshot_options, &image_options, &entry)?;
-    cache
-        .seal(&key)
-        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry.display())))?;
-    summary(args, &entry, &stats, started, " (cache miss)");
-    serve("miss, now stored")
+    let entry_path = cache.image_path(&key);
+    let building = cache
+        .build(&key)
+        .map_err(|e| runtime(format!("cache: {e}")))?;
+    let stats = write_to(
+        args,
+        &view,
+        &snapshot_options,
+        &image_options,
+        building.file(),
+        &building.path(),
+    )?;
+    let entry = cache
+        .seal(&key, building)
+        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry_path.display())))?;
+    summary(args, &entry_path, &stats, started, " (cache miss)");
+    serve(&entry, "miss, now stored")?;
+    drop(lock);
+    evict()
 }
 
 /// Environment variable naming the default cache directory.
@@ -416,7 +445,7 @@ fn cache_key(
     key.finish()
 }
 
-/// Snapshots the view and writes its image to `output`.
+/// Snapshots the view and writes its image to `output`, which appears only complete.
 fn write(
     args: &Args,
     view: &Arc<View>,
@@ -424,9 +453,6 @@ fn write(
     image_options: &ImageOptions,
     output: &Path,
 ) -> Result<erofs::ImageStats, Failure> {
-    let snap = snapshot::snapshot(view, snapshot_options)
-        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
-
     let out = AtomicOutput::create(output).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidInput {
             input(format!("OUTPUT {}: {e}", output.display()))
@@ -439,6 +465,30 @@ fn write(
             runtime(format!("cannot write {}: {e}", output.display()))
         }
     })?;
+    let stats = write_to(
+        args,
+        view,
+        snapshot_options,
+        image_options,
+        out.file(),
+        output,
+    )?;
+    out.commit()
+        .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    Ok(stats)
+}
+
+/// Snapshots the view and writes its image into `file` (`shown` in messages).
+fn write_to(
+    args: &Args,
+    view: &Arc<View>,
+    snapshot_options: &SnapshotOptions,
+    image_options: &ImageOptions,
+    file: &std::fs::File,
+    shown: &Path,
+) -> Result<erofs::ImageStats, Failure> {
+    let snap = snapshot::snapshot(view, snapshot_options)
+        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
     let bar = progress_bar(args.quiet, &snap);
     // Compression reads every file it compresses on its own threads first.
     let read_threads = if args.compression.is_some() {
@@ -454,23 +504,20 @@ fn write(
         }
     };
     let written =
-        erofs::write_image_with_progress(&snap.inodes, image_options, out.file(), &mut on_progress);
+        erofs::write_image_with_progress(&snap.inodes, image_options, file, &mut on_progress);
     drop(prefetch);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let stats = written.map_err(|e| match e.inode.and_then(|i| snap.paths.get(i)) {
+    written.map_err(|e| match e.inode.and_then(|i| snap.paths.get(i)) {
         Some(path) => runtime(format!(
             "writing {} failed at {}: {}",
-            output.display(),
+            shown.display(),
             view.store_dir().join(path).display(),
             e.cause
         )),
-        None => runtime(format!("writing {} failed: {e}", output.display())),
-    })?;
-    out.commit()
-        .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
-    Ok(stats)
+        None => runtime(format!("writing {} failed: {e}", shown.display())),
+    })
 }
 
 fn summary(args: &Args, output: &Path, stats: &erofs::ImageStats, started: Instant, note: &str) {
