@@ -744,3 +744,113 @@ fn output_directory_is_synced_after_the_rename() {
         "no fsync of {out_dir:?} after the rename:\n{trace}"
     );
 }
+
+/// The first `len` bytes of `path`.
+fn head_of(path: &Path, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; len];
+    fs::File::open(path).unwrap().read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// Served from the cache, a block device OUTPUT, or a symlink to one, is written in
+/// place: never replaced by a hard link to the entry (which left the device unwritten
+/// while the run reported success), its size checked before a byte is written, and its
+/// superblock written last.
+#[test]
+fn cache_hits_write_block_devices_in_place_superblock_last() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let cache_arg = cache.to_str().unwrap();
+    let file_img = d.path().join("file.img");
+    image_of(&s, &file_img, &["--cache", cache_arg]);
+    let image = fs::read(&file_img).unwrap();
+
+    // Too small: refused with both sizes, and not a byte written.
+    let small = LoopDevice::new(d.path(), "small", 1 << 20);
+    fs::write(&small.0, b"old contents").unwrap();
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        s.closure_file.as_os_str(),
+        small.0.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the image needs {} bytes, the device has 1048576",
+            image.len()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        head_of(&small.0, 12),
+        b"old contents",
+        "a refused device was written to"
+    );
+
+    // A symlink to a device beside the cache (same filesystem, where a hard link is
+    // possible): the device gets the image, the symlink stays.
+    let dev = LoopDevice::new(d.path(), "disk", image.len() as u64 + (1 << 20));
+    let link = d.path().join("store-disk");
+    std::os::unix::fs::symlink(&dev.0, &link).unwrap();
+    let log = d.path().join("strace.log");
+    let o = harness::run(
+        Command::new("strace")
+            .args(["-f", "-y", "-e", "trace=write,pwrite64,pwritev,pwritev2"])
+            .arg("-o")
+            .arg(&log)
+            .arg(harness::bin("mkimage"))
+            .arg("--store-dir")
+            .arg(&s.store_dir)
+            .arg("--cache")
+            .arg(&cache)
+            .arg(&s.closure_file)
+            .arg(&link)
+            .env_remove("NIXSTOREFS_IMAGE_CACHE")
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("cache hit"), "{stderr}");
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the symlink to the device was replaced"
+    );
+    assert!(
+        head_of(&dev.0, image.len()) == image,
+        "the device does not hold the cached image"
+    );
+    fsck(&dev.0);
+    // The last write to the device is block 0, with the superblock.
+    let trace = fs::read_to_string(&log).unwrap();
+    let dev_name = format!("<{}>", dev.0.display());
+    let writes: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains(&dev_name) && l.contains("write"))
+        .collect();
+    let last = writes
+        .last()
+        .unwrap_or_else(|| panic!("no write to {dev_name}:\n{trace}"));
+    assert!(
+        last.contains("pwrite64(") && last.contains(", 4096, 0) = 4096"),
+        "the last write to the device is not block 0: {last}"
+    );
+    let m = ImageMount::new(&dev.0);
+    check_tree(
+        &s,
+        m.path(),
+        Expect {
+            mtime: Some((0, 0)),
+            links: Links::Separate,
+            dir_sizes: false,
+        },
+    );
+}
