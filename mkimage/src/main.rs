@@ -253,6 +253,9 @@ fn run(args: &Args) -> Result<(), Failure> {
 
     // The roots are held until the image is written or served.
     let (view, own_registration, paths, _roots) = open_view(args, closure)?;
+    // The input's registration holds each path's narHash: part of the key even when it is
+    // not written into the image.
+    let input_registration = own_registration.as_deref().map(cache::digest);
     let registration = if args.no_registration {
         None
     } else {
@@ -264,6 +267,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             view.store_dir().display()
         ))
     })?;
+    let mount_points = {
+        let mut points: Vec<PathBuf> = mounts.points.iter().cloned().collect();
+        points.sort();
+        points
+    };
     let (left_out, loops) = if args.cross_mounts {
         (Default::default(), mounts.loops)
     } else {
@@ -302,9 +310,14 @@ fn run(args: &Args) -> Result<(), Failure> {
                 args,
                 view.store_dir(),
                 &paths,
-                registration.as_deref(),
+                &mount_points,
+                KeyRegistrations {
+                    image: registration.as_deref(),
+                    input: input_registration.as_deref(),
+                },
                 &image_options,
-            );
+            )
+            .map_err(runtime)?;
             let cache = Cache::open(&dir).map_err(|e| runtime(format!("cache: {e}")))?;
             Some((cache, key))
         }
@@ -409,20 +422,52 @@ fn run(args: &Args) -> Result<(), Failure> {
 /// Environment variable naming the default cache directory.
 const CACHE_ENV: &str = "NIXSTOREFS_IMAGE_CACHE";
 
+/// The registrations a cache key holds.
+struct KeyRegistrations<'a> {
+    /// The one written into the image, if any.
+    image: Option<&'a [u8]>,
+    /// The digest of the input's own, if it has one: its narHashes name the paths'
+    /// contents, whether or not it is written into the image.
+    input: Option<&'a str>,
+}
+
 /// Everything that decides the image's bytes; not the thread counts, nor logging.
+///
+/// Store paths are named by their contents only while they stay valid: a path collected
+/// and built again by a build that is not reproducible, or a `--store-dir` over a tree
+/// that changes, keeps its name. So each path also enters the key with a cheap identity
+/// of what is there now: the device, inode number and ctime of its top-level entry (a
+/// path deleted and written again gets another inode, or at least another ctime), and the
+/// input registration's narHashes where it has one. So does each mount point below the
+/// closure's paths, left out or (with `--cross-mounts`) followed, with the identity of
+/// the root of what a followed one shows.
 fn cache_key(
     args: &Args,
     store_dir: &Path,
     paths: &[String],
-    registration: Option<&[u8]>,
+    mount_points: &[PathBuf],
+    registrations: KeyRegistrations<'_>,
     options: &ImageOptions,
-) -> String {
-    use std::os::unix::ffi::OsStrExt;
+) -> Result<String, String> {
+    let identity = |path: &Path, follow: bool| -> Result<String, String> {
+        let flags = if follow {
+            rustix::fs::AtFlags::empty()
+        } else {
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW
+        };
+        let st = rustix::fs::statat(rustix::fs::CWD, path, flags)
+            .map_err(|e| format!("cache key: {}: {e}", path.display()))?;
+        Ok(format!(
+            "{}:{} {} {}.{:09}",
+            st.st_dev, st.st_ino, st.st_mode, st.st_ctime, st.st_ctime_nsec
+        ))
+    };
     let mut key = KeyBuilder::default();
     key.field("store-dir", store_dir.as_os_str().as_bytes());
     key.field("paths", paths.len().to_string());
     for path in paths {
         key.field("path", path);
+        key.field("path-identity", identity(&store_dir.join(path), false)?);
     }
     let compression = options
         .compression
@@ -438,11 +483,27 @@ fn cache_key(
         .field("block-size-bits", options.block_size_bits.to_string())
         .field("compression", compression)
         .field("ztailpacking", options.ztailpacking.to_string())
+        .field("cross-mounts", args.cross_mounts.to_string())
         .field(
             "registration",
-            registration.map_or("none".to_owned(), cache::digest),
-        );
-    key.finish()
+            registrations.image.map_or("none".to_owned(), cache::digest),
+        )
+        .field("input-registration", registrations.input.unwrap_or("none"));
+    // Mounts below paths outside the closure change nothing.
+    let in_closure = |point: &Path| {
+        point
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .is_some_and(|first| paths.iter().any(|p| p == first))
+    };
+    for point in mount_points.iter().filter(|p| in_closure(p)) {
+        key.field("mount", point.as_os_str().as_bytes());
+        if args.cross_mounts {
+            key.field("mount-identity", identity(&store_dir.join(point), true)?);
+        }
+    }
+    Ok(key.finish())
 }
 
 /// Snapshots the view and writes its image to `output`, which appears only complete.

@@ -854,3 +854,105 @@ fn cache_hits_write_block_devices_in_place_superblock_last() {
         },
     );
 }
+
+/// Deletes the store path `base` and writes it again under its name with one file more,
+/// `marker`, as a build that is not reproducible does after a garbage collection.
+fn rebuild(s: &SampleStore, base: &str, marker: &str) {
+    let path = s.host(base);
+    let copy = s.store_dir.join(format!(".rebuilding-{marker}"));
+    let o = harness::run(Command::new("cp").arg("-a").arg(&path).arg(&copy), TIMEOUT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fs::write(copy.join(marker), marker).unwrap();
+    fs::remove_dir_all(&path).unwrap();
+    fs::rename(&copy, &path).unwrap();
+}
+
+/// The cache key holds what changes the image beyond the closure's names: --cross-mounts,
+/// the mounts below the closure's paths and what a followed one holds, and the contents
+/// of each store path (a path written again under its name), also through a closureInfo
+/// with --no-registration. Before, each of these runs was a hit serving the old image.
+#[test]
+fn cache_key_follows_mounts_and_store_path_contents() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let run = |input: &Path, out: &str, extra: &[&str]| -> (String, ImageMount) {
+        let out = d.path().join(out);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+        args.extend(["--cache".as_ref(), cache.as_os_str()]);
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend([input.as_os_str(), out.as_os_str()]);
+        let o = mkimage(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "mkimage {args:?}: {stderr}");
+        fsck(&out);
+        (stderr, ImageMount::new(&out))
+    };
+    let list = s.closure_file.clone();
+    let dirs: Vec<&String> = s
+        .closure
+        .iter()
+        .filter(|b| fs::symlink_metadata(s.host(b)).unwrap().is_dir())
+        .collect();
+    let (first, second) = (dirs[0], dirs[1]);
+
+    // A tmpfs below a closure path: left out, then followed.
+    let inside = s.host(first).join("mounted");
+    let tmpfs = MountedAt::new(&["-t", "tmpfs"], Path::new("none"), &inside);
+    fs::write(inside.join("on-tmpfs"), b"on a tmpfs\n").unwrap();
+    let (text, m) = run(&list, "a.img", &[]);
+    assert!(text.contains("cache miss"), "{text}");
+    assert!(!m.path().join(first).join("mounted").exists());
+    drop(m);
+    let (text, m) = run(&list, "b.img", &["--cross-mounts"]);
+    assert!(text.contains("cache miss"), "--cross-mounts: {text}");
+    assert_eq!(
+        fs::read(m.path().join(first).join("mounted/on-tmpfs")).unwrap(),
+        b"on a tmpfs\n"
+    );
+    drop(m);
+    // What the followed mount holds changed.
+    fs::write(inside.join("more"), b"more\n").unwrap();
+    let (text, m) = run(&list, "c.img", &["--cross-mounts"]);
+    assert!(
+        text.contains("cache miss"),
+        "a followed mount changed: {text}"
+    );
+    assert!(m.path().join(first).join("mounted/more").exists());
+    drop(m);
+    let (text, m) = run(&list, "c2.img", &["--cross-mounts"]);
+    assert!(text.contains("cache hit"), "{text}");
+    drop(m);
+    // Unmounted: the mount point is now an empty directory of the path, in the image.
+    drop(tmpfs);
+    let (text, m) = run(&list, "d.img", &[]);
+    assert!(text.contains("cache miss"), "a mount went: {text}");
+    assert!(m.path().join(first).join("mounted").is_dir());
+    drop(m);
+
+    // A store path written again with other contents.
+    rebuild(&s, second, "rebuilt-once");
+    let (text, m) = run(&list, "e.img", &[]);
+    assert!(text.contains("cache miss"), "a rebuilt path: {text}");
+    assert!(m.path().join(second).join("rebuilt-once").exists());
+    drop(m);
+
+    // The same through a closureInfo whose registration is left out of the image.
+    let info = d.path().join("info");
+    s.write_closure_info(&info).unwrap();
+    let (text, m) = run(&info, "f.img", &["--no-registration"]);
+    assert!(text.contains("cache miss"), "{text}");
+    drop(m);
+    rebuild(&s, second, "rebuilt-twice");
+    fs::remove_dir_all(&info).unwrap();
+    s.write_closure_info(&info).unwrap();
+    let (text, m) = run(&info, "g.img", &["--no-registration"]);
+    assert!(
+        text.contains("cache miss"),
+        "a rebuilt path, --no-registration: {text}"
+    );
+    assert!(m.path().join(second).join("rebuilt-twice").exists());
+    drop(m);
+    let (text, m) = run(&info, "g2.img", &["--no-registration"]);
+    assert!(text.contains("cache hit"), "{text}");
+    drop(m);
+}
