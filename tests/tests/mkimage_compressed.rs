@@ -749,3 +749,77 @@ fn eviction_skips_entries_in_use() {
     assert_eq!(entries(&c.cache).len(), 1);
     fsck(&c.out("a.img"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Files over 4 GiB
+
+/// A sparse file of 4 GiB and more (runs of zeros with a few marked places, one across
+/// the 4 GiB boundary) compressed: `fsck.erofs --extract` decompresses it whole, and the
+/// kernel reads it back byte for byte.
+#[test]
+fn a_sparse_file_over_4_gib_compressed_reads_back() {
+    use std::io::Read;
+    let d = tempfile::Builder::new()
+        .prefix("nixstorefs-large.")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let tree = d.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let big = tree.join("big");
+    let size: u64 = (4 << 30) + 12_345;
+    let f = fs::File::create(&big).unwrap();
+    f.set_len(size).unwrap();
+    let marks: [(u64, &[u8]); 4] = [
+        (0, b"the start"),
+        (1 << 31, b"2 GiB"),
+        ((4 << 30) - 5, b"across 4 GiB"),
+        (size - 7, b"the end"),
+    ];
+    for (at, bytes) in marks {
+        f.write_all_at(bytes, at).unwrap();
+    }
+    drop(f);
+    let img = d.path().join("big.img");
+    // With inline tails, the last extent follows 8 MiB of indexes.
+    for z in ["lz4", "lz4hc --ztailpacking"] {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["-z".as_ref()];
+        args.extend(z.split(' ').map(std::ffi::OsStr::new));
+        args.extend(["--dir".as_ref(), tree.as_os_str(), img.as_os_str()]);
+        let o = mkimage(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let image_bytes = fs::metadata(&img).unwrap().len();
+        assert!(
+            image_bytes < 512 << 20,
+            "-z {z}: {image_bytes} bytes: not compressed"
+        );
+        fsck(&img);
+        let m = ImageMount::new(&img);
+        let mounted = m.path().join("big");
+        assert_eq!(fs::metadata(&mounted).unwrap().len(), size);
+        // Compared a MiB at a time, all 4 GiB of it.
+        let (mut ours, mut theirs) = (
+            fs::File::open(&mounted).unwrap(),
+            fs::File::open(&big).unwrap(),
+        );
+        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(1 << 20) as usize;
+            ours.read_exact(&mut a[..n]).unwrap();
+            theirs.read_exact(&mut b[..n]).unwrap();
+            assert!(a[..n] == b[..n], "-z {z}: the MiB at {at} differs");
+            at += n as u64;
+        }
+        assert_eq!(
+            ours.read(&mut a).unwrap(),
+            0,
+            "-z {z}: more than {size} bytes"
+        );
+        for (at, bytes) in marks {
+            let mut got = vec![0u8; bytes.len()];
+            ours.read_exact_at(&mut got, at).unwrap();
+            assert_eq!(got, bytes, "-z {z}: at {at}");
+        }
+        println!("-z {z}: a {size}-byte sparse file in a {image_bytes}-byte image");
+    }
+}
