@@ -255,6 +255,8 @@ impl Cache {
     /// needed. Refuses a symlink, and a directory that belongs to another user or that
     /// group or others may write to, naming its owner and mode.
     pub fn open(dir: &Path) -> io::Result<Cache> {
+        // Without a trailing slash, which would make the kernel follow a final symlink.
+        let dir: &Path = &dir.components().collect::<PathBuf>();
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).map_err(named)?;
@@ -610,7 +612,7 @@ impl Cache {
     pub fn evict(&self, max_bytes: Option<u64>, keep: &str) -> io::Result<Evicted> {
         #[derive(Default)]
         struct Files {
-            image: u64,
+            image: Option<u64>,
             temps: Vec<(String, u64)>,
             used: Option<SystemTime>,
         }
@@ -636,7 +638,7 @@ impl Cache {
             if temp {
                 files.temps.push((name.to_owned(), size));
             } else if name.ends_with(".img") {
-                files.image = size;
+                files.image = Some(size);
             } else if name.ends_with(".seal") {
                 files.used = Some(
                     SystemTime::UNIX_EPOCH
@@ -650,7 +652,7 @@ impl Cache {
         let mut done = Evicted {
             bytes: keys
                 .values()
-                .map(|f| f.image + f.temps.iter().map(|t| t.1).sum::<u64>())
+                .map(|f| f.image.unwrap_or(0) + f.temps.iter().map(|t| t.1).sum::<u64>())
                 .sum(),
             ..Evicted::default()
         };
@@ -658,15 +660,36 @@ impl Cache {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(self.named(name, e.into())),
         };
-        for (key, files) in keys.iter_mut().filter(|(_, f)| !f.temps.is_empty()) {
-            if let Some(_lock) = self.try_lock(key)? {
-                for (name, size) in files.temps.drain(..) {
-                    remove(&name)?;
-                    tracing::info!("removed {name} ({size} bytes), left by a run that died");
-                    done.bytes -= size;
-                    done.leftovers += 1;
-                }
+        // Temporary files, and the lock and seal of a key without an image: what runs
+        // that died or failed left behind, once nobody holds the key.
+        let mut gone = Vec::new();
+        for (key, files) in keys
+            .iter_mut()
+            .filter(|(_, f)| !f.temps.is_empty() || f.image.is_none())
+        {
+            let Some(_lock) = self.try_lock(key)? else {
+                continue;
+            };
+            for (name, size) in files.temps.drain(..) {
+                remove(&name)?;
+                tracing::info!("removed {name} ({size} bytes), left by a run that died");
+                done.bytes -= size;
+                done.leftovers += 1;
             }
+            // Under the lock, and only if no run sealed an image since the listing.
+            let image = format!("{key}.img");
+            let no_image = matches!(
+                rustix::fs::statat(&self.fd, image.as_str(), AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            );
+            if files.image.is_none() && no_image {
+                remove(&format!("{key}.seal"))?;
+                remove(&format!("{key}.lock"))?;
+                gone.push(key.clone());
+            }
+        }
+        for key in gone {
+            keys.remove(&key);
         }
         let Some(max_bytes) = max_bytes else {
             return Ok(done);
@@ -695,7 +718,7 @@ impl Cache {
             {
                 remove(&name)?;
             }
-            let size = files.image + files.temps.iter().map(|t| t.1).sum::<u64>();
+            let size = files.image.unwrap_or(0) + files.temps.iter().map(|t| t.1).sum::<u64>();
             tracing::info!("evicted {key}.img ({size} bytes) from the cache");
             done.bytes -= size;
             done.entries += 1;

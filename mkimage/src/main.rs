@@ -124,10 +124,11 @@ struct Args {
     #[arg(long, default_value_t = 4, value_name = "N")]
     read_threads: usize,
 
-    /// Keep images in DIR, keyed by a digest of the closure's paths and of every option
-    /// that changes the image: an unchanged closure is then served from DIR (a reflink or
-    /// hard link where the filesystem allows) instead of written again. Without it,
-    /// NIXSTOREFS_IMAGE_CACHE names the directory if set (and --dir trees are not cached).
+    /// Keep images in DIR, keyed by a digest of the closure's paths, their contents'
+    /// identities and every option that changes the image: an unchanged closure is then
+    /// served from DIR (a reflink or hard link where the filesystem allows) instead of
+    /// written again. DIR must be the caller's alone (it is created mode 0700). Without
+    /// it, NIXSTOREFS_IMAGE_CACHE names the directory if set (--dir trees are not cached).
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
 

@@ -722,6 +722,10 @@ fn leftovers_of_dead_runs_are_removed_once_unlocked_and_counted_meanwhile() {
         !busy.exists() && !dead.exists(),
         "leftovers of dead runs stay"
     );
+    assert!(
+        !c.cache.join(format!("{busy_key}.lock")).exists(),
+        "the lock of a key without an image stays"
+    );
     // Files that are not the cache's are never removed.
     let other = c.cache.join("mine.img");
     fs::write(&other, b"not an entry").unwrap();
