@@ -7,26 +7,44 @@
 //!
 //! The directory holds, per key, `KEY.img` (the image, read-only), `KEY.seal` (what the
 //! image looked like when it was written: size, mtime and inode number; its own mtime is
-//! the last use, for eviction) and `KEY.lock` (taken while the entry is built, so that
-//! concurrent runs build it once). An entry is served only if it still matches its seal
-//! and its superblock checksum, so an image written to through a hard link to it
-//! (a VM that opens its store read-write) is rebuilt instead of served.
+//! the last use, for eviction) and `KEY.lock` (held exclusively while the entry is built
+//! or evicted, shared while it is served, so that concurrent runs build it once and
+//! eviction never removes an entry in use). An entry is served only if it still matches
+//! its seal and its superblock checksum, so an image written to through a hard link to
+//! it (a VM that opens its store read-write) is rebuilt instead of served.
+//!
+//! Nobody else may write to the directory: the key is computed from public inputs, so
+//! anyone who could would plant an image with a store of their choosing for the next run
+//! to serve. The directory is created mode 0700 and refused when it belongs to another
+//! user or is writable by group or others. Every file in it is reached from the
+//! directory's descriptor without following symlinks, checked to be a regular file of
+//! the caller's, and then read, sealed, served or touched through its own descriptor.
+//!
+//! An image being built is `.KEY.img.*.tmp` until it is sealed, under the key's lock; a
+//! run that dies leaves it behind, and the next eviction pass removes it once that lock
+//! is free. Until then it counts toward the size limit.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::erofs::format::{superblock_checksum, SuperBlock, SUPER_OFFSET, SUPER_SIZE};
-use crate::output::AtomicOutput;
+use crate::output::{copy_image, refuse_device, AtomicOutput, RemoveOnSignal};
 
 /// Version of the image bytes for a given input: bumped whenever the writer's output for
-/// the same tree and options changes, so that older entries are never served.
-pub const FORMAT_VERSION: u32 = 2;
+/// the same tree and options changes, so that older entries are never served. The
+/// writer's tests pin the digest of images of a fixed tree to this number
+/// (`erofs::tests::format_version_pins_the_writers_bytes`).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Builds a cache key from named fields; the order of calls is part of the key.
 pub struct KeyBuilder(Sha256);
@@ -79,6 +97,8 @@ pub enum Served {
     HardLink,
     /// A plain copy (the cache is on another filesystem).
     Copy,
+    /// Written in place to the block device OUTPUT names.
+    Device,
 }
 
 impl Served {
@@ -88,18 +108,85 @@ impl Served {
             Served::Reflink => "reflink",
             Served::HardLink => "hard link",
             Served::Copy => "copy",
+            Served::Device => "written to the device",
         }
     }
 }
 
-/// A cache directory.
+/// A cache directory, held open: every entry is reached from this descriptor.
 pub struct Cache {
     dir: PathBuf,
+    fd: OwnedFd,
+    uid: u32,
 }
 
-/// An exclusive lock on one key, held until dropped.
+/// A lock on one key (exclusive or shared), held until dropped.
 pub struct Lock {
     _file: File,
+}
+
+/// A checked entry, open: what is served is what was checked.
+pub struct Entry {
+    file: File,
+    size: u64,
+    dev: u64,
+    ino: u64,
+}
+
+impl Entry {
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// An entry's image being written: a temporary file in the cache directory, removed
+/// unless [`Cache::seal`] makes it the entry.
+pub struct Building<'a> {
+    cache: &'a Cache,
+    file: Option<File>,
+    name: String,
+    _signal: RemoveOnSignal,
+}
+
+impl Building<'_> {
+    /// The file to write the image into.
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("present until sealed")
+    }
+
+    /// Where it is, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.cache.dir.join(&self.name)
+    }
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = rustix::fs::unlinkat(&self.cache.fd, self.name.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Entries removed to get under the size limit.
+    pub entries: usize,
+    /// Temporary files of dead runs removed.
+    pub leftovers: usize,
+    /// Bytes the cache holds afterwards (images and temporary files).
+    pub bytes: u64,
+}
+
+/// How a lock is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// To build or remove the entry: one holder.
+    Exclusive,
+    /// To check and serve it: any number of holders, none exclusive.
+    Shared,
 }
 
 /// What a seal records about the image it was written for.
@@ -111,11 +198,11 @@ struct Seal {
 }
 
 impl Seal {
-    fn of(meta: &fs::Metadata) -> Seal {
+    fn of(stat: &Stat) -> Seal {
         Seal {
-            size: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ino: meta.ino(),
+            size: stat.st_size as u64,
+            mtime: (stat.st_mtime, stat.st_mtime_nsec as i64),
+            ino: stat.st_ino,
         }
     }
 
@@ -142,13 +229,77 @@ impl Seal {
     }
 }
 
+/// Whether `name` is a key: 64 lowercase hex digits. Nothing else in the directory is
+/// ever removed.
+fn is_key(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The key a file of the cache belongs to, and whether it is a temporary file.
+fn key_of(name: &str) -> Option<(&str, bool)> {
+    if let Some(rest) = name.strip_prefix('.') {
+        let key = rest.get(..64)?;
+        return (is_key(key) && rest[64..].starts_with('.') && rest.ends_with(".tmp"))
+            .then_some((key, true));
+    }
+    let (key, ext) = name.split_once('.')?;
+    (is_key(key) && matches!(ext, "img" | "seal" | "lock")).then_some((key, false))
+}
+
+fn mode_of(stat: &Stat) -> u32 {
+    stat.st_mode & 0o7777
+}
+
 impl Cache {
-    /// Opens (creating it if needed) the cache directory `dir`.
+    /// Opens the cache directory `dir`, creating it (mode 0700, its parents as usual) if
+    /// needed. Refuses a symlink, and a directory that belongs to another user or that
+    /// group or others may write to, naming its owner and mode.
     pub fn open(dir: &Path) -> io::Result<Cache> {
-        fs::create_dir_all(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        // Without a trailing slash, which would make the kernel follow a final symlink.
+        let dir: &Path = &dir.components().collect::<PathBuf>();
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(named)?;
+        }
+        match rustix::fs::mkdirat(rustix::fs::CWD, dir, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(named(e.into())),
+        }
+        let fd = rustix::fs::openat(
+            rustix::fs::CWD,
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP | Errno::NOTDIR => io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: not a directory (a symlink is not followed: give the directory itself)",
+                    dir.display()
+                ),
+            ),
+            e => named(e.into()),
+        })?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| named(e.into()))?;
+        let uid = rustix::process::geteuid().as_raw();
+        if stat.st_uid != uid || mode_of(&stat) & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: refusing a cache directory owned by uid {} with mode {:04o}: it must \
+                     belong to uid {uid} (who runs mkimage) and not be writable by group or \
+                     others, since whoever can write there chooses the images served",
+                    dir.display(),
+                    stat.st_uid,
+                    mode_of(&stat)
+                ),
+            ));
+        }
         Ok(Cache {
             dir: dir.to_owned(),
+            fd,
+            uid,
         })
     }
 
@@ -157,45 +308,103 @@ impl Cache {
         self.dir.join(format!("{key}.img"))
     }
 
-    fn seal_path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.seal"))
+    /// Opens `name` in the directory without following a symlink or blocking on a FIFO,
+    /// and checks that it is a regular file of the caller's.
+    fn open_file(&self, name: &str, flags: OFlags) -> io::Result<(File, Stat)> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP => io::Error::new(io::ErrorKind::InvalidData, "is a symlink"),
+            e => e.into(),
+        })?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "is not a regular file",
+            ));
+        }
+        if stat.st_uid != self.uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("belongs to uid {}, not to uid {}", stat.st_uid, self.uid),
+            ));
+        }
+        Ok((File::from(fd), stat))
     }
 
-    fn lock_path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.lock"))
+    fn named(&self, name: &str, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("{}: {e}", self.dir.join(name).display()))
     }
 
-    /// Waits for and takes the build lock of `key`.
-    pub fn lock(&self, key: &str) -> io::Result<Lock> {
-        let path = self.lock_path(key);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-        Ok(Lock { _file: file })
+    /// Waits for and takes the lock of `key`.
+    pub fn lock(&self, key: &str, kind: LockKind) -> io::Result<Lock> {
+        let op = match kind {
+            LockKind::Exclusive => FlockOperation::LockExclusive,
+            LockKind::Shared => FlockOperation::LockShared,
+        };
+        Ok(self.take_lock(key, op)?.expect("a blocking lock is taken"))
+    }
+
+    /// Takes the exclusive lock of `key` if it is free.
+    fn try_lock(&self, key: &str) -> io::Result<Option<Lock>> {
+        self.take_lock(key, FlockOperation::NonBlockingLockExclusive)
+    }
+
+    fn take_lock(&self, key: &str, op: FlockOperation) -> io::Result<Option<Lock>> {
+        let name = format!("{key}.lock");
+        loop {
+            let (file, stat) = self
+                .open_file(&name, OFlags::RDWR | OFlags::CREATE)
+                .map_err(|e| self.named(&name, e))?;
+            match rustix::fs::flock(&file, op) {
+                Ok(()) => {}
+                Err(Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => return Err(self.named(&name, e.into())),
+            }
+            // Eviction removes a lock file while holding it: a lock taken on a file that
+            // is no longer the one at its name locks nothing. Take the new one.
+            match rustix::fs::statat(&self.fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(now) if (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino) => {
+                    return Ok(Some(Lock { _file: file }));
+                }
+                Ok(_) | Err(Errno::NOENT) => continue,
+                Err(e) => return Err(self.named(&name, e.into())),
+            }
+        }
     }
 
     /// Checks the entry of `key`: `Ok(None)` if there is none, `Err` with the reason if it
-    /// is there but damaged, `Ok(Some(size))` if it can be served.
-    pub fn check(&self, key: &str) -> Result<Option<u64>, String> {
+    /// is there but damaged or not the caller's, `Ok(Some(entry))`, open, if it can be
+    /// served. Call with the key's lock held.
+    pub fn check(&self, key: &str) -> Result<Option<Entry>, String> {
+        let name = format!("{key}.img");
         let image = self.image_path(key);
-        let meta = match fs::symlink_metadata(&image) {
-            Ok(meta) => meta,
+        let (file, stat) = match self.open_file(&name, OFlags::RDONLY) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", image.display())),
         };
-        let seal_path = self.seal_path(key);
-        let seal =
-            fs::read_to_string(&seal_path).map_err(|e| format!("{}: {e}", seal_path.display()))?;
-        let seal =
-            Seal::parse(&seal).ok_or_else(|| format!("{}: not a seal", seal_path.display()))?;
-        if !meta.file_type().is_file() {
-            return Err(format!("{} is not a regular file", image.display()));
+        if mode_of(&stat) & 0o222 != 0 {
+            return Err(format!(
+                "{} is writable (mode {:04o}); entries are sealed read-only",
+                image.display(),
+                mode_of(&stat)
+            ));
         }
-        let now = Seal::of(&meta);
+        let seal_name = format!("{key}.seal");
+        let seal_path = self.dir.join(&seal_name);
+        let mut text = String::new();
+        self.open_file(&seal_name, OFlags::RDONLY)
+            .and_then(|(f, _)| f.take(4096).read_to_string(&mut text))
+            .map_err(|e| format!("{}: {e}", seal_path.display()))?;
+        let seal =
+            Seal::parse(&text).ok_or_else(|| format!("{}: not a seal", seal_path.display()))?;
+        let now = Seal::of(&stat);
         if now != seal {
             return Err(format!(
                 "{} changed since it was written: now {}, sealed {}",
@@ -204,154 +413,326 @@ impl Cache {
                 seal.to_text().trim_end()
             ));
         }
-        check_superblock(&image, meta.len()).map_err(|e| format!("{}: {e}", image.display()))?;
-        Ok(Some(meta.len()))
+        let size = stat.st_size as u64;
+        check_superblock(&file, size).map_err(|e| format!("{}: {e}", image.display()))?;
+        Ok(Some(Entry {
+            file,
+            size,
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        }))
     }
 
-    /// Records the entry of `key` as it is now: call once its image is complete. The image
-    /// is made read-only first, so that a hard link to it is not writable by mistake.
-    pub fn seal(&self, key: &str) -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let image = self.image_path(key);
-        fs::set_permissions(&image, fs::Permissions::from_mode(0o444))?;
-        let meta = fs::symlink_metadata(&image)?;
-        let path = self.seal_path(key);
-        let mut temp = tempfile::Builder::new()
-            .prefix(&format!(".{key}.seal."))
-            .tempfile_in(&self.dir)?;
-        temp.write_all(Seal::of(&meta).to_text().as_bytes())?;
-        temp.as_file().sync_all()?;
-        temp.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+    /// Starts writing the image of `key`: call with the key's exclusive lock held.
+    pub fn build(&self, key: &str) -> io::Result<Building<'_>> {
+        let (file, name, signal) = self.create_temp(key, "img")?;
+        Ok(Building {
+            cache: self,
+            file: Some(file),
+            name,
+            _signal: signal,
+        })
+    }
+
+    /// Creates `.KEY.WHAT.*.tmp`, new, for the caller only, removed by a signal.
+    fn create_temp(&self, key: &str, what: &str) -> io::Result<(File, String, RemoveOnSignal)> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        loop {
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!(".{key}.{what}.{}-{n}-{nanos}.tmp", std::process::id());
+            let signal = RemoveOnSignal::new(&self.dir.join(&name));
+            match rustix::fs::openat(
+                &self.fd,
+                name.as_str(),
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => return Ok((File::from(fd), name, signal)),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(self.named(&name, e.into())),
+            }
+        }
+    }
+
+    /// Makes the complete image `building` the entry of `key`, read-only, and records it
+    /// in its seal. Everything is done through the descriptor it was written through, so
+    /// nothing put at its name meanwhile is changed.
+    pub fn seal(&self, key: &str, mut building: Building<'_>) -> io::Result<Entry> {
+        let file = building.file.take().expect("present until sealed");
+        let temp = building.name.clone();
+        let result = (|| {
+            // Read-only, so that a hard link to it is not writable by mistake.
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(0o444))?;
+            file.sync_all()?;
+            let stat = rustix::fs::fstat(&file)?;
+            let name = format!("{key}.img");
+            rustix::fs::renameat(&self.fd, temp.as_str(), &self.fd, name.as_str())?;
+            self.write_seal(key, &Seal::of(&stat))?;
+            rustix::fs::fsync(&self.fd)?;
+            Ok(Entry {
+                size: stat.st_size as u64,
+                dev: stat.st_dev,
+                ino: stat.st_ino,
+                file,
+            })
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, temp.as_str(), AtFlags::empty());
+        }
+        result
+    }
+
+    fn write_seal(&self, key: &str, seal: &Seal) -> io::Result<()> {
+        let (mut file, temp, _signal) = self.create_temp(key, "seal")?;
+        let written = file
+            .write_all(seal.to_text().as_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| {
+                let name = format!("{key}.seal");
+                rustix::fs::renameat(&self.fd, temp.as_str(), &self.fd, name.as_str())
+                    .map_err(io::Error::from)
+            });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, temp.as_str(), AtFlags::empty());
+        }
+        written
     }
 
     /// Marks the entry of `key` as just used, for eviction.
     pub fn touch(&self, key: &str) {
-        let path = self.seal_path(key);
+        let name = format!("{key}.seal");
         let now = fs::FileTimes::new().set_modified(SystemTime::now());
-        if let Err(e) = File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_times(now))
+        if let Err(e) = self
+            .open_file(&name, OFlags::WRONLY)
+            .and_then(|(f, _)| f.set_times(now))
         {
-            tracing::warn!("cannot mark {} as used: {e}", path.display());
+            tracing::warn!(
+                "cannot mark {} as used: {e}",
+                self.dir.join(&name).display()
+            );
         }
     }
 
-    /// Makes `output` the image of `key`, replacing it atomically: a reflink where the
-    /// filesystem has them, else a hard link where the cache shares the filesystem, else
-    /// a copy.
-    pub fn serve(&self, key: &str, output: &Path) -> io::Result<Served> {
-        let image_path = self.image_path(key);
-        let image = File::open(&image_path)?;
+    /// Makes `output` the image of the checked `entry` of `key`. A block device (or a
+    /// symlink to one) is written in place, its size checked first and its superblock
+    /// last. Anything else is replaced atomically: by a reflink where the filesystem has
+    /// them, else a hard link where the cache shares the filesystem, else a copy.
+    pub fn serve(&self, key: &str, entry: &Entry, output: &Path) -> io::Result<Served> {
         let out = AtomicOutput::create(output)?;
-        match rustix::fs::ioctl_ficlone(out.file(), &image) {
+        if out.is_device() {
+            copy_image(&entry.file, entry.size, out.file())?;
+            out.commit()?;
+            return Ok(Served::Device);
+        }
+        match rustix::fs::ioctl_ficlone(out.file(), &entry.file) {
             Ok(()) => {
                 out.commit()?;
                 return Ok(Served::Reflink);
             }
-            Err(e) => tracing::debug!("no reflink from {}: {e}", image_path.display()),
+            Err(e) => tracing::debug!("no reflink from {}: {e}", self.image_path(key).display()),
         }
-        if let Some(linked) = hard_link_beside(&image_path, output)? {
+        if let Some(linked) = self.hard_link_beside(key, entry, output)? {
             drop(out);
+            refuse_device(output)?;
             linked.persist(output).map_err(|e| e.error)?;
             return Ok(Served::HardLink);
         }
-        let mut image = image;
-        io::copy(&mut image, &mut out.file())?;
+        copy_image(&entry.file, entry.size, out.file())?;
         out.commit()?;
         Ok(Served::Copy)
     }
 
-    /// Removes the least recently used entries, other than `keep`, until the images take
-    /// at most `max_bytes`. Returns how many were removed.
-    pub fn evict(&self, max_bytes: u64, keep: &str) -> io::Result<usize> {
-        let mut entries = Vec::new();
-        let mut total = 0u64;
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+    /// A hard link to the entry under a temporary name beside `output`; `None` if the two
+    /// are on different filesystems (or the filesystem has no hard links). The link is
+    /// made from the entry's name without following a symlink, then checked to be the
+    /// very file that was checked.
+    fn hard_link_beside(
+        &self,
+        key: &str,
+        entry: &Entry,
+        output: &Path,
+    ) -> io::Result<Option<tempfile::TempPath>> {
+        let dir = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = output
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".");
+        let image = format!("{key}.img");
+        let made = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .make_in(dir, |path| {
+                rustix::fs::linkat(
+                    &self.fd,
+                    image.as_str(),
+                    rustix::fs::CWD,
+                    path,
+                    AtFlags::empty(),
+                )
+                .map_err(io::Error::from)
+            });
+        let temp = match made {
+            Ok(temp) => temp.into_temp_path(),
+            // Another filesystem, one without hard links, or too many links already.
+            Err(e)
+                if matches!(
+                    Errno::from_io_error(&e),
+                    Some(Errno::XDEV | Errno::PERM | Errno::MLINK | Errno::OPNOTSUPP)
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let linked = rustix::fs::statat(rustix::fs::CWD, &*temp, AtFlags::SYMLINK_NOFOLLOW)?;
+        if (linked.st_dev, linked.st_ino) != (entry.dev, entry.ino) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} was replaced while it was served",
+                    self.image_path(key).display()
+                ),
+            ));
+        }
+        Ok(Some(temp))
+    }
+
+    /// Removes the temporary files of runs that died (once their key's lock is free),
+    /// then, with `max_bytes`, the least recently used entries other than `keep`, each
+    /// under its exclusive lock, until images and temporary files take at most
+    /// `max_bytes`. Entries being built or served are left alone, and still counted.
+    pub fn evict(&self, max_bytes: Option<u64>, keep: &str) -> io::Result<Evicted> {
+        #[derive(Default)]
+        struct Files {
+            image: Option<u64>,
+            temps: Vec<(String, u64)>,
+            used: Option<SystemTime>,
+        }
+        let mut keys: std::collections::BTreeMap<String, Files> = Default::default();
+        let dir = rustix::fs::Dir::read_from(&self.fd).map_err(|e| self.named("", e.into()))?;
+        for entry in dir {
+            let entry = entry.map_err(|e| self.named("", e.into()))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            let Some(name) = name.to_str() else { continue };
+            let Some((key, temp)) = key_of(name) else {
                 continue;
             };
-            if key.starts_with('.') {
+            let stat = match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(self.named(name, e.into())),
+            };
+            if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
                 continue;
             }
-            let size = entry.metadata()?.len();
-            total += size;
-            // Entries without a seal are unused (a build that never finished): oldest.
-            let used = fs::metadata(self.seal_path(key))
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            entries.push((used, key.to_owned(), size));
+            let files = keys.entry(key.to_owned()).or_default();
+            let size = stat.st_size as u64;
+            if temp {
+                files.temps.push((name.to_owned(), size));
+            } else if name.ends_with(".img") {
+                files.image = Some(size);
+            } else if name.ends_with(".seal") {
+                files.used = Some(
+                    SystemTime::UNIX_EPOCH
+                        + std::time::Duration::new(
+                            stat.st_mtime.max(0) as u64,
+                            stat.st_mtime_nsec as u32,
+                        ),
+                );
+            }
         }
-        entries.sort();
-        let mut removed = 0;
-        for (_, key, size) in entries {
-            if total <= max_bytes {
+        let mut done = Evicted {
+            bytes: keys
+                .values()
+                .map(|f| f.image.unwrap_or(0) + f.temps.iter().map(|t| t.1).sum::<u64>())
+                .sum(),
+            ..Evicted::default()
+        };
+        let remove = |name: &str| match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(self.named(name, e.into())),
+        };
+        // Temporary files, and the lock and seal of a key without an image: what runs
+        // that died or failed left behind, once nobody holds the key.
+        let mut gone = Vec::new();
+        for (key, files) in keys
+            .iter_mut()
+            .filter(|(_, f)| !f.temps.is_empty() || f.image.is_none())
+        {
+            let Some(_lock) = self.try_lock(key)? else {
+                continue;
+            };
+            for (name, size) in files.temps.drain(..) {
+                remove(&name)?;
+                tracing::info!("removed {name} ({size} bytes), left by a run that died");
+                done.bytes -= size;
+                done.leftovers += 1;
+            }
+            // Under the lock, and only if no run sealed an image since the listing.
+            let image = format!("{key}.img");
+            let no_image = matches!(
+                rustix::fs::statat(&self.fd, image.as_str(), AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            );
+            if files.image.is_none() && no_image {
+                remove(&format!("{key}.seal"))?;
+                remove(&format!("{key}.lock"))?;
+                gone.push(key.clone());
+            }
+        }
+        for key in gone {
+            keys.remove(&key);
+        }
+        let Some(max_bytes) = max_bytes else {
+            return Ok(done);
+        };
+        // Entries without a seal are unused (a build that never finished): oldest.
+        let mut order: Vec<_> = keys
+            .iter()
+            .filter(|(key, _)| *key != keep)
+            .map(|(key, f)| (f.used.unwrap_or(SystemTime::UNIX_EPOCH), key))
+            .collect();
+        order.sort();
+        for (_, key) in order {
+            if done.bytes <= max_bytes {
                 break;
             }
-            if key == keep {
+            // Held or being built: leave it.
+            let Some(_lock) = self.try_lock(key)? else {
                 continue;
-            }
+            };
+            let files = &keys[key];
             // The seal goes first: an image without one is never served.
-            for path in [
-                self.seal_path(&key),
-                self.image_path(&key),
-                self.lock_path(&key),
-            ] {
-                if let Err(e) = fs::remove_file(&path) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
-                    }
-                }
+            for name in [format!("{key}.seal"), format!("{key}.img")]
+                .into_iter()
+                .chain(files.temps.iter().map(|t| t.0.clone()))
+                .chain([format!("{key}.lock")])
+            {
+                remove(&name)?;
             }
+            let size = files.image.unwrap_or(0) + files.temps.iter().map(|t| t.1).sum::<u64>();
             tracing::info!("evicted {key}.img ({size} bytes) from the cache");
-            total -= size;
-            removed += 1;
+            done.bytes -= size;
+            done.entries += 1;
         }
-        Ok(removed)
-    }
-}
-
-/// A hard link to `image` under a temporary name beside `output`; `None` if the two are
-/// on different filesystems (or the filesystem has no hard links).
-fn hard_link_beside(image: &Path, output: &Path) -> io::Result<Option<tempfile::TempPath>> {
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = output
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".");
-    let made = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .make_in(dir, |path| fs::hard_link(image, path));
-    match made {
-        Ok(temp) => Ok(Some(temp.into_temp_path())),
-        // Another filesystem, one without hard links, or too many links already.
-        Err(e)
-            if matches!(
-                rustix::io::Errno::from_io_error(&e),
-                Some(Errno::XDEV | Errno::PERM | Errno::MLINK | Errno::OPNOTSUPP)
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
+        Ok(done)
     }
 }
 
 /// Fails unless `image` starts with an erofs superblock whose checksum holds and whose
 /// block count matches `size`.
-fn check_superblock(image: &Path, size: u64) -> Result<(), String> {
+fn check_superblock(image: &File, size: u64) -> Result<(), String> {
     let mut block = vec![0u8; 4096];
-    File::open(image)
-        .and_then(|mut f| f.read_exact(&mut block))
+    image
+        .read_exact_at(&mut block, 0)
         .map_err(|e| format!("cannot read the superblock: {e}"))?;
     let raw: &[u8; SUPER_SIZE] = block[SUPER_OFFSET as usize..][..SUPER_SIZE]
         .try_into()
@@ -365,4 +746,30 @@ fn check_superblock(image: &Path, size: u64) -> Result<(), String> {
         return Err("the superblock checksum does not match".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_entries_are_keys() {
+        let key = "0123456789abcdef".repeat(4);
+        assert_eq!(key_of(&format!("{key}.img")), Some((key.as_str(), false)));
+        assert_eq!(key_of(&format!("{key}.lock")), Some((key.as_str(), false)));
+        assert_eq!(
+            key_of(&format!(".{key}.img.12-0-5.tmp")),
+            Some((key.as_str(), true))
+        );
+        for other in [
+            "disk.img".to_owned(),
+            format!("{key}.img.bak"),
+            format!("{}.img", key.to_uppercase()),
+            format!(".{key}.img"),
+            format!(".{key}x.tmp"),
+            format!("{key}0.img"),
+        ] {
+            assert_eq!(key_of(&other), None, "{other}");
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use mkimage::cache::{self, Cache, KeyBuilder};
+use mkimage::cache::{self, Cache, KeyBuilder, LockKind};
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
@@ -124,10 +124,11 @@ struct Args {
     #[arg(long, default_value_t = 4, value_name = "N")]
     read_threads: usize,
 
-    /// Keep images in DIR, keyed by a digest of the closure's paths and of every option
-    /// that changes the image: an unchanged closure is then served from DIR (a reflink or
-    /// hard link where the filesystem allows) instead of written again. Without it,
-    /// NIXSTOREFS_IMAGE_CACHE names the directory if set (and --dir trees are not cached).
+    /// Keep images in DIR, keyed by a digest of the closure's paths, their contents'
+    /// identities and every option that changes the image: an unchanged closure is then
+    /// served from DIR (a reflink or hard link where the filesystem allows) instead of
+    /// written again. DIR must be the caller's alone (it is created mode 0700). Without
+    /// it, NIXSTOREFS_IMAGE_CACHE names the directory if set (--dir trees are not cached).
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
 
@@ -253,6 +254,9 @@ fn run(args: &Args) -> Result<(), Failure> {
 
     // The roots are held until the image is written or served.
     let (view, own_registration, paths, _roots) = open_view(args, closure)?;
+    // The input's registration holds each path's narHash: part of the key even when it is
+    // not written into the image.
+    let input_registration = own_registration.as_deref().map(cache::digest);
     let registration = if args.no_registration {
         None
     } else {
@@ -264,6 +268,11 @@ fn run(args: &Args) -> Result<(), Failure> {
             view.store_dir().display()
         ))
     })?;
+    let mount_points = {
+        let mut points: Vec<PathBuf> = mounts.points.iter().cloned().collect();
+        points.sort();
+        points
+    };
     let (left_out, loops) = if args.cross_mounts {
         (Default::default(), mounts.loops)
     } else {
@@ -302,9 +311,14 @@ fn run(args: &Args) -> Result<(), Failure> {
                 args,
                 view.store_dir(),
                 &paths,
-                registration.as_deref(),
+                &mount_points,
+                KeyRegistrations {
+                    image: registration.as_deref(),
+                    input: input_registration.as_deref(),
+                },
                 &image_options,
-            );
+            )
+            .map_err(runtime)?;
             let cache = Cache::open(&dir).map_err(|e| runtime(format!("cache: {e}")))?;
             Some((cache, key))
         }
@@ -330,8 +344,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Ok(());
     };
 
-    let serve = |how: &str| -> Result<(), Failure> {
-        let served = cache.serve(&key, output).map_err(|e| {
+    let serve = |entry: &cache::Entry, how: &str| -> Result<(), Failure> {
+        let served = cache.serve(&key, entry, output).map_err(|e| {
             runtime(format!(
                 "cannot make {} from {}: {e}",
                 output.display(),
@@ -339,11 +353,6 @@ fn run(args: &Args) -> Result<(), Failure> {
             ))
         })?;
         cache.touch(&key);
-        if let Some(max) = args.cache_max_size {
-            cache
-                .evict(max, &key)
-                .map_err(|e| runtime(format!("cache eviction: {e}")))?;
-        }
         if !args.quiet {
             eprintln!(
                 "mkimage: cache {how}: {} is {} ({}), {:.3} s",
@@ -355,45 +364,111 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
         Ok(())
     };
-    if let Ok(Some(_)) = cache.check(&key) {
-        return serve("hit");
+    // Eviction runs after every use of the cache, so that leftovers of runs that died are
+    // removed even without --cache-max-size; it takes the lock of each entry it removes,
+    // and leaves alone this run's.
+    let evict = || -> Result<(), Failure> {
+        let done = cache
+            .evict(args.cache_max_size, &key)
+            .map_err(|e| runtime(format!("cache eviction: {e}")))?;
+        tracing::debug!("cache after eviction: {done:?}");
+        Ok(())
+    };
+    {
+        // Shared: concurrent hits go together, but not alongside a build or an eviction.
+        let _shared = cache
+            .lock(&key, LockKind::Shared)
+            .map_err(|e| runtime(format!("cache: {e}")))?;
+        if let Ok(Some(entry)) = cache.check(&key) {
+            serve(&entry, "hit")?;
+            drop(_shared);
+            return evict();
+        }
     }
-    // A miss or a damaged entry: build it under the lock, unless a concurrent run built
-    // it meanwhile.
-    let _lock = cache
-        .lock(&key)
+    // A miss or a damaged entry: build it under the exclusive lock, unless a concurrent
+    // run built it meanwhile.
+    let lock = cache
+        .lock(&key, LockKind::Exclusive)
         .map_err(|e| runtime(format!("cache: {e}")))?;
     match cache.check(&key) {
-        Ok(Some(_)) => return serve("hit (built by a concurrent run)"),
+        Ok(Some(entry)) => {
+            serve(&entry, "hit (built by a concurrent run)")?;
+            drop(lock);
+            return evict();
+        }
         Ok(None) => {}
         Err(damage) => tracing::warn!("rebuilding a damaged cache entry: {damage}"),
     }
-    let entry = cache.image_path(&key);
-    let stats = write(args, &view, &snapshot_options, &image_options, &entry)?;
-    cache
-        .seal(&key)
-        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry.display())))?;
-    summary(args, &entry, &stats, started, " (cache miss)");
-    serve("miss, now stored")
+    let entry_path = cache.image_path(&key);
+    let building = cache
+        .build(&key)
+        .map_err(|e| runtime(format!("cache: {e}")))?;
+    let stats = write_to(
+        args,
+        &view,
+        &snapshot_options,
+        &image_options,
+        building.file(),
+        &building.path(),
+    )?;
+    let entry = cache
+        .seal(&key, building)
+        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry_path.display())))?;
+    summary(args, &entry_path, &stats, started, " (cache miss)");
+    serve(&entry, "miss, now stored")?;
+    drop(lock);
+    evict()
 }
 
 /// Environment variable naming the default cache directory.
 const CACHE_ENV: &str = "NIXSTOREFS_IMAGE_CACHE";
 
+/// The registrations a cache key holds.
+struct KeyRegistrations<'a> {
+    /// The one written into the image, if any.
+    image: Option<&'a [u8]>,
+    /// The digest of the input's own, if it has one: its narHashes name the paths'
+    /// contents, whether or not it is written into the image.
+    input: Option<&'a str>,
+}
+
 /// Everything that decides the image's bytes; not the thread counts, nor logging.
+///
+/// Store paths are named by their contents only while they stay valid: a path collected
+/// and built again by a build that is not reproducible, or a `--store-dir` over a tree
+/// that changes, keeps its name. So each path also enters the key with a cheap identity
+/// of what is there now: the device, inode number and ctime of its top-level entry (a
+/// path deleted and written again gets another inode, or at least another ctime), and the
+/// input registration's narHashes where it has one. So does each mount point below the
+/// closure's paths, left out or (with `--cross-mounts`) followed, with the identity of
+/// the root of what a followed one shows.
 fn cache_key(
     args: &Args,
     store_dir: &Path,
     paths: &[String],
-    registration: Option<&[u8]>,
+    mount_points: &[PathBuf],
+    registrations: KeyRegistrations<'_>,
     options: &ImageOptions,
-) -> String {
-    use std::os::unix::ffi::OsStrExt;
+) -> Result<String, String> {
+    let identity = |path: &Path, follow: bool| -> Result<String, String> {
+        let flags = if follow {
+            rustix::fs::AtFlags::empty()
+        } else {
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW
+        };
+        let st = rustix::fs::statat(rustix::fs::CWD, path, flags)
+            .map_err(|e| format!("cache key: {}: {e}", path.display()))?;
+        Ok(format!(
+            "{}:{} {} {}.{:09}",
+            st.st_dev, st.st_ino, st.st_mode, st.st_ctime, st.st_ctime_nsec
+        ))
+    };
     let mut key = KeyBuilder::default();
     key.field("store-dir", store_dir.as_os_str().as_bytes());
     key.field("paths", paths.len().to_string());
     for path in paths {
         key.field("path", path);
+        key.field("path-identity", identity(&store_dir.join(path), false)?);
     }
     let compression = options
         .compression
@@ -409,14 +484,30 @@ fn cache_key(
         .field("block-size-bits", options.block_size_bits.to_string())
         .field("compression", compression)
         .field("ztailpacking", options.ztailpacking.to_string())
+        .field("cross-mounts", args.cross_mounts.to_string())
         .field(
             "registration",
-            registration.map_or("none".to_owned(), cache::digest),
-        );
-    key.finish()
+            registrations.image.map_or("none".to_owned(), cache::digest),
+        )
+        .field("input-registration", registrations.input.unwrap_or("none"));
+    // Mounts below paths outside the closure change nothing.
+    let in_closure = |point: &Path| {
+        point
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .is_some_and(|first| paths.iter().any(|p| p == first))
+    };
+    for point in mount_points.iter().filter(|p| in_closure(p)) {
+        key.field("mount", point.as_os_str().as_bytes());
+        if args.cross_mounts {
+            key.field("mount-identity", identity(&store_dir.join(point), true)?);
+        }
+    }
+    Ok(key.finish())
 }
 
-/// Snapshots the view and writes its image to `output`.
+/// Snapshots the view and writes its image to `output`, which appears only complete.
 fn write(
     args: &Args,
     view: &Arc<View>,
@@ -424,9 +515,6 @@ fn write(
     image_options: &ImageOptions,
     output: &Path,
 ) -> Result<erofs::ImageStats, Failure> {
-    let snap = snapshot::snapshot(view, snapshot_options)
-        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
-
     let out = AtomicOutput::create(output).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidInput {
             input(format!("OUTPUT {}: {e}", output.display()))
@@ -439,6 +527,30 @@ fn write(
             runtime(format!("cannot write {}: {e}", output.display()))
         }
     })?;
+    let stats = write_to(
+        args,
+        view,
+        snapshot_options,
+        image_options,
+        out.file(),
+        output,
+    )?;
+    out.commit()
+        .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
+    Ok(stats)
+}
+
+/// Snapshots the view and writes its image into `file` (`shown` in messages).
+fn write_to(
+    args: &Args,
+    view: &Arc<View>,
+    snapshot_options: &SnapshotOptions,
+    image_options: &ImageOptions,
+    file: &std::fs::File,
+    shown: &Path,
+) -> Result<erofs::ImageStats, Failure> {
+    let snap = snapshot::snapshot(view, snapshot_options)
+        .map_err(|e| runtime(format!("{}/{e}", view.store_dir().display())))?;
     let bar = progress_bar(args.quiet, &snap);
     // Compression reads every file it compresses on its own threads first.
     let read_threads = if args.compression.is_some() {
@@ -454,23 +566,20 @@ fn write(
         }
     };
     let written =
-        erofs::write_image_with_progress(&snap.inodes, image_options, out.file(), &mut on_progress);
+        erofs::write_image_with_progress(&snap.inodes, image_options, file, &mut on_progress);
     drop(prefetch);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let stats = written.map_err(|e| match e.inode.and_then(|i| snap.paths.get(i)) {
+    written.map_err(|e| match e.inode.and_then(|i| snap.paths.get(i)) {
         Some(path) => runtime(format!(
             "writing {} failed at {}: {}",
-            output.display(),
+            shown.display(),
             view.store_dir().join(path).display(),
             e.cause
         )),
-        None => runtime(format!("writing {} failed: {e}", output.display())),
-    })?;
-    out.commit()
-        .map_err(|e| runtime(format!("cannot finish {}: {e}", output.display())))?;
-    Ok(stats)
+        None => runtime(format!("writing {} failed: {e}", shown.display())),
+    })
 }
 
 fn summary(args: &Args, output: &Path, stats: &erofs::ImageStats, started: Instant, note: &str) {

@@ -5,12 +5,13 @@
 //! it before the process exits, since a signal would otherwise skip every destructor.
 //!
 //! A block device is the exception: it is written in place (a rename would replace the
-//! device node with a file), opened exclusively so that a mounted device is refused, and
-//! the writer checks its size before writing.
+//! device node with a file, or a symlink to it, and leave the device unwritten), opened
+//! exclusively so that a mounted device is refused; its size is checked before a byte is
+//! written, and its first block, which holds the superblock, is written last.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -36,6 +37,21 @@ enum Target {
 
 /// Registers a temporary file for removal on a signal while it exists.
 struct Watched(PathBuf);
+
+/// A temporary file that SIGINT or SIGTERM removes before the process exits, from
+/// [`RemoveOnSignal::new`] until dropped. Only one is watched at a time: a later one
+/// replaces an earlier one.
+pub struct RemoveOnSignal(#[allow(dead_code)] Watched);
+
+impl RemoveOnSignal {
+    /// Watches `path`; call before the file is created, so that no signal arrives between
+    /// its creation and its registration.
+    pub fn new(path: &Path) -> RemoveOnSignal {
+        watch_signals();
+        *PENDING.lock() = Some(path.to_owned());
+        RemoveOnSignal(Watched(path.to_owned()))
+    }
+}
 
 impl Drop for Watched {
     fn drop(&mut self) {
@@ -99,6 +115,11 @@ impl AtomicOutput {
         })
     }
 
+    /// Whether OUTPUT is a block device, written in place.
+    pub fn is_device(&self) -> bool {
+        matches!(self.target, Target::Device(_))
+    }
+
     /// The file to write the image into.
     pub fn file(&self) -> &File {
         match &self.target {
@@ -121,6 +142,7 @@ impl AtomicOutput {
         // Readable like any other output of a tool run with the usual umask.
         file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.sync_all()?;
+        refuse_device(&target)?;
         // Still watched during the rename: a signal before it removes the temporary file, a
         // signal after it finds that name gone.
         temp.persist(&target).map_err(|e| e.error)?;
@@ -128,6 +150,55 @@ impl AtomicOutput {
         // The rename is only durable once the directory holding it is on disk too.
         File::open(parent_dir(&target))?.sync_all()
     }
+}
+
+/// Fails if `target` resolves to a block device (through symlinks too): a rename or a hard
+/// link there would replace the device's name and leave the device unwritten. Checked
+/// once more right before a rename, for a device that appeared since OUTPUT was opened.
+pub fn refuse_device(target: &Path) -> io::Result<()> {
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.file_type().is_block_device() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "became a block device while the image was written; not replacing it",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Copies the image of `size` bytes in `src` to `out` from offset 0, in the order a block
+/// device needs: its size checked before a byte is written, then block 0 cleared (so
+/// that until the end the device does not look like an image, nor like the one it held),
+/// the rest, and block 0, with the superblock, last.
+pub fn copy_image(src: &File, size: u64, out: &File) -> io::Result<()> {
+    const HEAD: u64 = 4096;
+    if out.metadata()?.file_type().is_block_device() {
+        let room = rustix::fs::seek(out, rustix::fs::SeekFrom::End(0))?;
+        if room < size {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("the image needs {size} bytes, the device has {room}"),
+            ));
+        }
+    }
+    let head_len = size.min(HEAD) as usize;
+    out.write_all_at(&vec![0u8; head_len], 0)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut at = head_len as u64;
+    while at < size {
+        let n = buffer.len().min((size - at) as usize);
+        src.read_exact_at(&mut buffer[..n], at)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading the image at {at}: {e}")))?;
+        out.write_all_at(&buffer[..n], at)?;
+        at += n as u64;
+    }
+    let mut head = vec![0u8; head_len];
+    src.read_exact_at(&mut head, 0)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading the image's first block: {e}")))?;
+    out.write_all_at(&head, 0)?;
+    if out.metadata()?.file_type().is_file() {
+        out.set_len(size)?;
+    }
+    Ok(())
 }
 
 /// The directory `target` is in.

@@ -744,3 +744,215 @@ fn output_directory_is_synced_after_the_rename() {
         "no fsync of {out_dir:?} after the rename:\n{trace}"
     );
 }
+
+/// The first `len` bytes of `path`.
+fn head_of(path: &Path, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; len];
+    fs::File::open(path).unwrap().read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// Served from the cache, a block device OUTPUT, or a symlink to one, is written in
+/// place: never replaced by a hard link to the entry (which left the device unwritten
+/// while the run reported success), its size checked before a byte is written, and its
+/// superblock written last.
+#[test]
+fn cache_hits_write_block_devices_in_place_superblock_last() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let cache_arg = cache.to_str().unwrap();
+    let file_img = d.path().join("file.img");
+    image_of(&s, &file_img, &["--cache", cache_arg]);
+    let image = fs::read(&file_img).unwrap();
+
+    // Too small: refused with both sizes, and not a byte written.
+    let small = LoopDevice::new(d.path(), "small", 1 << 20);
+    fs::write(&small.0, b"old contents").unwrap();
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        s.store_dir.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        s.closure_file.as_os_str(),
+        small.0.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the image needs {} bytes, the device has 1048576",
+            image.len()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        head_of(&small.0, 12),
+        b"old contents",
+        "a refused device was written to"
+    );
+
+    // A symlink to a device beside the cache (same filesystem, where a hard link is
+    // possible): the device gets the image, the symlink stays.
+    let dev = LoopDevice::new(d.path(), "disk", image.len() as u64 + (1 << 20));
+    let link = d.path().join("store-disk");
+    std::os::unix::fs::symlink(&dev.0, &link).unwrap();
+    let log = d.path().join("strace.log");
+    let o = harness::run(
+        Command::new("strace")
+            .args(["-f", "-y", "-e", "trace=write,pwrite64,pwritev,pwritev2"])
+            .arg("-o")
+            .arg(&log)
+            .arg(harness::bin("mkimage"))
+            .arg("--store-dir")
+            .arg(&s.store_dir)
+            .arg("--cache")
+            .arg(&cache)
+            .arg(&s.closure_file)
+            .arg(&link)
+            .env_remove("NIXSTOREFS_IMAGE_CACHE")
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("cache hit"), "{stderr}");
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the symlink to the device was replaced"
+    );
+    assert!(
+        head_of(&dev.0, image.len()) == image,
+        "the device does not hold the cached image"
+    );
+    fsck(&dev.0);
+    // The last write to the device is block 0, with the superblock.
+    let trace = fs::read_to_string(&log).unwrap();
+    let dev_name = format!("<{}>", dev.0.display());
+    let writes: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains(&dev_name) && l.contains("write"))
+        .collect();
+    let last = writes
+        .last()
+        .unwrap_or_else(|| panic!("no write to {dev_name}:\n{trace}"));
+    assert!(
+        last.contains("pwrite64(") && last.contains(", 4096, 0) = 4096"),
+        "the last write to the device is not block 0: {last}"
+    );
+    let m = ImageMount::new(&dev.0);
+    check_tree(
+        &s,
+        m.path(),
+        Expect {
+            mtime: Some((0, 0)),
+            links: Links::Separate,
+            dir_sizes: false,
+        },
+    );
+}
+
+/// Deletes the store path `base` and writes it again under its name with one file more,
+/// `marker`, as a build that is not reproducible does after a garbage collection.
+fn rebuild(s: &SampleStore, base: &str, marker: &str) {
+    let path = s.host(base);
+    let copy = s.store_dir.join(format!(".rebuilding-{marker}"));
+    let o = harness::run(Command::new("cp").arg("-a").arg(&path).arg(&copy), TIMEOUT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fs::write(copy.join(marker), marker).unwrap();
+    fs::remove_dir_all(&path).unwrap();
+    fs::rename(&copy, &path).unwrap();
+}
+
+/// The cache key holds what changes the image beyond the closure's names: --cross-mounts,
+/// the mounts below the closure's paths and what a followed one holds, and the contents
+/// of each store path (a path written again under its name), also through a closureInfo
+/// with --no-registration. Before, each of these runs was a hit serving the old image.
+#[test]
+fn cache_key_follows_mounts_and_store_path_contents() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let run = |input: &Path, out: &str, extra: &[&str]| -> (String, ImageMount) {
+        let out = d.path().join(out);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+        args.extend(["--cache".as_ref(), cache.as_os_str()]);
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend([input.as_os_str(), out.as_os_str()]);
+        let o = mkimage(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "mkimage {args:?}: {stderr}");
+        fsck(&out);
+        (stderr, ImageMount::new(&out))
+    };
+    let list = s.closure_file.clone();
+    let dirs: Vec<&String> = s
+        .closure
+        .iter()
+        .filter(|b| fs::symlink_metadata(s.host(b)).unwrap().is_dir())
+        .collect();
+    let (first, second) = (dirs[0], dirs[1]);
+
+    // A tmpfs below a closure path: left out, then followed.
+    let inside = s.host(first).join("mounted");
+    let tmpfs = MountedAt::new(&["-t", "tmpfs"], Path::new("none"), &inside);
+    fs::write(inside.join("on-tmpfs"), b"on a tmpfs\n").unwrap();
+    let (text, m) = run(&list, "a.img", &[]);
+    assert!(text.contains("cache miss"), "{text}");
+    assert!(!m.path().join(first).join("mounted").exists());
+    drop(m);
+    let (text, m) = run(&list, "b.img", &["--cross-mounts"]);
+    assert!(text.contains("cache miss"), "--cross-mounts: {text}");
+    assert_eq!(
+        fs::read(m.path().join(first).join("mounted/on-tmpfs")).unwrap(),
+        b"on a tmpfs\n"
+    );
+    drop(m);
+    // What the followed mount holds changed.
+    fs::write(inside.join("more"), b"more\n").unwrap();
+    let (text, m) = run(&list, "c.img", &["--cross-mounts"]);
+    assert!(
+        text.contains("cache miss"),
+        "a followed mount changed: {text}"
+    );
+    assert!(m.path().join(first).join("mounted/more").exists());
+    drop(m);
+    let (text, m) = run(&list, "c2.img", &["--cross-mounts"]);
+    assert!(text.contains("cache hit"), "{text}");
+    drop(m);
+    // Unmounted: the mount point is now an empty directory of the path, in the image.
+    drop(tmpfs);
+    let (text, m) = run(&list, "d.img", &[]);
+    assert!(text.contains("cache miss"), "a mount went: {text}");
+    assert!(m.path().join(first).join("mounted").is_dir());
+    drop(m);
+
+    // A store path written again with other contents.
+    rebuild(&s, second, "rebuilt-once");
+    let (text, m) = run(&list, "e.img", &[]);
+    assert!(text.contains("cache miss"), "a rebuilt path: {text}");
+    assert!(m.path().join(second).join("rebuilt-once").exists());
+    drop(m);
+
+    // The same through a closureInfo whose registration is left out of the image.
+    let info = d.path().join("info");
+    s.write_closure_info(&info).unwrap();
+    let (text, m) = run(&info, "f.img", &["--no-registration"]);
+    assert!(text.contains("cache miss"), "{text}");
+    drop(m);
+    rebuild(&s, second, "rebuilt-twice");
+    fs::remove_dir_all(&info).unwrap();
+    s.write_closure_info(&info).unwrap();
+    let (text, m) = run(&info, "g.img", &["--no-registration"]);
+    assert!(
+        text.contains("cache miss"),
+        "a rebuilt path, --no-registration: {text}"
+    );
+    assert!(m.path().join(second).join("rebuilt-twice").exists());
+    drop(m);
+    let (text, m) = run(&info, "g2.img", &["--no-registration"]);
+    assert!(text.contains("cache hit"), "{text}");
+    drop(m);
+}

@@ -6,7 +6,7 @@
 //! Needs root (the kernel mounts the images), erofs-utils, and the built binaries.
 
 use std::fs;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -432,4 +432,398 @@ fn least_recently_used_entries_are_evicted() {
     assert!(run("b2.img", "b").contains("cache miss"), "b was evicted");
     // Evicting an entry leaves the images already served alone.
     fsck(&c.out("b.img"));
+}
+
+// ---------------------------------------------------------------------------------------
+// A cache nobody else can plant images in
+
+/// mkimage with the sample's closure and `--cache`, output and status unchecked.
+fn cache_run(c: &CacheCase, out: &str, extra: &[&str]) -> Output {
+    let out = c.out(out);
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), c.s.store_dir.as_os_str()];
+    args.extend(["-z", "lz4", "--cache"].map(std::ffi::OsStr::new));
+    args.push(c.cache.as_os_str());
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(c.s.closure_file.as_os_str());
+    args.push(out.as_os_str());
+    mkimage(&args)
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// The key of the cache's only entry.
+fn only_key(dir: &Path) -> String {
+    let entries = entries(dir);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries[0].file_stem().unwrap().to_str().unwrap().to_owned()
+}
+
+#[test]
+fn cache_directory_must_be_the_callers_alone() {
+    let c = cache_case();
+    // Created by mkimage: for its user only.
+    c.run("a.img", &[]);
+    assert_eq!(mode(&c.cache), 0o700, "a new cache directory is mode 0700");
+
+    // Writable by others: refused, naming the path, the owner and the mode; nothing served.
+    fs::set_permissions(&c.cache, fs::Permissions::from_mode(0o777)).unwrap();
+    let o = cache_run(&c, "b.img", &[]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&c.cache.display().to_string())
+            && text.contains("uid 0")
+            && text.contains("0777"),
+        "{text}"
+    );
+    assert!(!c.out("b.img").exists());
+    // Writable by the group only: refused too.
+    fs::set_permissions(&c.cache, fs::Permissions::from_mode(0o770)).unwrap();
+    let o = cache_run(&c, "b.img", &[]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+
+    // Owned by another user, however private: refused.
+    fs::set_permissions(&c.cache, fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&c.cache, 65534);
+    let o = cache_run(&c, "b.img", &[]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("uid 65534") && text.contains("0700"),
+        "{text}"
+    );
+    assert!(!c.out("b.img").exists());
+
+    // A symlink is not followed, even to a directory of the caller's.
+    chown(&c.cache, 0);
+    let link = c.d.path().join("cache-link");
+    std::os::unix::fs::symlink(&c.cache, &link).unwrap();
+    let o = mkimage(&[
+        "--store-dir".as_ref(),
+        c.s.store_dir.as_os_str(),
+        "--cache".as_ref(),
+        link.as_os_str(),
+        c.s.closure_file.as_os_str(),
+        c.out("b.img").as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("symlink"), "{text}");
+
+    // Back as it should be: served.
+    assert!(c.run("b.img", &[]).contains("cache hit"));
+}
+
+/// An image planted under an entry's name by another user, with a seal that matches it,
+/// is never served: the entry is rebuilt, and the rebuilt one is the caller's.
+#[test]
+fn a_planted_entry_is_never_served() {
+    let c = cache_case();
+    c.run("a.img", &[]);
+    let key = only_key(&c.cache);
+    // The trojan: a valid image of another tree (here: another label), with its seal.
+    let trojan = c.out("trojan.img");
+    image_of(&c.s, &trojan, &["-z", "lz4", "-L", "trojan"]);
+    let planted = c.cache.join(format!("{key}.img"));
+    let seal = c.cache.join(format!("{key}.seal"));
+    fs::remove_file(&planted).unwrap();
+    fs::copy(&trojan, &planted).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o444)).unwrap();
+    chown(&planted, 65534);
+    let meta = fs::metadata(&planted).unwrap();
+    fs::write(
+        &seal,
+        format!(
+            "mkimage-cache-seal 1 size={} mtime={}.{:09} ino={}\n",
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ino()
+        ),
+    )
+    .unwrap();
+    chown(&seal, 65534);
+
+    let text = c.run("b.img", &[]);
+    assert!(
+        text.contains("damaged") && text.contains("uid 65534"),
+        "the planted entry is refused, saying why: {text}"
+    );
+    assert_ne!(
+        sha256(&c.out("b.img")),
+        sha256(&trojan),
+        "the trojan was served"
+    );
+    assert_eq!(sha256(&c.out("b.img")), c.fresh);
+    let rebuilt = fs::metadata(&planted).unwrap();
+    assert_eq!((rebuilt.uid(), rebuilt.mode() & 0o777), (0, 0o444));
+    assert!(c.run("c.img", &[]).contains("cache hit"));
+}
+
+/// A seal swapped for a symlink to another file with the same text: the hit does not
+/// follow it (before, the touch after a hit set the other file's mtime).
+#[test]
+fn cache_files_swapped_for_symlinks_are_not_followed() {
+    let c = cache_case();
+    c.run("a.img", &[]);
+    let key = only_key(&c.cache);
+    let seal = c.cache.join(format!("{key}.seal"));
+    let victim = c.d.path().join("victim");
+    fs::rename(&seal, &victim).unwrap();
+    std::os::unix::fs::symlink(&victim, &seal).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    fs::File::options()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let text = c.run("b.img", &[]);
+    assert!(
+        text.contains("damaged") && text.contains("symlink"),
+        "{text}"
+    );
+    assert_eq!(fs::metadata(&victim).unwrap().modified().unwrap(), old);
+    assert_eq!(sha256(&c.out("b.img")), c.fresh);
+    assert!(
+        fs::symlink_metadata(&seal).unwrap().is_file(),
+        "the seal is rewritten"
+    );
+
+    // A lock swapped for a symlink to a file that does not exist: not created.
+    let lock = c.cache.join(format!("{key}.lock"));
+    let created = c.d.path().join("created-by-mkimage");
+    fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(&created, &lock).unwrap();
+    let o = cache_run(&c, "c.img", &[]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{key}.lock: is a symlink")),
+        "{text}"
+    );
+    assert!(!created.exists(), "mkimage created the symlink's target");
+}
+
+/// Traced: every file of the cache is opened without following symlinks, and no mode is
+/// changed through a path (a path could be swapped for a symlink between the write and
+/// the chmod; the descriptor cannot).
+#[test]
+fn cache_files_are_opened_nofollow_and_sealed_through_their_descriptor() {
+    let c = cache_case();
+    fs::create_dir(&c.cache).unwrap();
+    let cache = c.cache.canonicalize().unwrap();
+    let log = c.d.path().join("strace.log");
+    let o = harness::run(
+        Command::new("strace")
+            .args([
+                "-f",
+                "-e",
+                "trace=open,openat,openat2,creat,chmod,fchmodat,utimensat",
+            ])
+            .arg("-o")
+            .arg(&log)
+            .arg(harness::bin("mkimage"))
+            .args(["--store-dir".as_ref(), c.s.store_dir.as_os_str()])
+            .args(["-z", "lz4", "--cache"])
+            .arg(&cache)
+            .arg(&c.s.closure_file)
+            .arg(c.out("a.img"))
+            .env_remove("NIXSTOREFS_IMAGE_CACHE")
+            .stdin(Stdio::null()),
+        TIMEOUT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trace = fs::read_to_string(&log).unwrap();
+    let cache_path = format!("\"{}", cache.display());
+    let mut opened = 0;
+    for line in trace.lines() {
+        // The directory's files, by a path in it or by a name relative to its descriptor
+        // (every other relative open names no key).
+        let by_path = line.contains(&cache_path);
+        let by_name = line.contains("openat(")
+            && !line.contains("AT_FDCWD")
+            && [".lock\"", ".img\"", ".seal\"", ".tmp\""]
+                .iter()
+                .any(|n| line.contains(n));
+        if (line.contains("open(") || line.contains("openat(")) && (by_path || by_name) {
+            opened += 1;
+            assert!(line.contains("O_NOFOLLOW"), "followed: {line}");
+        }
+        if (line.contains("chmod(") || line.contains("fchmodat")) && by_path {
+            panic!("a mode changed through a path: {line}");
+        }
+        if line.contains("utimensat(") && by_path {
+            panic!("a time changed through a path: {line}");
+        }
+    }
+    assert!(opened >= 4, "the cache's files were not seen:\n{trace}");
+}
+
+/// A file the size of `bytes` left in the cache by a run that died while building `key`.
+fn leftover(dir: &Path, key: &str, bytes: u64) -> PathBuf {
+    let path = dir.join(format!(".{key}.img.4242-0-0.tmp"));
+    let f = fs::File::create(&path).unwrap();
+    f.write_all_at(&vec![0x11; bytes as usize], 0).unwrap();
+    path
+}
+
+/// Holds `key`'s lock as a run building or serving it does.
+fn hold_lock(dir: &Path, key: &str) -> fs::File {
+    let f = fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(format!("{key}.lock")))
+        .unwrap();
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockShared).unwrap();
+    f
+}
+
+#[test]
+fn leftovers_of_dead_runs_are_removed_once_unlocked_and_counted_meanwhile() {
+    let c = cache_case();
+    let size = fs::metadata(c.out("fresh.img")).unwrap().len();
+    c.run("a.img", &["-L", "a"]);
+    std::thread::sleep(Duration::from_millis(30));
+    c.run("b.img", &["-L", "b"]);
+    assert_eq!(entries(&c.cache).len(), 2);
+
+    // A dead run's image, its lock still held (say the run is only stopped): kept, and
+    // counted, so the two entries and it exceed the limit and the older entry goes.
+    let busy_key = "ab".repeat(32);
+    let busy = leftover(&c.cache, &busy_key, 3 * size);
+    let held = hold_lock(&c.cache, &busy_key);
+    let max = (4 * size + size / 2).to_string();
+    let text = c.run("b2.img", &["-L", "b", "--cache-max-size", &max]);
+    assert!(text.contains("cache hit"), "{text}");
+    assert!(
+        busy.exists(),
+        "a temporary file whose lock is held was removed"
+    );
+    assert_eq!(entries(&c.cache).len(), 1, "the leftover is not counted");
+    assert!(
+        c.run("a2.img", &["-L", "a"]).contains("cache miss"),
+        "a was evicted"
+    );
+
+    // Its lock free: removed by the next run, with or without a size limit.
+    drop(held);
+    let dead = leftover(&c.cache, &"cd".repeat(32), 4096);
+    c.run("b3.img", &["-L", "b"]);
+    assert!(
+        !busy.exists() && !dead.exists(),
+        "leftovers of dead runs stay"
+    );
+    assert!(
+        !c.cache.join(format!("{busy_key}.lock")).exists(),
+        "the lock of a key without an image stays"
+    );
+    // Files that are not the cache's are never removed.
+    let other = c.cache.join("mine.img");
+    fs::write(&other, b"not an entry").unwrap();
+    c.run("b4.img", &["-L", "b", "--cache-max-size", "1"]);
+    assert!(other.exists());
+}
+
+#[test]
+fn eviction_skips_entries_in_use() {
+    let c = cache_case();
+    c.run("a.img", &["-L", "a"]);
+    let a = only_key(&c.cache);
+    std::thread::sleep(Duration::from_millis(30));
+    c.run("b.img", &["-L", "b"]);
+    // a is the least recently used, but being served (or built) by another run.
+    let held = hold_lock(&c.cache, &a);
+    c.run("c.img", &["-L", "c", "--cache-max-size", "1"]);
+    assert!(
+        c.cache.join(format!("{a}.img")).exists(),
+        "an entry in use was evicted"
+    );
+    assert_eq!(entries(&c.cache).len(), 2, "b was evicted, c kept");
+    drop(held);
+    c.run("c2.img", &["-L", "c", "--cache-max-size", "1"]);
+    assert_eq!(entries(&c.cache).len(), 1);
+    fsck(&c.out("a.img"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Files over 4 GiB
+
+/// A sparse file of 4 GiB and more (runs of zeros with a few marked places, one across
+/// the 4 GiB boundary) compressed: `fsck.erofs --extract` decompresses it whole, and the
+/// kernel reads it back byte for byte.
+#[test]
+fn a_sparse_file_over_4_gib_compressed_reads_back() {
+    use std::io::Read;
+    let d = tempfile::Builder::new()
+        .prefix("nixstorefs-large.")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let tree = d.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let big = tree.join("big");
+    let size: u64 = (4 << 30) + 12_345;
+    let f = fs::File::create(&big).unwrap();
+    f.set_len(size).unwrap();
+    let marks: [(u64, &[u8]); 4] = [
+        (0, b"the start"),
+        (1 << 31, b"2 GiB"),
+        ((4 << 30) - 5, b"across 4 GiB"),
+        (size - 7, b"the end"),
+    ];
+    for (at, bytes) in marks {
+        f.write_all_at(bytes, at).unwrap();
+    }
+    drop(f);
+    let img = d.path().join("big.img");
+    // With inline tails, the last extent follows 8 MiB of indexes.
+    for z in ["lz4", "lz4hc --ztailpacking"] {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["-z".as_ref()];
+        args.extend(z.split(' ').map(std::ffi::OsStr::new));
+        args.extend(["--dir".as_ref(), tree.as_os_str(), img.as_os_str()]);
+        let o = mkimage(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let image_bytes = fs::metadata(&img).unwrap().len();
+        assert!(
+            image_bytes < 512 << 20,
+            "-z {z}: {image_bytes} bytes: not compressed"
+        );
+        fsck(&img);
+        let m = ImageMount::new(&img);
+        let mounted = m.path().join("big");
+        assert_eq!(fs::metadata(&mounted).unwrap().len(), size);
+        // Compared a MiB at a time, all 4 GiB of it.
+        let (mut ours, mut theirs) = (
+            fs::File::open(&mounted).unwrap(),
+            fs::File::open(&big).unwrap(),
+        );
+        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(1 << 20) as usize;
+            ours.read_exact(&mut a[..n]).unwrap();
+            theirs.read_exact(&mut b[..n]).unwrap();
+            assert!(a[..n] == b[..n], "-z {z}: the MiB at {at} differs");
+            at += n as u64;
+        }
+        assert_eq!(
+            ours.read(&mut a).unwrap(),
+            0,
+            "-z {z}: more than {size} bytes"
+        );
+        for (at, bytes) in marks {
+            let mut got = vec![0u8; bytes.len()];
+            ours.read_exact_at(&mut got, at).unwrap();
+            assert_eq!(got, bytes, "-z {z}: at {at}");
+        }
+        println!("-z {z}: a {size}-byte sparse file in a {image_bytes}-byte image");
+    }
 }

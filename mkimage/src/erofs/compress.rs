@@ -152,10 +152,14 @@ impl CompressedFile {
     /// Whether a tail of `tail` bytes can follow the indexes of a file of `size` bytes
     /// behind an inode of `inode_size` bytes: the kernel reads it from one block, so it
     /// must not cross a block boundary. A unit of metadata that fits a block never does
-    /// (the packer keeps it inside one); a larger one starts a block.
+    /// (the packer keeps it inside one); a larger one starts a block. As mkfs.erofs does,
+    /// only a tail shorter than a block is inlined: a whole block stays a block, even
+    /// where the indexes end exactly on a block boundary and it would fit after them.
     pub(crate) fn tail_fits(size: u64, block: u64, inode_size: usize, tail: usize) -> bool {
         let before = (inode_size + CompressedFile::meta_bytes(size, block)) as u64;
-        tail > 0 && (before + tail as u64 <= block || before % block + tail as u64 <= block)
+        tail > 0
+            && (tail as u64) < block
+            && (before + tail as u64 <= block || before % block + tail as u64 <= block)
     }
 
     /// Bytes after the inode: the map header, its padding and one index per lcluster.
@@ -615,4 +619,24 @@ fn compress_fd(
 /// larger inode beside an inline tail, so the choice does not depend on the inode's form).
 fn worth_it(extents: Vec<Extent>, size: u64, block: u64) -> Option<Vec<Extent>> {
     ((extents.len() as u64) < plain_blocks(size, block, 64)).then_some(extents)
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    /// A compact inode (32 bytes), the 16-byte map header and 506 indexes end exactly on
+    /// a block boundary: a 4096-byte tail would fit after them, but is not inlined.
+    #[test]
+    fn only_tails_shorter_than_a_block_are_inlined() {
+        let size = 506 * 4096;
+        assert_eq!((32 + CompressedFile::meta_bytes(size, 4096)) % 4096, 0);
+        assert!(!CompressedFile::tail_fits(size, 4096, 32, 4096));
+        assert!(CompressedFile::tail_fits(size, 4096, 32, 4095));
+        assert!(CompressedFile::tail_fits(size, 4096, 32, 1));
+        assert!(!CompressedFile::tail_fits(size, 4096, 32, 0));
+        // A small file: inode, indexes and tail in one block.
+        assert!(CompressedFile::tail_fits(3 * 4096, 4096, 32, 4000));
+        assert!(!CompressedFile::tail_fits(3 * 4096, 4096, 32, 4096));
+    }
 }

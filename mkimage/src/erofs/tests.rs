@@ -976,3 +976,97 @@ fn compression_names() {
         assert!(Compression::parse(bad).is_err(), "{bad:?}");
     }
 }
+
+/// A fixed tree with a little of everything the writer lays out: directories of many
+/// entries, files of awkward sizes (compressible, incompressible, zeros), symlinks, hard
+/// links and special files, so that a change to any layout shows in its images.
+fn pinned_tree() -> Tree {
+    let mut tree = Tree::new();
+    let files = tree.dir(0, "files");
+    for size in [0usize, 1, 100, 4095, 4096, 4097, 8193, 65_537, 300_001] {
+        tree.file(
+            files,
+            format!("text-{size}"),
+            compressible(size as u64, size),
+        );
+        tree.file(files, format!("random-{size}"), pattern(size as u64, size));
+        tree.file(files, format!("zeros-{size}"), vec![0; size]);
+    }
+    let mut mixed = compressible(7, 50_000);
+    mixed.extend(pattern(8, 20_001));
+    mixed.extend(vec![0; 200_000]);
+    mixed.extend(compressible(9, 4_097));
+    tree.file(0, "mixed", mixed);
+    let many = tree.dir(0, "many");
+    for i in 0..200u64 {
+        tree.file(
+            many,
+            format!("entry-{i:03}"),
+            compressible(i, (i * 37) as usize),
+        );
+    }
+    tree.symlink(0, "relative", b"files/text-100".to_vec());
+    tree.symlink(0, "absolute", b"/nix/store/some-path/bin/sh".to_vec());
+    let linked = tree.file(0, "linked", compressible(10, 5_000));
+    tree.link(many, "linked-too", linked);
+    tree.add(0, "fifo", InodeKind::Fifo);
+    tree
+}
+
+/// Each FORMAT_VERSION, with the SHA-256 of the images its writer makes of
+/// [`pinned_tree`]: plain, `-z lz4`, `-z lz4hc` and `-z lz4hc --ztailpacking`. A change
+/// to the writer's bytes must raise `cache::FORMAT_VERSION` (or cached images of the old
+/// writer would be served as the new one's) and add a line here.
+const PINNED: &[(u32, [&str; 4])] = &[(
+    3,
+    [
+        "7217d3ba37a57c127ff5692688a031353aff1e46b035991cd2184dbfcbee05b8",
+        "602f939519931b559582fa0ff19076154967fe85c92e6ed963fa32dac65379c7",
+        "e8bbf0c5fd27a822b0f004246b9ff7d77c309b65a3c007600d5908494a3eb472",
+        "aa9baec397d622c283e267900c3d237c246242c484c7516938f9102104a9cb8a",
+    ],
+)];
+
+#[test]
+fn format_version_pins_the_writers_bytes() {
+    use super::Compression;
+    use sha2::{Digest, Sha256};
+    let tree = pinned_tree();
+    let hc = Compression::Lz4Hc { level: 9 };
+    let digests: Vec<String> = [
+        options(),
+        compressed(Compression::Lz4, 2),
+        compressed(hc, 2),
+        ImageOptions {
+            ztailpacking: true,
+            ..compressed(hc, 2)
+        },
+    ]
+    .iter()
+    .map(|o| {
+        let image = write(&tree.inodes, o);
+        fsck(&image.path());
+        Sha256::digest(image.bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+    .collect();
+    for pair in PINNED.windows(2) {
+        assert!(pair[0].0 < pair[1].0, "versions must rise: {pair:?}");
+        assert_ne!(pair[0].1, pair[1].1, "version {} pins no change", pair[1].0);
+    }
+    let (version, pinned) = PINNED.last().expect("one version at least");
+    assert!(
+        digests == pinned.to_vec(),
+        "the writer's bytes changed: raise cache::FORMAT_VERSION to {} and pin \
+         ({}, {digests:?}) after ({version}, {pinned:?}) in PINNED",
+        version + 1,
+        version + 1
+    );
+    assert_eq!(
+        crate::cache::FORMAT_VERSION,
+        *version,
+        "FORMAT_VERSION changed without a new line in PINNED"
+    );
+}
