@@ -182,7 +182,9 @@ pub struct SocketFile {
     path: std::path::PathBuf,
     lock_path: std::path::PathBuf,
     _lock: std::fs::File,
-    cleaner: Option<Cleaner>,
+    /// Whether dropping this removes the files (not once [`SocketFile::leave_removal`]
+    /// handed that to a [`Cleanup`]).
+    armed: bool,
 }
 
 impl SocketFile {
@@ -228,7 +230,7 @@ impl SocketFile {
             _lock: lock
                 .try_clone()
                 .map_err(|e| format!("cannot keep the lock: {e}"))?,
-            cleaner: None,
+            armed: true,
         };
         lock.set_len(0)
             .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
@@ -384,47 +386,73 @@ fn socket_is_live(path: &std::path::Path) -> bool {
 }
 
 impl SocketFile {
-    /// Hands the removal of the socket and its lock file to a small process forked now,
-    /// which keeps the lock until it has removed both: the sandboxed daemon may not unlink
-    /// files, and this way they go even when the daemon is killed. Must be called while
-    /// the process has one thread.
-    pub fn clean_up_from_outside(&mut self) -> std::io::Result<()> {
+    /// Leaves the removal of the socket and its lock file to someone else (a
+    /// [`Cleanup`]): returns their paths, and the lock's descriptor, which must be held
+    /// until they are gone.
+    pub fn leave_removal(&mut self) -> (Vec<std::path::PathBuf>, std::os::fd::RawFd) {
         use std::os::fd::AsRawFd;
-        self.cleaner = Some(Cleaner::spawn(
-            &[&self.path, &self.lock_path],
+        self.armed = false;
+        (
+            vec![self.path.clone(), self.lock_path.clone()],
             self._lock.as_raw_fd(),
-        )?);
-        Ok(())
+        )
     }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        match self.cleaner.take() {
-            Some(cleaner) => cleaner.finish(),
-            None => {
-                // The socket first, then the lock file, while still holding the lock: a
-                // daemon waiting on this lock file finds it unlinked once it has it, and
-                // takes the new one (see `take_lock`).
-                let _ = std::fs::remove_file(&self.path);
-                let _ = std::fs::remove_file(&self.lock_path);
-            }
+        if self.armed {
+            // The socket first, then the lock file, while still holding the lock: a
+            // daemon waiting on this lock file finds it unlinked once it has it, and
+            // takes the new one (see `take_lock`).
+            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(&self.lock_path);
         }
+    }
+}
+
+/// Removes the daemon's files (its socket and lock, a temporary roots file) when it ends,
+/// from a process forked before the sandbox: the sandboxed daemon may not unlink files,
+/// and this way they go even when it is killed. Dropping this asks for the removal and
+/// waits until it is done.
+pub struct Cleanup {
+    cleaner: Cleaner,
+}
+
+impl Cleanup {
+    /// Forks the cleaner for `paths`, keeping the descriptors `hold` (locks that must
+    /// outlive the files) open in it. Must be called while the process has one thread.
+    pub fn spawn(
+        paths: &[std::path::PathBuf],
+        hold: &[std::os::fd::RawFd],
+    ) -> std::io::Result<Cleanup> {
+        Ok(Cleanup {
+            cleaner: Cleaner::spawn(paths, hold)?,
+        })
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.cleaner.finish();
     }
 }
 
 /// A process that removes files when the daemon ends, however it ends: asked to (and
 /// the daemon waits until it is done), or when the daemon dies (its end of a pipe closes).
-/// It inherits the daemon's descriptors, the socket's lock among them (a `flock` belongs
-/// to the open file, shared across the fork), so no other daemon takes the socket before
-/// the old files are gone.
+/// It keeps the daemon's locks open (a `flock` belongs to the open file, shared across
+/// the fork), so no other daemon takes the socket, and no collector the roots file's
+/// name, before the old files are gone.
 struct Cleaner {
     request: std::os::fd::OwnedFd,
     done: std::os::fd::OwnedFd,
 }
 
 impl Cleaner {
-    fn spawn(paths: &[&std::path::Path], lock: std::os::fd::RawFd) -> std::io::Result<Cleaner> {
+    fn spawn(
+        paths: &[std::path::PathBuf],
+        hold: &[std::os::fd::RawFd],
+    ) -> std::io::Result<Cleaner> {
         use std::os::fd::AsRawFd;
         use std::os::unix::ffi::OsStrExt;
         let paths: Vec<std::ffi::CString> = paths
@@ -434,6 +462,9 @@ impl Cleaner {
             .map_err(std::io::Error::other)?;
         let (request_read, request) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let (done_read, done_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let mut keep = vec![request_read.as_raw_fd(), done_write.as_raw_fd()];
+        keep.extend_from_slice(hold);
+        keep.sort_unstable();
         // SAFETY: called while the process has one thread (the caller's contract); the
         // child only makes async-signal-safe calls (sigprocmask, close, read, unlink,
         // write, _exit) on data prepared before the fork.
@@ -447,10 +478,8 @@ impl Cleaner {
                 // Every descriptor but its pipes and the lock: it must not hold the
                 // terminal, the pipes of whoever started the daemon (they wait for their
                 // end of file), or the listening socket.
-                let mut keep = [request_read.as_raw_fd(), done_write.as_raw_fd(), lock];
-                keep.sort_unstable();
                 let mut first = 0u32;
-                for fd in keep {
+                for &fd in &keep {
                     let fd = fd as u32;
                     if fd > first {
                         libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
@@ -481,7 +510,7 @@ impl Cleaner {
     }
 
     /// Asks for the clean-up and waits until it is done (the files are gone).
-    fn finish(self) {
+    fn finish(&self) {
         let _ = rustix::io::write(&self.request, &[1]);
         let mut ack = [0u8; 1];
         let _ = rustix::io::read(&self.done, &mut ack);

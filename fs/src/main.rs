@@ -348,6 +348,7 @@ fn serve(
     mountpoint: &Path,
     opts: MountOptions,
     view: View,
+    roots: &mut TempRoots,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
     let signals = daemon::block_signals();
@@ -371,8 +372,10 @@ fn serve(
         .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
-    // Everything that needs the wider world happens before the sandbox: the unmounter,
-    // /dev/null for the standard descriptors, systemd's socket, the read-ahead setting.
+    // Everything that needs the wider world happens before the sandbox: the unmounter and
+    // the clean-up process, /dev/null for the standard descriptors, systemd's socket, the
+    // read-ahead setting.
+    let cleanup = clean_up_outside(args, None, roots)?;
     let unmounter = if sandboxed(args) {
         let unmounter = daemon::Unmounter::spawn(&canonical)
             .map_err(|e| Failure::runtime(format!("cannot start the unmounter: {e}")))?;
@@ -409,7 +412,38 @@ fn serve(
         .run()
         .map_err(|e| Failure::runtime(format!("serving {} failed: {e}", mountpoint.display())))?;
     log_stats(&view, "unmounted; exiting");
+    drop(cleanup);
     Ok(())
+}
+
+/// When sandboxed, forks the process that removes the socket, its lock and a local roots
+/// file once the daemon ends (the sandbox allows no unlink). Must be called while the
+/// process has one thread.
+fn clean_up_outside(
+    args: &Args,
+    socket: Option<&mut daemon::SocketFile>,
+    roots: &mut TempRoots,
+) -> Result<Option<daemon::Cleanup>, Failure> {
+    if !sandboxed(args) {
+        return Ok(None);
+    }
+    let mut paths = Vec::new();
+    let mut hold = Vec::new();
+    if let Some(socket) = socket {
+        let (files, lock) = socket.leave_removal();
+        paths.extend(files);
+        hold.push(lock);
+    }
+    if let Some((file, lock)) = roots.leave_removal() {
+        paths.push(file);
+        hold.push(lock);
+    }
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    daemon::Cleanup::spawn(&paths, &hold)
+        .map(Some)
+        .map_err(|e| Failure::runtime(format!("cannot start the clean-up process: {e}")))
 }
 
 fn log_stats(view: &View, message: &str) {
@@ -435,19 +469,14 @@ fn serve_guest(
     args: &Args,
     endpoint: Endpoint<'_>,
     view: View,
+    roots: &mut TempRoots,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
     let signals = daemon::block_signals();
     let (listener, socket) = match endpoint {
         Endpoint::Socket(path) => {
-            let (listener, mut file) =
-                daemon::SocketFile::listen(path, args.socket_group.as_deref())
-                    .map_err(Failure::runtime)?;
-            if sandboxed(args) {
-                file.clean_up_from_outside().map_err(|e| {
-                    Failure::runtime(format!("cannot start the clean-up process: {e}"))
-                })?;
-            }
+            let (listener, file) = daemon::SocketFile::listen(path, args.socket_group.as_deref())
+                .map_err(Failure::runtime)?;
             tracing::info!(socket = %path.display(), "listening");
             (listener, Some(file))
         }
@@ -456,8 +485,10 @@ fn serve_guest(
             None,
         ),
     };
-    // Everything that needs the wider world happens before the sandbox: /dev/null for the
-    // standard descriptors, systemd's socket.
+    // Everything that needs the wider world happens before the sandbox: the clean-up
+    // process, /dev/null for the standard descriptors, systemd's socket.
+    let mut socket = socket;
+    let cleanup = clean_up_outside(args, socket.as_mut(), roots)?;
     if detached.is_some() {
         if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
             tracing::warn!("cannot detach from the terminal: {e}");
@@ -517,6 +548,7 @@ fn serve_guest(
     };
     // The socket and its lock go before the exit status is known to whoever waits.
     drop(socket);
+    drop(cleanup);
     result
 }
 
@@ -584,11 +616,19 @@ fn main() -> ExitCode {
     // The detached child is a new process: the roots must be its own before the parent exits.
     let served = match roots.after_fork() {
         Ok(()) => match (&args.mountpoint, &args.socket_path, args.fd) {
-            (Some(mountpoint), _, _) => serve(&args, mountpoint, opts, view, &mut detached),
-            (None, Some(socket), _) => {
-                serve_guest(&args, Endpoint::Socket(socket), view, &mut detached)
+            (Some(mountpoint), _, _) => {
+                serve(&args, mountpoint, opts, view, &mut roots, &mut detached)
             }
-            (None, None, Some(fd)) => serve_guest(&args, Endpoint::Fd(fd), view, &mut detached),
+            (None, Some(socket), _) => serve_guest(
+                &args,
+                Endpoint::Socket(socket),
+                view,
+                &mut roots,
+                &mut detached,
+            ),
+            (None, None, Some(fd)) => {
+                serve_guest(&args, Endpoint::Fd(fd), view, &mut roots, &mut detached)
+            }
             (None, None, None) => unreachable!("checked above"),
         },
         Err(e) => Err(Failure::runtime(e.to_string())),

@@ -361,25 +361,41 @@ impl Drop for Mountpoint {
     }
 }
 
-/// Pids of processes (other than this one) with `arg` among their command-line arguments.
+/// Pids of processes (other than this one) with `arg` among their command-line arguments,
+/// leaving out the children of such a process: a sandboxed daemon forks helpers (its
+/// unmounter, its clean-up process) that share its command line and end with it.
 pub fn pids_with_arg(arg: &OsStr) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        if pid == me {
-            return None;
-        }
-        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-        cmdline
-            .split(|&b| b == 0)
-            .any(|a| a == arg.as_bytes())
-            .then_some(pid)
-    })
-    .collect()
+    let found: Vec<(i32, i32)> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            if pid == me {
+                return None;
+            }
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|&b| b == 0)
+                .any(|a| a == arg.as_bytes())
+                .then(|| (pid, parent_of(pid).unwrap_or(0)))
+        })
+        .collect();
+    found
+        .iter()
+        .filter(|(_, parent)| !found.iter().any(|(p, _)| p == parent))
+        .map(|(pid, _)| *pid)
+        .collect()
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command name: state, then the parent's pid.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Bytes process `pid` has read with read-like system calls so far (`rchar`), to tell

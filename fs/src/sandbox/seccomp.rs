@@ -6,8 +6,8 @@
 //! `openat` may not ask for writing, creating or truncating (except for the FUSE daemon,
 //! whose request threads reopen `/dev/fuse` read-write; Landlock confines that to the
 //! device), `accept4` only takes from the VMM's listening socket, `clone` only makes
-//! threads, `prctl` only names them (or reads the auxiliary vector), `ioctl` only speaks to `/dev/fuse` and asks whether
-//! a descriptor is non-blocking. Notably absent: `execve`, `socket`, `connect`, `bind`,
+//! threads, `prctl` only names them (or reads the auxiliary vector), `ioctl` only speaks
+//! to `/dev/fuse` and asks whether a descriptor is non-blocking. Notably absent: `execve`, `socket`, `connect`, `bind`,
 //! `ptrace`, `mount`, `umount2`, `unlink*`, `rename*`, `mkdir*`, `pwrite*`, `ftruncate`,
 //! `chmod`/`chown` of any kind, `openat2`. (The FUSE daemon's `umount2` is answered
 //! `EINVAL` rather than allowed: its FUSE library unmounts again when its session ends,

@@ -184,11 +184,8 @@ impl<F: FileSystem + Sync> Device<F> {
                     return self.broke(index, "cannot return a chain to the used ring");
                 }
                 used += 1;
-                notify |= !event_idx
-                    || match queue.needs_notification(mem) {
-                        Ok(n) => n,
-                        Err(_) => true,
-                    };
+                // When unsure whether the guest wants to hear, tell it.
+                notify |= !event_idx || queue.needs_notification(mem).unwrap_or(true);
             }
             if !event_idx {
                 break;
