@@ -993,6 +993,7 @@ pub struct Guest {
     disks: Vec<Disk>,
     timeout: Duration,
     mmio: bool,
+    unshared_memory: bool,
     hooks: Mutex<Vec<ConsoleHook>>,
 }
 
@@ -1007,8 +1008,16 @@ impl Guest {
             disks: Vec::new(),
             timeout: BOOT_TIMEOUT,
             mmio: false,
+            unshared_memory: false,
             hooks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Gives the guest memory the share daemons cannot map (`share=off`): the mistake
+    /// vhost-user users make most.
+    pub fn unshared_memory(mut self) -> Guest {
+        self.unshared_memory = true;
+        self
     }
 
     /// Adds words to the kernel command line (after `console=ttyS0 panic=-1`).
@@ -1155,7 +1164,8 @@ impl Guest {
             // vhost-user needs guest memory the daemon can map.
             cmd.arg("-object")
                 .arg(format!(
-                    "memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"
+                    "memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share={}",
+                    if self.unshared_memory { "off" } else { "on" }
                 ))
                 .args(["-numa", "node,memdev=mem"]);
             for (i, share) in self.shares.iter().enumerate() {

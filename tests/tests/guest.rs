@@ -1044,6 +1044,31 @@ fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
 /// ESTALE or other error, the same listing, bytes and inode numbers (`ls -lAiR`) each time,
 /// and a descriptor and a working directory held across the drops keep working. The daemon
 /// stays within its descriptor bound.
+/// qemu without `share=on` on the guest's memory, the commonest vhost-user mistake: the
+/// daemon says which qemu options to add, and exits 1 with its socket removed.
+#[test]
+fn native_backend_names_unshared_guest_memory() {
+    let kernel = Kernel::compressed_modules();
+    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".into()) else {
+        return;
+    };
+    vm::open_to_others(t.dir.path());
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(TAG, &t.s.store_dir, &t.s.closure_file, &[])
+        .unshared_memory()
+        .timeout(Duration::from_secs(120))
+        .boot();
+    let backend = &boot.backends[0];
+    let status = backend.status.expect("the daemon exits by itself");
+    assert_eq!(status.code(), Some(1), "{}", boot.virtiofsd_log);
+    assert!(
+        boot.virtiofsd_log.contains("share=on"),
+        "the daemon's message names the option to add:\n{}",
+        boot.virtiofsd_log
+    );
+}
+
 /// A static C program that opens one file N times and holds every descriptor, then reads
 /// another file while holding them: a guest process that never closes what it opens.
 const HOLD_OPEN_C: &str = r#"

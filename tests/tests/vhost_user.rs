@@ -342,3 +342,101 @@ fn inherited_socket_and_socket_group() {
     assert_eq!(meta.gid(), 65534);
     assert!(d.signal_and_wait(rustix::process::Signal::TERM).success());
 }
+
+/// A socket another program listens on (one that takes no lock file, as virtiofsd or a
+/// VMM's own socket) is never replaced: the daemon exits 1 naming the path, and the other
+/// program's socket still answers.
+#[test]
+fn a_live_foreign_socket_is_never_replaced() {
+    let t = setup();
+    let socket = t.socket("foreign.sock");
+    let foreign = UnixListener::bind(&socket).unwrap();
+    let out = harness::run(
+        &mut t.command(&["-f", "--socket-path", socket.to_str().unwrap()]),
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another program listens on"), "{stderr}");
+    assert!(stderr.contains("foreign.sock"), "{stderr}");
+    assert!(!lock_of(&socket).exists(), "no lock left behind");
+    // Still the foreign program's, still listening, and never connected to by the probe.
+    foreign.set_nonblocking(true).unwrap();
+    assert!(
+        foreign.accept().is_err(),
+        "the daemon's probe connected to the foreign socket"
+    );
+    std::os::unix::net::UnixStream::connect(&socket).expect("the foreign socket answers");
+}
+
+/// A socket directory other users may write to would let them plant or swap the socket:
+/// refused unless sticky (and then only when the path is free or the daemon's own).
+#[test]
+fn socket_directory_writable_by_others_is_refused() {
+    let t = setup();
+    let open_dir = t.sockets.join("world-writable");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = open_dir.join("s.sock");
+    let out = harness::run(
+        &mut t.command(&["-f", "--socket-path", socket.to_str().unwrap()]),
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("writable by other users"), "{stderr}");
+    assert!(stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+    assert!(!socket.exists() && !lock_of(&socket).exists());
+
+    // Sticky, like /tmp: allowed while the path is free...
+    let sticky = t.sockets.join("sticky");
+    fs::create_dir(&sticky).unwrap();
+    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+    let socket = sticky.join("s.sock");
+    let mut d = t.start(&socket, &[]);
+    assert!(d.signal_and_wait(rustix::process::Signal::TERM).success());
+    // ...but not over something another user put there first.
+    let planted = UnixListener::bind(&socket).unwrap();
+    drop(planted); // a dead socket, owned by root: still not the daemon's to replace
+    let out = harness::run(
+        &mut t.command(&["-f", "--socket-path", socket.to_str().unwrap()]),
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not ours"));
+}
+
+/// One daemon serves one guest: a second VMM connecting while the first is connected is
+/// accepted and closed at once, with a log line, instead of waiting unanswered.
+#[test]
+fn a_second_vmm_is_refused() {
+    let t = setup();
+    let socket = t.socket("store.sock");
+    let log = t.sockets.join("daemon.log");
+    fs::write(&log, "").unwrap();
+    rustix::fs::chown(
+        &log,
+        Some(rustix::fs::Uid::from_raw(UNPRIVILEGED_UID)),
+        None,
+    )
+    .unwrap();
+    let mut d = t.start(&socket, &["--log-file", log.to_str().unwrap()]);
+    let _first = std::os::unix::net::UnixStream::connect(&socket).expect("the first VMM");
+    let mut second = std::os::unix::net::UnixStream::connect(&socket).expect("the second VMM");
+    second.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut second, &mut buf).expect("closed, not left hanging");
+    assert_eq!(n, 0, "the second VMM is disconnected");
+    let deadline = Instant::now() + TIMEOUT;
+    while !fs::read_to_string(&log)
+        .unwrap()
+        .contains("another VMM connected")
+    {
+        assert!(Instant::now() < deadline, "no log line for the second VMM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first VMM leaving ends the daemon cleanly.
+    drop(_first);
+    let status = harness::wait_bounded(d.child(), TIMEOUT).expect("the daemon exits");
+    assert!(status.success(), "{status}");
+}
