@@ -22,7 +22,7 @@ pub mod transport;
 pub mod view;
 
 pub mod daemon;
-mod fdcache;
+
 pub mod options;
 mod ratelimit;
 pub mod sandbox;

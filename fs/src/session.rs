@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use rustix::io::Errno;
 
 use crate::ratelimit::Limiter;
-use crate::view::{Attr, DirEntry, Kind, NodeId, Result, View};
+use crate::view::{Access, Attr, DirEntry, Kind, NodeId, Result, View};
 use crate::warn_limited;
 
 /// How long a client may trust entries and attributes: the store is immutable, so as long
@@ -348,8 +348,7 @@ impl<X> Session<X> {
         flags: i32,
         attach: impl FnOnce(&File) -> X,
     ) -> Result<(u64, Arc<OpenFile<X>>)> {
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        if write {
+        if Access::of_flags(flags) == Access::Write {
             return Err(Errno::ROFS);
         }
         if !Self::take(&self.open_files, 1, self.limits.max_open_files) {
@@ -379,7 +378,7 @@ impl<X> Session<X> {
 
     /// The node's host file and its size, from the cache or opened (and checked) anew.
     fn open_host(&self, id: NodeId) -> Result<(Arc<File>, u64)> {
-        let host = self.view.open(id, false)?;
+        let host = self.view.open(id, Access::Read)?;
         let file = Arc::new(File::from(host.fd));
         self.host_files.lock().put(id, file.clone());
         Ok((file, host.size))
@@ -568,5 +567,122 @@ impl<X> Session<X> {
     /// Statistics of the host filesystem holding the store.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         self.view.statfs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn open_file(size: u64) -> OpenFile<()> {
+        OpenFile {
+            node: 5,
+            size,
+            transport: (),
+        }
+    }
+
+    #[test]
+    fn reads_are_short_only_at_the_size_at_open() {
+        let f = open_file(10_000);
+        assert_eq!(f.span(0, 4096), 4096);
+        assert_eq!(f.span(8192, 4096), 10_000 - 8192);
+        assert_eq!(f.span(10_000, 4096), 0);
+        assert_eq!(f.span(u64::MAX, u32::MAX), 0);
+        assert_eq!(open_file(u64::MAX).span(0, u32::MAX), u32::MAX as usize);
+    }
+
+    #[test]
+    fn a_file_that_ends_early_fails_the_read() {
+        let host = tempfile::tempfile().unwrap();
+        let f = open_file(100);
+        let limiter = Limiter::default();
+        // Moves at most 10 bytes a call: retried until done.
+        let mut calls = 0;
+        let done = f.read_exact(&host, 0, 100, &limiter, |_, _, len| {
+            calls += 1;
+            Ok(len.min(10))
+        });
+        assert_eq!((done, calls), (Ok(100), 10));
+        // Ends at 50 bytes: never a short success, which the client would pad with zeros.
+        let mut moved = 0;
+        let short = f.read_exact(&host, 0, 100, &limiter, |_, _, len| {
+            let n = len.min(50usize.saturating_sub(moved));
+            moved += n;
+            Ok(n)
+        });
+        assert_eq!(short, Err(Errno::IO));
+        // Interrupted calls are retried; other errors are the read's.
+        let mut first = true;
+        let interrupted = f.read_exact(&host, 0, 10, &limiter, |_, _, len| {
+            if std::mem::take(&mut first) {
+                Err(std::io::Error::from(std::io::ErrorKind::Interrupted))
+            } else {
+                Ok(len)
+            }
+        });
+        assert_eq!(interrupted, Ok(10));
+        let failed = f.read_exact(&host, 0, 10, &limiter, |_, _, _| {
+            Err(std::io::Error::from_raw_os_error(libc::ESTALE))
+        });
+        assert_eq!(failed, Err(Errno::STALE));
+    }
+
+    fn stream(names: &[&str]) -> DirStream {
+        DirStream {
+            node: 7,
+            parent: 3,
+            listing: names
+                .iter()
+                .map(|n| DirEntry {
+                    name: OsString::from(n),
+                    ino: 0,
+                    kind: Kind::RegularFile,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn directory_offsets_are_stable_with_dots_first() {
+        let s = stream(&["a", "b", "c"]);
+        let all: Vec<_> = s
+            .from_offset(0)
+            .map(|e| (e.name.to_owned(), e.next_offset, e.dot))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                (".".into(), 1, Some(7)),
+                ("..".into(), 2, Some(3)),
+                ("a".into(), 3, None),
+                ("b".into(), 4, None),
+                ("c".into(), 5, None),
+            ]
+        );
+        // Resuming after any entry gives the rest; past the end, nothing.
+        let rest: Vec<_> = s.from_offset(3).map(|e| e.name.to_owned()).collect();
+        assert_eq!(rest, ["b", "c"]);
+        assert_eq!(s.from_offset(5).count(), 0);
+        assert_eq!(s.from_offset(u64::MAX).count(), 0);
+    }
+
+    #[test]
+    fn extended_attribute_sizes_follow_the_protocol() {
+        assert_eq!(Xattr::fit(b"abc".to_vec(), 0), Ok(Xattr::Size(3)));
+        assert_eq!(
+            Xattr::fit(b"abc".to_vec(), 3),
+            Ok(Xattr::Data(b"abc".to_vec()))
+        );
+        assert_eq!(Xattr::fit(b"abc".to_vec(), 2), Err(Errno::RANGE));
+        assert_eq!(Xattr::fit(Vec::new(), 0), Ok(Xattr::Size(0)));
+    }
+
+    #[test]
+    fn listing_bytes_count_names_and_entries() {
+        let s = stream(&["a", "bbbb"]);
+        let bytes = listing_bytes(&s.listing);
+        assert_eq!(bytes, 2 * std::mem::size_of::<DirEntry>() + 5);
     }
 }

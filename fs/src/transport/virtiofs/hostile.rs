@@ -286,9 +286,15 @@ impl Harness {
         b
     }
 
-    /// The descriptors this process holds now.
-    pub fn open_descriptors() -> usize {
-        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    /// The descriptors this process holds on this harness's store now (so that tests
+    /// running beside it in the same process do not count).
+    pub fn open_descriptors(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+            return 0;
+        };
+        dir.flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&self.store)))
+            .count()
     }
 
     /// Whether `path` is below the store (for checks on what a reply names).
