@@ -8,6 +8,7 @@
 //!   all resolved relative to descriptors it holds.
 //! * [`session`] is what every transport serves a view with: open files, directory
 //!   streams, cache policy.
+//! * [`protocol`] is what both transports negotiate and report, decided once.
 //! * [`transport`] holds the thin translations: [`transport::fuse`] for a host mount,
 //!   [`transport::virtiofs`] for a guest over vhost-user.
 //! * [`sandbox`] confines the daemon once it serves: Landlock, seccomp, no privileges.
@@ -24,5 +25,6 @@ pub mod view;
 pub mod daemon;
 
 pub mod options;
+pub mod protocol;
 mod ratelimit;
 pub mod sandbox;

@@ -291,36 +291,15 @@ struct MountEntry {
     source: String,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
+/// The mount table, as far as deciding whether the store is mounted needs it.
 fn mountinfo() -> Vec<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(fields.get(4)?)),
-                fstype: fields.get(dash + 1)?.to_string(),
-                source: unescape(fields.get(dash + 2)?),
-            })
+    mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| MountEntry {
+            source: m.source_lossy(),
+            mount_point: m.mount_point,
+            fstype: m.fs_type,
         })
         .collect()
 }
@@ -751,13 +730,6 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape(r"plain"), "plain");
-        assert_eq!(unescape(r"tail\"), r"tail\");
-    }
 
     #[test]
     fn top_mount_is_the_last_listed() {

@@ -9,9 +9,7 @@
 //! identities cannot: the same directory on another mount is another node).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
 use std::io;
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// What is mounted below a tree, by path relative to it.
@@ -95,42 +93,14 @@ fn shown_at<'a>(table: &'a [Mount], path: &Path) -> Option<(&'a str, PathBuf)> {
 
 /// The lines of a mountinfo table.
 fn parse(table: &[u8]) -> Vec<Mount> {
-    table
-        .split(|&b| b == b'\n')
-        .filter_map(|line| {
-            let mut fields = line.split(|&b| b == b' ');
-            let dev = fields.nth(2)?;
-            let root = fields.next()?;
-            let point = fields.next()?;
-            Some(Mount {
-                dev: String::from_utf8_lossy(dev).into_owned(),
-                root: PathBuf::from(OsString::from_vec(unescape(root))),
-                point: PathBuf::from(OsString::from_vec(unescape(point))),
-            })
+    mountinfo::parse(table)
+        .into_iter()
+        .map(|m| Mount {
+            dev: m.device(),
+            root: m.root,
+            point: m.mount_point,
         })
         .collect()
-}
-
-/// Undoes the kernel's escaping of space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let octal = field
-            .get(i + 1..i + 4)
-            .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

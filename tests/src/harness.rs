@@ -183,53 +183,19 @@ pub struct MountInfo {
     pub super_options: Vec<String>,
 }
 
-fn unescape(field: &str) -> OsString {
-    // The kernel escapes space, tab, newline and backslash as three octal digits.
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    use std::os::unix::ffi::OsStringExt;
-    OsString::from_vec(out)
-}
-
 /// The mounts of this process's namespace, in mount order.
 pub fn mounts() -> Vec<MountInfo> {
-    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let mut post = post.split(' ');
-            let (major, minor) = pre.get(2)?.split_once(':')?;
-            Some(MountInfo {
-                major: major.parse().ok()?,
-                minor: minor.parse().ok()?,
-                mountpoint: PathBuf::from(unescape(pre.get(4)?)),
-                mount_options: pre.get(5)?.split(',').map(str::to_string).collect(),
-                fstype: post.next()?.to_string(),
-                source: unescape(post.next().unwrap_or(""))
-                    .to_string_lossy()
-                    .into_owned(),
-                super_options: post
-                    .next()
-                    .unwrap_or("")
-                    .split(',')
-                    .map(str::to_string)
-                    .collect(),
-            })
+    mountinfo::read()
+        .expect("read /proc/self/mountinfo")
+        .into_iter()
+        .map(|m| MountInfo {
+            major: m.major,
+            minor: m.minor,
+            source: m.source_lossy(),
+            mountpoint: m.mount_point,
+            mount_options: m.mount_options,
+            fstype: m.fs_type,
+            super_options: m.super_options,
         })
         .collect()
 }

@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use fuser::{
@@ -22,6 +22,7 @@ use fuser::{
 };
 
 use super::mapping::FileMapping;
+use crate::protocol::{system_time, Capability, CAPABILITIES};
 use crate::session::{CachePolicy, OpenFile, Session, Xattr, DIR_CACHE, FILE_CACHE, TTL};
 use crate::view::{self, Attr, Kind, NodeId, View, ROOT_ID};
 use crate::warn_limited;
@@ -164,20 +165,12 @@ const READ_AHEAD_KIB: u32 = 4096;
 /// be serving yet.
 pub fn tune_read_ahead(mountpoint: &Path) {
     let result = (|| -> std::io::Result<()> {
-        let target = mountpoint.to_string_lossy();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        // Field 5 is the mount point (spaces escaped as \040), field 3 major:minor; the
-        // last match is the mount on top.
-        let device = mountinfo
-            .lines()
-            .rev()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                (f.len() > 4 && f[4].replace("\\040", " ") == *target).then(|| f[2].to_owned())
-            })
+        let mounts = mountinfo::read()?;
+        // The mount on top at the mount point is ours.
+        let mount = mountinfo::top_at(&mounts, mountpoint)
             .ok_or_else(|| std::io::Error::other("the mount is not in mountinfo"))?;
         std::fs::write(
-            format!("/sys/class/bdi/{device}/read_ahead_kb"),
+            format!("/sys/class/bdi/{}/read_ahead_kb", mount.device()),
             READ_AHEAD_KIB.to_string(),
         )
     })();
@@ -207,15 +200,6 @@ fn fopen_flags(policy: CachePolicy) -> FopenFlags {
         flags |= FopenFlags::FOPEN_CACHE_DIR;
     }
     flags
-}
-
-fn system_time(t: view::Time) -> SystemTime {
-    if t.secs >= 0 {
-        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsecs)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-            + Duration::from_nanos(t.nsecs.into())
-    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -253,33 +237,23 @@ fn file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for StoreFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each capability is optional: an older kernel just serves without it.
-        //
-        // READDIRPLUS always, not FUSE_READDIRPLUS_AUTO: the automatic mode lists all but
-        // the first chunk of a directory without attributes, and each entry then stat'ed
-        // costs a LOOKUP round trip. Attributes here never change, so handing them out with
-        // every listing is never wasted for long (a cold `find` of 32k entries: 2,338
-        // LOOKUPs fewer and 12% faster).
-        for flag in [
-            InitFlags::FUSE_EXPORT_SUPPORT,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_ASYNC_READ,
-        ] {
+        for capability in CAPABILITIES {
+            let flag = match capability {
+                Capability::AsyncRead => InitFlags::FUSE_ASYNC_READ,
+                Capability::ParallelDirops => InitFlags::FUSE_PARALLEL_DIROPS,
+                Capability::ReaddirplusAlways => InitFlags::FUSE_DO_READDIRPLUS,
+                Capability::CacheSymlinks => InitFlags::FUSE_CACHE_SYMLINKS,
+                Capability::ExportSupport => InitFlags::FUSE_EXPORT_SUPPORT,
+                // Only with default_permissions: otherwise nobody would check the modes.
+                Capability::PosixAcl if !self.options.posix_acl => continue,
+                Capability::PosixAcl => InitFlags::FUSE_POSIX_ACL,
+                Capability::NoOpendir => InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+            };
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
+            } else if capability == Capability::NoOpendir {
+                self.no_opendir.store(true, Ordering::Relaxed);
             }
-        }
-        if self.options.posix_acl && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_err() {
-            tracing::debug!("kernel lacks FUSE_POSIX_ACL");
-        }
-        // A warm walk of a directory tree then costs no request at all: without it, every
-        // opendir and releasedir is a round trip even when the contents are cached.
-        if config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok()
-        {
-            self.no_opendir.store(true, Ordering::Relaxed);
         }
         if self.options.passthrough {
             // Depth 1: the backing files may not be on a stacked filesystem, and the mount

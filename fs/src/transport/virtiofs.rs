@@ -42,10 +42,11 @@ use virtiofsd::soft_idmap::Id;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use self::device::Device;
+use crate::protocol::{type_bits, wire_time, Capability, CAPABILITIES};
 use crate::session::{
     CachePolicy, DirSlot, DirStream, Session, SessionLimits, Xattr, DIR_CACHE, FILE_CACHE, TTL,
 };
-use crate::view::{Attr, Kind, View};
+use crate::view::{Attr, View};
 use crate::warn_limited;
 
 /// The `FileSystem` virtiofsd's server calls: a session on a view.
@@ -173,32 +174,20 @@ fn name(c: &CStr) -> &OsStr {
     OsStr::from_bytes(c.to_bytes())
 }
 
-fn type_bits(kind: Kind) -> u32 {
-    match kind {
-        Kind::Directory => libc::S_IFDIR,
-        Kind::RegularFile => libc::S_IFREG,
-        Kind::Symlink => libc::S_IFLNK,
-        Kind::Fifo => libc::S_IFIFO,
-        Kind::Socket => libc::S_IFSOCK,
-        Kind::CharDevice => libc::S_IFCHR,
-        Kind::BlockDevice => libc::S_IFBLK,
-    }
-}
-
 fn fuse_attr(a: &Attr) -> fuse::Attr {
-    // The wire format's times are unsigned; a time before the epoch is clamped to it.
-    let secs = |t: crate::view::Time| t.secs.max(0) as u64;
-    let nsecs = |t: crate::view::Time| if t.secs < 0 { 0 } else { t.nsecs };
+    let (atime, atimensec) = wire_time(a.atime);
+    let (mtime, mtimensec) = wire_time(a.mtime);
+    let (ctime, ctimensec) = wire_time(a.ctime);
     fuse::Attr {
         ino: a.ino,
         size: a.size,
         blocks: a.blocks,
-        atime: secs(a.atime),
-        mtime: secs(a.mtime),
-        ctime: secs(a.ctime),
-        atimensec: nsecs(a.atime),
-        mtimensec: nsecs(a.mtime),
-        ctimensec: nsecs(a.ctime),
+        atime,
+        mtime,
+        ctime,
+        atimensec,
+        mtimensec,
+        ctimensec,
         mode: type_bits(a.kind) | u32::from(a.perm),
         nlink: a.nlink,
         uid: a.uid.into(),
@@ -271,16 +260,18 @@ impl FileSystem for VirtioFs {
     type DirIter = DirIter;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        // As over /dev/fuse: attributes with every listing (they never change), symlinks
-        // and directories cached, the guest checking permissions itself from the modes and
-        // the (absent) ACLs it caches, and node ids it can use as file handles.
-        let want = FsOptions::ASYNC_READ
-            | FsOptions::PARALLEL_DIROPS
-            | FsOptions::DO_READDIRPLUS
-            | FsOptions::CACHE_SYMLINKS
-            | FsOptions::EXPORT_SUPPORT
-            | FsOptions::POSIX_ACL
-            | FsOptions::ZERO_MESSAGE_OPENDIR;
+        let mut want = FsOptions::empty();
+        for capability in CAPABILITIES {
+            want |= match capability {
+                Capability::AsyncRead => FsOptions::ASYNC_READ,
+                Capability::ParallelDirops => FsOptions::PARALLEL_DIROPS,
+                Capability::ReaddirplusAlways => FsOptions::DO_READDIRPLUS,
+                Capability::CacheSymlinks => FsOptions::CACHE_SYMLINKS,
+                Capability::ExportSupport => FsOptions::EXPORT_SUPPORT,
+                Capability::PosixAcl => FsOptions::POSIX_ACL,
+                Capability::NoOpendir => FsOptions::ZERO_MESSAGE_OPENDIR,
+            };
+        }
         self.no_opendir.store(
             capable.contains(FsOptions::ZERO_MESSAGE_OPENDIR),
             Ordering::Relaxed,
