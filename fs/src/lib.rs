@@ -14,7 +14,6 @@
 //! * [`sandbox`] confines the daemon once it serves: Landlock, seccomp, no privileges.
 //! * [`gc_roots`] holds the closure's paths as Nix temporary roots while they are served.
 
-pub mod cli;
 pub mod closure;
 pub mod gc_roots;
 pub mod session;
@@ -22,9 +21,6 @@ pub mod store_path;
 pub mod transport;
 pub mod view;
 
-pub mod daemon;
-
-pub mod options;
 pub mod protocol;
 mod ratelimit;
 pub mod sandbox;

@@ -12,9 +12,9 @@ use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
 use mkimage::uuid::{derived_uuid, parse_uuid};
-use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::view::{View, ViewOptions, ROOT_ID};
+use nixstorefs_cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
 
 const EXAMPLES: &str = "\
 Examples:

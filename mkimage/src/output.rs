@@ -214,7 +214,7 @@ fn parent_dir(target: &Path) -> &Path {
 fn watch_signals() {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
-        let signals = nixstorefs::daemon::block_signals();
+        let signals = nixstorefs_cli::block_signals();
         let spawned = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {

@@ -6,15 +6,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nixstorefs::cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
-use nixstorefs::daemon;
+use nixstorefs_cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
+mod daemon;
+mod options;
+
 use nixstorefs::gc_roots::TempRoots;
-use nixstorefs::options::MountOptions;
 use nixstorefs::sandbox::{self, Profile, SandboxMode, SandboxOptions, SeccompMode};
 use nixstorefs::session::SessionLimits;
 use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
 use nixstorefs::transport::virtiofs;
 use nixstorefs::view::{View, ViewError, ViewOptions};
+use options::MountOptions;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -134,15 +136,19 @@ struct Args {
 /// Everything that can be checked before mounting: bad input fails here, with nothing
 /// mounted. The closure's paths are held as garbage collector roots from before their
 /// presence is checked until the returned roots are dropped.
-fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Failure> {
+fn prepare(
+    args: &Args,
+    mode: &Mode,
+    opts: &mut MountOptions,
+) -> Result<(View, TempRoots), Failure> {
     let store_dir = opts
         .store_dir
         .clone()
         .unwrap_or_else(|| args.closure_options.store_dir.clone());
     let closure = load_closure(&args.closure, &store_dir)?;
     let store_dir = closure.store_dir.clone();
-    match (&args.mountpoint, &args.socket_path) {
-        (Some(mountpoint), _) => {
+    match mode {
+        Mode::Mount(mountpoint) => {
             let meta = std::fs::metadata(mountpoint)
                 .map_err(|e| Failure::input(format!("mountpoint {}: {e}", mountpoint.display())))?;
             if !meta.is_dir() {
@@ -152,8 +158,8 @@ fn prepare(args: &Args, opts: &mut MountOptions) -> Result<(View, TempRoots), Fa
                 )));
             }
         }
-        (None, Some(socket)) => check_socket_dir(socket)?,
-        (None, None) => {}
+        Mode::Socket(socket) => check_socket_dir(socket)?,
+        Mode::Fd(_) => {}
     }
     let allow_missing = args.closure_options.allow_missing || opts.allow_missing;
     let roots = hold_roots(
@@ -235,12 +241,12 @@ fn session_limits() -> SessionLimits {
 /// connection's guest memory regions and queue eventfds, the FUSE request threads' queues,
 /// and a margin for what one request opens for a moment (an `O_PATH` descriptor, a
 /// directory being listed) and for logging, the store, `/proc` and the socket.
-fn fd_budget(args: &Args) -> u64 {
+fn fd_budget(args: &Args, mode: &Mode) -> u64 {
     const MARGIN: u64 = 64;
     // vhost-user-backend accepts up to 509 memory slots; 3 eventfds per queue, 2 queues.
     const VHOST_USER: u64 = 509 + 3 * 2 + 2;
     let caches = u64::from(args.max_cached_dirs) + session_limits().max_cached_files as u64;
-    let transport = if args.mountpoint.is_some() {
+    let transport = if mode.is_mount() {
         // A cloned /dev/fuse per thread, and passthrough files while being registered.
         2 * u64::from(args.threads)
     } else {
@@ -272,16 +278,20 @@ fn sandboxed(args: &Args) -> bool {
 /// Enters the sandbox for `profile`: once, with the process single-threaded.
 fn enter_sandbox(
     args: &Args,
+    mode: &Mode,
     view: &View,
-    profile: Profile,
     listener: Option<i32>,
 ) -> Result<(), Failure> {
     let plan = sandbox::Plan {
         mode: args.sandbox.sandbox,
         seccomp: args.sandbox.seccomp,
-        profile,
+        profile: if mode.is_mount() {
+            Profile::Fuse
+        } else {
+            Profile::VirtioFs
+        },
         store_dir: view.store_dir().to_path_buf(),
-        max_fds: fd_budget(args),
+        max_fds: fd_budget(args, mode),
         listener,
     };
     let entered = sandbox::enter(&plan).map_err(|e| Failure::runtime(e.to_string()))?;
@@ -327,12 +337,12 @@ impl Unmount {
                 }
             },
             Unmount::Helper(helper) => match helper.unmount() {
-                daemon::Unmounted::Unmounted => true,
-                daemon::Unmounted::Detached => {
+                daemon::UnmountOutcome::Unmounted => true,
+                daemon::UnmountOutcome::Detached => {
                     tracing::warn!("{} was busy; detached it lazily", target.display());
                     true
                 }
-                daemon::Unmounted::Failed => {
+                daemon::UnmountOutcome::Failed => {
                     tracing::error!("cannot unmount or detach {}", target.display());
                     false
                 }
@@ -351,7 +361,7 @@ fn serve(
     roots: &mut TempRoots,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
-    let signals = daemon::block_signals();
+    let signals = nixstorefs_cli::block_signals();
     let view = Arc::new(view);
     let fs = StoreFs::new(
         view.clone(),
@@ -390,7 +400,7 @@ fn serve(
     }
     let notifier = daemon::Notifier::from_env();
     nixstorefs::transport::fuse::tune_read_ahead(&canonical);
-    enter_sandbox(args, &view, Profile::Fuse, None)?;
+    enter_sandbox(args, &Mode::Mount(mountpoint.to_path_buf()), &view, None)?;
 
     let target = mountpoint.to_path_buf();
     std::thread::Builder::new()
@@ -457,31 +467,62 @@ fn log_stats(view: &View, message: &str) {
     );
 }
 
-/// Where a guest's VMM connects: a socket the daemon creates, or one it inherited.
-enum Endpoint<'a> {
-    Socket(&'a Path),
+/// What this daemon serves, decided once from the command line; every path absolute,
+/// since a detached daemon works from `/`.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// A FUSE mount at this directory.
+    Mount(PathBuf),
+    /// A guest, whose VMM connects to this socket, created by the daemon.
+    Socket(PathBuf),
+    /// A guest, whose VMM connects to this inherited listening socket.
     Fd(i32),
+}
+
+impl Mode {
+    /// The mode the arguments ask for: exactly one of a mountpoint, `--socket-path` and
+    /// `--fd` (clap refuses two of them).
+    fn of(args: &Args) -> Result<Mode, Failure> {
+        let absolute = |what: &str, p: &Path| {
+            std::path::absolute(p)
+                .map_err(|e| Failure::input(format!("{what} {}: {e}", p.display())))
+        };
+        match (&args.mountpoint, &args.socket_path, args.fd) {
+            (Some(mountpoint), _, _) => Ok(Mode::Mount(absolute("mountpoint", mountpoint)?)),
+            (None, Some(socket), _) => Ok(Mode::Socket(absolute("socket", socket)?)),
+            (None, None, Some(fd)) => Ok(Mode::Fd(fd)),
+            (None, None, None) => Err(Failure::input(
+                "give a mountpoint, or --socket-path or --fd to serve a guest",
+            )),
+        }
+    }
+
+    /// Whether this is the FUSE mount (else a guest).
+    fn is_mount(&self) -> bool {
+        matches!(self, Mode::Mount(_))
+    }
 }
 
 /// Serves one guest over vhost-user until it disconnects or a signal comes; either ends
 /// the daemon cleanly (status 0), with the socket and its lock removed.
 fn serve_guest(
     args: &Args,
-    endpoint: Endpoint<'_>,
+    mode: &Mode,
     view: View,
     roots: &mut TempRoots,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
-    let signals = daemon::block_signals();
-    let (listener, socket) = match endpoint {
-        Endpoint::Socket(path) => {
+    let signals = nixstorefs_cli::block_signals();
+    let (listener, socket) = match mode {
+        Mode::Mount(_) => unreachable!("a mount is served by serve()"),
+        Mode::Socket(path) => {
             let (listener, file) = daemon::SocketFile::listen(path, args.socket_group.as_deref())
                 .map_err(Failure::runtime)?;
             tracing::info!(socket = %path.display(), "listening");
             (listener, Some(file))
         }
-        Endpoint::Fd(fd) => (
-            daemon::inherited_listener(fd).map_err(Failure::input)?,
+        Mode::Fd(fd) => (
+            daemon::inherited_listener(*fd).map_err(Failure::input)?,
             None,
         ),
     };
@@ -496,7 +537,7 @@ fn serve_guest(
     }
     let notifier = daemon::Notifier::from_env();
     let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-    enter_sandbox(args, &view, Profile::VirtioFs, Some(listener_fd))?;
+    enter_sandbox(args, mode, &view, Some(listener_fd))?;
 
     let view = Arc::new(view);
     enum Event {
@@ -553,31 +594,20 @@ fn serve_guest(
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
-    if args.mountpoint.is_none() && args.socket_path.is_none() && args.fd.is_none() {
-        eprintln!("nixstorefs: give a mountpoint, or --socket-path or --fd to serve a guest");
-        return ExitCode::from(2);
-    }
-    // The detached daemon works from `/` (so it keeps no directory busy): every path it
-    // uses after detaching must not depend on where it was started.
-    for (what, path) in [
-        ("mountpoint", &mut args.mountpoint),
-        ("socket", &mut args.socket_path),
-    ] {
-        if let Some(p) = path {
-            match std::path::absolute(&*p) {
-                Ok(absolute) => *p = absolute,
-                Err(e) => {
-                    eprintln!("nixstorefs: {what} {}: {e}", p.display());
-                    return ExitCode::from(2);
-                }
-            }
+    let args = Args::parse();
+    let mode = match Mode::of(&args) {
+        Ok(mode) => mode,
+        Err(f) => {
+            eprintln!("nixstorefs: {}", f.message);
+            return ExitCode::from(f.status);
         }
-    }
+    };
     if sandboxed(&args) {
         // Before anything is opened: what the daemon holds, it opened itself.
-        let mut keep = vec![];
-        keep.extend(args.fd);
+        let keep: Vec<i32> = match mode {
+            Mode::Fd(fd) => vec![fd],
+            _ => Vec::new(),
+        };
         if let Err(e) = sandbox::close_inherited(&keep) {
             eprintln!("nixstorefs: cannot close inherited descriptors: {e}");
             return ExitCode::from(1);
@@ -594,8 +624,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    set_fd_limit(fd_budget(&args));
-    let (view, mut roots) = match prepare(&args, &mut opts) {
+    set_fd_limit(fd_budget(&args, &mode));
+    let (view, mut roots) = match prepare(&args, &mode, &mut opts) {
         Ok(prepared) => prepared,
         Err(f) => {
             eprintln!("nixstorefs: {}", f.message);
@@ -615,21 +645,13 @@ fn main() -> ExitCode {
     };
     // The detached child is a new process: the roots must be its own before the parent exits.
     let served = match roots.after_fork() {
-        Ok(()) => match (&args.mountpoint, &args.socket_path, args.fd) {
-            (Some(mountpoint), _, _) => {
+        Ok(()) => match &mode {
+            Mode::Mount(mountpoint) => {
                 serve(&args, mountpoint, opts, view, &mut roots, &mut detached)
             }
-            (None, Some(socket), _) => serve_guest(
-                &args,
-                Endpoint::Socket(socket),
-                view,
-                &mut roots,
-                &mut detached,
-            ),
-            (None, None, Some(fd)) => {
-                serve_guest(&args, Endpoint::Fd(fd), view, &mut roots, &mut detached)
+            Mode::Socket(_) | Mode::Fd(_) => {
+                serve_guest(&args, &mode, view, &mut roots, &mut detached)
             }
-            (None, None, None) => unreachable!("checked above"),
         },
         Err(e) => Err(Failure::runtime(e.to_string())),
     };

@@ -1,6 +1,6 @@
 //! Process plumbing for the daemon: detaching once the mount or socket is live, telling
-//! systemd it is ready, turning SIGINT/SIGTERM into a clean exit, and the vhost-user socket
-//! with its lock.
+//! systemd it is ready, the vhost-user socket with its lock, and the helper processes
+//! forked before the sandbox (the clean-up process, the unmounter).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -130,40 +130,6 @@ impl Notifier {
                 tracing::warn!("cannot notify systemd: {e}");
             }
         }
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts after
-/// this, and returns a waiter for them: the signals are taken by one thread with `sigwait`
-/// instead of interrupting request threads.
-pub fn block_signals() -> SignalWaiter {
-    // SAFETY: plain sigset manipulation on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        SignalWaiter { set }
-    }
-}
-
-/// Waits for the signals blocked by [`block_signals`].
-pub struct SignalWaiter {
-    set: libc::sigset_t,
-}
-
-// SAFETY: a sigset_t is plain data.
-unsafe impl Send for SignalWaiter {}
-
-impl SignalWaiter {
-    /// Waits for the next blocked signal and returns its number.
-    pub fn wait(&self) -> i32 {
-        let mut sig = 0;
-        // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
-        unsafe { libc::sigwait(&self.set, &mut sig) };
-        sig
     }
 }
 
@@ -557,7 +523,7 @@ pub fn inherited_listener(fd: i32) -> Result<vhost::vhost_user::Listener, String
 
 /// How an unmount asked of the [`Unmounter`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unmounted {
+pub enum UnmountOutcome {
     /// The mount is gone.
     Unmounted,
     /// It was busy, and is detached instead: gone from the tree, open files still work.
@@ -661,18 +627,18 @@ impl Unmounter {
                 }
                 let outcome = if root {
                     if libc::umount2(target.as_ptr(), 0) == 0 {
-                        Unmounted::Unmounted
+                        UnmountOutcome::Unmounted
                     } else if libc::umount2(target.as_ptr(), libc::MNT_DETACH) == 0 {
-                        Unmounted::Detached
+                        UnmountOutcome::Detached
                     } else {
-                        Unmounted::Failed
+                        UnmountOutcome::Failed
                     }
                 } else if run(&unmount) {
-                    Unmounted::Unmounted
+                    UnmountOutcome::Unmounted
                 } else if run(&lazy) {
-                    Unmounted::Detached
+                    UnmountOutcome::Detached
                 } else {
-                    Unmounted::Failed
+                    UnmountOutcome::Failed
                 };
                 let answer = outcome as u8;
                 libc::write(done_write.as_raw_fd(), (&answer as *const u8).cast(), 1);
@@ -690,15 +656,15 @@ impl Unmounter {
     }
 
     /// Asks for the unmount and waits for the answer.
-    pub fn unmount(&self) -> Unmounted {
+    pub fn unmount(&self) -> UnmountOutcome {
         if rustix::io::write(&self.request, &[1]).is_err() {
-            return Unmounted::Failed;
+            return UnmountOutcome::Failed;
         }
         let mut answer = [0u8; 1];
         match rustix::io::read(&self.done, &mut answer) {
-            Ok(1) if answer[0] == Unmounted::Unmounted as u8 => Unmounted::Unmounted,
-            Ok(1) if answer[0] == Unmounted::Detached as u8 => Unmounted::Detached,
-            _ => Unmounted::Failed,
+            Ok(1) if answer[0] == UnmountOutcome::Unmounted as u8 => UnmountOutcome::Unmounted,
+            Ok(1) if answer[0] == UnmountOutcome::Detached as u8 => UnmountOutcome::Detached,
+            _ => UnmountOutcome::Failed,
         }
     }
 }

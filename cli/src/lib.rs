@@ -1,11 +1,13 @@
 //! What the command-line tools built on the closure view share: the closure options, exit
-//! statuses and logging, so that `nixstorefs` and `mkimage` take and report alike.
+//! statuses, logging and signal handling, so that `nixstorefs` and `mkimage` take and
+//! report alike. Process plumbing lives here, not in the `nixstorefs` library: the
+//! library is the view, the session and the transports, for any program to serve.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::closure::Closure;
-use crate::gc_roots::{GcRootsMode, TempRoots};
+use nixstorefs::closure::Closure;
+use nixstorefs::gc_roots::{GcRootsMode, TempRoots};
 
 /// A failure and the exit status it maps to: 2 for bad input, 1 for the rest.
 #[derive(Debug)]
@@ -103,4 +105,38 @@ pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure>
             .init(),
     }
     Ok(())
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts after
+/// this, and returns a waiter for them: the signals are taken by one thread with `sigwait`
+/// instead of interrupting request threads.
+pub fn block_signals() -> SignalWaiter {
+    // SAFETY: plain sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        SignalWaiter { set }
+    }
+}
+
+/// Waits for the signals blocked by [`block_signals`].
+pub struct SignalWaiter {
+    set: libc::sigset_t,
+}
+
+// SAFETY: a sigset_t is plain data.
+unsafe impl Send for SignalWaiter {}
+
+impl SignalWaiter {
+    /// Waits for the next blocked signal and returns its number.
+    pub fn wait(&self) -> i32 {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
+        unsafe { libc::sigwait(&self.set, &mut sig) };
+        sig
+    }
 }

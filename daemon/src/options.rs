@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use fuser::{MountOption, SessionACL};
 
-use crate::gc_roots::GcRootsMode;
+use nixstorefs::gc_roots::GcRootsMode;
 
 /// Mount options after parsing.
 #[derive(Clone, Debug, PartialEq, Eq)]
