@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the closure parser and the erofs writer (cargo-fuzz, libFuzzer) for a bounded
+# Fuzzes the closure parser, the erofs writer and the virtio-fs device (cargo-fuzz, libFuzzer) for a bounded
 # time: FUZZ_SECONDS per target (default 30; set it higher to fuzz on demand). Inputs that
 # once crashed a target are replayed first (tests/fuzz/regressions). Run as root: the
 # erofs target mounts every image it writes.
@@ -17,7 +17,7 @@ fi
 export RUSTC_BOOTSTRAP=1
 fuzz=(cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none)
 
-for target in closure erofs; do
+for target in closure erofs virtiofs; do
   if [ -d "tests/fuzz/regressions/$target" ]; then
     "${fuzz[@]}" "$target" "tests/fuzz/regressions/$target" -- -runs=0
   fi

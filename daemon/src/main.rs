@@ -34,18 +34,20 @@ Examples:
   fusermount3 -u /mnt/store
 
   # Straight to a guest, as an ordinary user, with no host mount (qemu connects to the
-  # socket: -chardev socket,id=store,path=/tmp/store.sock
+  # socket: -chardev socket,id=store,path=$XDG_RUNTIME_DIR/store.sock
   #   -device vhost-user-fs-pci,chardev=store,tag=nix-store
   #   -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem):
-  nixstorefs --socket-path /tmp/store.sock closure.txt
+  nixstorefs --socket-path $XDG_RUNTIME_DIR/store.sock closure.txt
 
   # /etc/fstab:
   /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
 
 Exit status: 0 once the mount or socket is live (detached), or when the guest disconnects
 or a signal ends the daemon (-f); 2 for bad input (a malformed closure, closure paths
-missing from the store, bad options); 1 when mounting, listening or serving fails, or when
-the garbage collector roots asked for (--gc-roots daemon|local) cannot be taken.";
+missing from the store, bad options); 1 when mounting, listening or serving fails (a socket
+path that is someone else's, guest memory not shared with the daemon), when the sandbox
+cannot be entered, or when the garbage collector roots asked for (--gc-roots daemon|local)
+cannot be taken.";
 
 /// Presents exactly one Nix closure of the host's store, read-only: as a FUSE mount, or
 /// to one guest as a vhost-user virtio-fs device (--socket-path, --fd).
