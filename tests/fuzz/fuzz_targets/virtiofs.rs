@@ -54,7 +54,7 @@ fn state() -> &'static Mutex<State> {
     static STATE: OnceLock<Mutex<State>> = OnceLock::new();
     STATE.get_or_init(|| {
         let h = Harness::new(LIMITS, 4, 64);
-        let fds = Harness::open_descriptors();
+        let fds = h.open_descriptors();
         Mutex::new(State { h, fds })
     })
 }
@@ -135,7 +135,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let (files, dirs) = h.session.open_handles();
         assert!(files <= LIMITS.max_open_files && dirs <= LIMITS.max_open_dirs);
-        let now = Harness::open_descriptors();
+        let now = h.open_descriptors();
         assert!(
             now <= *fds + LIMITS.max_cached_files + 8,
             "{now} descriptors, {} at the start",
