@@ -437,27 +437,11 @@ impl Cleaner {
         match unsafe { libc::fork() } {
             -1 => Err(std::io::Error::last_os_error()),
             0 => unsafe {
-                // Terminal signals to the process group must not end it before its job.
-                let mut all: libc::sigset_t = std::mem::zeroed();
-                libc::sigfillset(&mut all);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-                // Every descriptor but its pipes and the lock: it must not hold the
-                // terminal, the pipes of whoever started the daemon (they wait for their
-                // end of file), or the listening socket.
-                let mut first = 0u32;
-                for &fd in &keep {
-                    let fd = fd as u32;
-                    if fd > first {
-                        libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
-                    }
-                    first = fd + 1;
-                }
-                libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
-                let mut byte = 0u8;
+                // Its pipes and the locks only: not the listening socket.
+                become_helper(&keep);
                 // A byte (asked) or end of file (the daemon died): either way, clean up.
-                while libc::read(request_read.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) < 0
-                    && *libc::__errno_location() == libc::EINTR
-                {}
+                let mut byte = 0u8;
+                read_byte(request_read.as_raw_fd(), &mut byte);
                 for path in &paths {
                     libc::unlink(path.as_ptr());
                 }
@@ -521,6 +505,45 @@ pub fn inherited_listener(fd: i32) -> Result<vhost::vhost_user::Listener, String
     Ok(unsafe { vhost::vhost_user::Listener::from_raw_fd(fd) })
 }
 
+/// Makes a freshly forked child a helper: every signal blocked (a terminal's signals to
+/// the process group must not end it before its job), every descriptor closed but `keep`
+/// (sorted), so that it holds no terminal, no pipe whoever started the daemon waits on,
+/// and nothing of the daemon's. Only async-signal-safe calls.
+///
+/// # Safety
+///
+/// To be called in the child of a fork, before anything else; `keep` must be sorted.
+unsafe fn become_helper(keep: &[std::os::fd::RawFd]) {
+    // SAFETY: signal-set calls on a local set, and close_range on whole ranges of this
+    // process's descriptor table, which no Rust object of the child uses any more.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        let mut first = 0u32;
+        for &fd in keep {
+            let fd = fd as u32;
+            if fd > first {
+                libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
+            }
+            first = fd + 1;
+        }
+        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
+    }
+}
+
+/// Reads one byte from `fd`, retrying on EINTR; returns what read(2) returned.
+fn read_byte(fd: std::os::fd::RawFd, byte: &mut u8) -> isize {
+    loop {
+        // SAFETY: a one-byte read into a valid byte.
+        let n = unsafe { libc::read(fd, (byte as *mut u8).cast(), 1) };
+        // SAFETY: errno of this thread.
+        if n >= 0 || unsafe { *libc::__errno_location() } != libc::EINTR {
+            return n;
+        }
+    }
+}
+
 /// How an unmount asked of the [`Unmounter`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnmountOutcome {
@@ -562,6 +585,8 @@ impl Unmounter {
         );
         let (request_read, request) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let (done_read, done_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let mut keep = [request_read.as_raw_fd(), done_write.as_raw_fd()];
+        keep.sort_unstable();
         // Runs `fusermount3 FLAG TARGET` and says whether it exited 0; async-signal-safe.
         let run = |flag: &CString| -> bool {
             // SAFETY: fork/exec/waitpid in the single-threaded unmounter, with argument
@@ -598,29 +623,10 @@ impl Unmounter {
         match unsafe { libc::fork() } {
             -1 => Err(std::io::Error::last_os_error()),
             0 => unsafe {
-                let mut all: libc::sigset_t = std::mem::zeroed();
-                libc::sigfillset(&mut all);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-                // Nothing of the daemon's: not /dev/fuse (the connection must end with the
-                // daemon), not the pipes of whoever started it.
-                let mut keep = [request_read.as_raw_fd(), done_write.as_raw_fd()];
-                keep.sort_unstable();
-                let mut first = 0u32;
-                for fd in keep {
-                    let fd = fd as u32;
-                    if fd > first {
-                        libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
-                    }
-                    first = fd + 1;
-                }
-                libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
+                // Its pipes only: not /dev/fuse (the connection must end with the daemon).
+                become_helper(&keep);
                 let mut byte = 0u8;
-                let got = loop {
-                    let n = libc::read(request_read.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
-                    if n >= 0 || *libc::__errno_location() != libc::EINTR {
-                        break n;
-                    }
-                };
+                let got = read_byte(request_read.as_raw_fd(), &mut byte);
                 if got != 1 {
                     // The daemon is gone without asking: leave the mount as it is.
                     libc::_exit(0);
