@@ -1055,13 +1055,20 @@ fn native_backend_names_unshared_guest_memory() {
     vm::open_to_others(t.dir.path());
     let boot = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
-        .nixstorefs(TAG, &t.s.store_dir, &t.s.closure_file, &[])
+        .nixstorefs(TAG, &t.s.store_dir, &t.s.closure_file, &["-vvv"])
         .unshared_memory()
         .timeout(Duration::from_secs(120))
         .boot();
     let backend = &boot.backends[0];
     let status = backend.status.expect("the daemon exits by itself");
-    assert_eq!(status.code(), Some(1), "{}", boot.virtiofsd_log);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{}\nqemu: {}\nconsole: {}",
+        boot.virtiofsd_log,
+        boot.qemu_stderr,
+        boot.console
+    );
     assert!(
         boot.virtiofsd_log.contains("share=on"),
         "the daemon's message names the option to add:\n{}",

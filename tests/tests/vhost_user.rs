@@ -18,6 +18,22 @@ use nixstorefs_tests::vm::{self, UNPRIVILEGED_UID};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Stops, on drop, every daemon serving `.0` (a detached daemon is not our child).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let pids = harness::pids_with_arg(self.0.as_os_str());
+        if !pids.is_empty() && !harness::stop_pids(&pids, TIMEOUT) {
+            for pid in pids {
+                if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+}
+
 /// A daemon killed and reaped on drop, whatever the test did.
 struct Daemon(Option<Child>);
 
@@ -264,6 +280,8 @@ fn a_killed_daemons_socket_is_replaced() {
 fn detaches_once_the_socket_exists() {
     let t = setup();
     let socket = t.socket("store.sock");
+    // Whatever happens below, no detached daemon outlives the test.
+    let _reaper = Reaper(socket.clone());
     let out = harness::run(
         &mut t.command(&["--socket-path", socket.to_str().unwrap()]),
         TIMEOUT,

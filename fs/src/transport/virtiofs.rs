@@ -113,7 +113,13 @@ pub fn serve(
         .name("refuse-vmm".into())
         .spawn(move || refuse_others(listener))?;
     let result = daemon.wait();
-    let regions = device.memory_regions();
+    if device.memory_unshared() {
+        return Err(io::Error::other(
+            "the VMM shared none of the guest's memory with the daemon, so no request could \
+             be served: give qemu -object memory-backend-memfd,id=mem,size=<the -m size>,\
+             share=on -numa node,memdev=mem (or a memory-backend-file with share=on)",
+        ));
+    }
     match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
@@ -125,11 +131,6 @@ pub fn serve(
                 Ok(Ended::DisconnectedDuringSetup)
             }
         }
-        Err(e) if regions == 0 => Err(io::Error::other(format!(
-            "the VMM shared none of the guest's memory with the daemon ({e}): give qemu \
-             -object memory-backend-memfd,id=mem,size=<the -m size>,share=on \
-             -numa node,memdev=mem (or a memory-backend-file with share=on)"
-        ))),
         Err(e) => Err(io::Error::other(format!("serving the guest failed: {e}"))),
     }
 }

@@ -85,6 +85,13 @@ pub struct Device<F: FileSystem + Sync> {
     broken: [AtomicBool; NUM_QUEUES],
     regions: AtomicUsize,
     started: AtomicBool,
+    /// Set when the guest queued requests while no guest memory was shared: the VMM runs
+    /// the guest with memory the daemon cannot map.
+    unshared: AtomicBool,
+    /// Set when the VMM acknowledged the guest driver's features: the device was started.
+    features_acked: AtomicBool,
+    /// Kicks that found an empty ring before any request was ever served.
+    empty_kicks: AtomicUsize,
     tag: Option<String>,
     warnings: Limiter,
 }
@@ -126,6 +133,9 @@ impl<F: FileSystem + Sync> Device<F> {
             broken: [AtomicBool::new(false), AtomicBool::new(false)],
             regions: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            unshared: AtomicBool::new(false),
+            features_acked: AtomicBool::new(false),
+            empty_kicks: AtomicUsize::new(0),
             tag,
             warnings: Limiter::default(),
         })
@@ -135,6 +145,15 @@ impl<F: FileSystem + Sync> Device<F> {
     /// shared with the daemon (qemu without `share=on`), and no request can be served.
     pub fn memory_regions(&self) -> usize {
         self.regions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the guest's driver started the device (the VMM acknowledged its features)
+    /// or queued requests while the VMM shared none of the guest's memory (qemu without
+    /// `share=on`: it leaves memory without a descriptor out of the table, and the rings
+    /// cannot even be found): nothing can be served.
+    pub fn memory_unshared(&self) -> bool {
+        self.unshared.load(Ordering::Relaxed)
+            || (self.features_acked.load(Ordering::Relaxed) && self.memory_regions() == 0)
     }
 
     /// Whether the guest ever queued a request: a VMM disconnecting before that left
@@ -293,6 +312,23 @@ impl<F: FileSystem + Sync> Device<F> {
         reply_error(spare, header.unique, errno)
     }
 
+    /// A kick that found nothing on a ring that never had anything: a guest only kicks
+    /// after queueing a request, so a few of these mean the daemon does not see what the
+    /// guest writes: the VMM mapped the guest's memory privately (qemu's
+    /// `memory-backend-memfd` without `share=on` still passes the memfd, whose private
+    /// copy-on-write pages the daemon never sees).
+    fn empty_kick(&self) {
+        const EMPTY_KICKS: usize = 3;
+        if self.empty_kicks.fetch_add(1, Ordering::Relaxed) + 1 >= EMPTY_KICKS
+            && !self.unshared.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "the guest's requests never reach the daemon: its VMM does not share the \
+                 guest's memory (give qemu -object memory-backend-memfd,...,share=on)"
+            );
+        }
+    }
+
     /// The guest's memory now, if the VMM has shared it.
     fn memory(&self) -> Option<GuestMemoryShared> {
         self.memory.read().clone()
@@ -313,6 +349,9 @@ impl<F: FileSystem + Sync> Device<F> {
         if let Drained::Served { used, notify } = drained {
             if used > 0 && notify {
                 signal(&state)?;
+            }
+            if used == 0 && !self.started() {
+                self.empty_kick();
             }
         }
         Ok(())
@@ -388,6 +427,10 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for Device<F> {
             .collect();
         out.resize(size as usize, 0);
         out
+    }
+
+    fn acked_features(&self, _features: u64) {
+        self.features_acked.store(true, Ordering::Relaxed);
     }
 
     fn reset_device(&self) {
