@@ -104,6 +104,18 @@ pub enum GcRootsError {
         /// What went wrong.
         message: String,
     },
+    /// A collection holds `gc.lock` without listening on its socket for new roots: a
+    /// collector older than Nix 2.5, which local mode does not support.
+    CollectorWithoutSocket {
+        /// `<state>/gc.lock`.
+        gc_lock: PathBuf,
+        /// `<state>/gc-socket/socket`.
+        socket: PathBuf,
+        /// The processes holding the lock, as far as `/proc/locks` tells.
+        holders: String,
+        /// How long the socket was tried.
+        waited: std::time::Duration,
+    },
     /// The requested mechanism cannot apply to this store directory.
     NotNixStore {
         /// The directory served.
@@ -128,6 +140,22 @@ impl fmt::Display for GcRootsError {
             GcRootsError::Daemon { socket, message } => write!(
                 f,
                 "cannot take garbage collector roots through the nix-daemon at {}: {message}",
+                socket.display()
+            ),
+            GcRootsError::CollectorWithoutSocket {
+                gc_lock,
+                socket,
+                holders,
+                waited,
+            } => write!(
+                f,
+                "cannot take garbage collector roots: a garbage collection ({holders}) has \
+                 held {} for {} s without listening on {}: collectors older than Nix 2.5 \
+                 take no new temporary roots while they run, and the local roots protocol \
+                 needs Nix 2.5 or later; use the nix-daemon (--gc-roots daemon), or start \
+                 again once that collection is over",
+                gc_lock.display(),
+                waited.as_secs_f32(),
                 socket.display()
             ),
             GcRootsError::NotNixStore {
