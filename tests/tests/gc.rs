@@ -265,6 +265,24 @@ fn roots_files(nix: &NixStore) -> Vec<String> {
     names
 }
 
+/// The pid of the one roots file, checked to be a live child of `daemon`: the roots keeper,
+/// which holds the roots under its own pid for the daemon.
+fn keeper_roots_file(nix: &NixStore, daemon: i32) -> i32 {
+    let files = roots_files(nix);
+    assert_eq!(files.len(), 1, "roots files: {files:?}");
+    let pid: i32 = files[0].parse().unwrap();
+    assert!(
+        harness::process_alive(pid),
+        "roots file of a dead process: {files:?}"
+    );
+    assert_eq!(
+        harness::parent_of(pid),
+        Some(daemon),
+        "the roots file {pid} is not the daemon's keeper"
+    );
+    pid
+}
+
 #[test]
 fn collection_while_mounted_keeps_the_closure_and_unmounting_releases_it() {
     let nix = NixStore::new();
@@ -276,7 +294,7 @@ fn collection_while_mounted_keeps_the_closure_and_unmounting_releases_it() {
         mount.stderr()
     );
     let pid = mount.pid().unwrap();
-    assert_eq!(roots_files(&nix), vec![pid.to_string()]);
+    keeper_roots_file(&nix, pid);
 
     let log = nix.gc(false);
     assert!(!other.exists(), "the garbage was kept: {log}");
@@ -336,8 +354,8 @@ fn detached_daemon_holds_the_roots_under_its_own_pid() {
     let pids = mount.daemon_pids();
     assert_eq!(pids.len(), 1, "daemon pids {pids:?}");
     // The parent that started it has exited: a file under its pid would be deleted as
-    // stale by the next Nix process to get that pid.
-    assert_eq!(roots_files(&nix), vec![pids[0].to_string()]);
+    // stale by the next Nix process to get that pid. The daemon's keeper holds them.
+    keeper_roots_file(&nix, pids[0]);
     nix.gc(false);
     assert_served(&nix, &mount);
     drop(mount);

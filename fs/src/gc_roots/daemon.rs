@@ -258,11 +258,29 @@ impl Connection {
         Ok(())
     }
 
-    /// The bare connection, kept open to keep the roots, no longer read.
-    pub(super) fn into_stream(self) -> UnixStream {
-        let stream = self.stream.into_inner();
-        let _ = stream.set_read_timeout(None);
-        stream
+    /// The connection's socket, for watching it.
+    pub(super) fn socket(&self) -> &UnixStream {
+        self.stream.get_ref()
+    }
+
+    /// Whether the worker has hung up, without blocking: the daemon sends nothing between
+    /// operations, so end of file, an error, or bytes it had no reason to send all mean the
+    /// connection no longer holds the roots (or cannot be trusted to).
+    pub(super) fn hung_up(&self) -> bool {
+        use rustix::net::RecvFlags;
+        if !self.stream.buffer().is_empty() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(
+            self.socket(),
+            &mut byte,
+            RecvFlags::DONTWAIT | RecvFlags::PEEK,
+        ) {
+            Ok(_) => true,
+            Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => false,
+            Err(_) => true,
+        }
     }
 }
 
@@ -270,7 +288,10 @@ impl Connection {
 pub(super) mod fake {
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     /// A scripted nix-daemon speaking protocol 1.38: it logs an activity and a line for
     /// each root, refuses paths ending in `-bad` as current Nix reports errors, and returns
@@ -279,7 +300,16 @@ pub(super) mod fake {
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let listener = UnixListener::bind(socket).unwrap();
         std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let mut roots = Vec::new();
+            serve(conn, |root| roots.push(root));
+            roots
+        })
+    }
+
+    /// Serves one connection as [`fake_daemon`] does, telling `on_root` each root taken.
+    fn serve(mut conn: UnixStream, mut on_root: impl FnMut(String)) {
+        {
             let u64_in = |c: &mut UnixStream| -> Option<u64> {
                 let mut b = [0u8; 8];
                 c.read_exact(&mut b).ok().map(|()| u64::from_le_bytes(b))
@@ -303,7 +333,6 @@ pub(super) mod fake {
             put(&mut out, 1); // trusted
             put(&mut out, 0x616c_7473);
             conn.write_all(&out).unwrap();
-            let mut roots = Vec::new();
             while let Some(op) = u64_in(&mut conn) {
                 assert_eq!(op, 11, "wopAddTempRoot");
                 let len = u64_in(&mut conn).unwrap() as usize;
@@ -340,12 +369,137 @@ pub(super) mod fake {
                     put_str(&mut out, b"a log line\n");
                     put(&mut out, 0x616c_7473);
                     put(&mut out, 1);
-                    roots.push(path);
+                    on_root(path);
                 }
-                conn.write_all(&out).unwrap();
+                if conn.write_all(&out).is_err() {
+                    break;
+                }
             }
-            roots
-        })
+        }
+    }
+
+    /// What a [`FakeDaemon`] saw, in order.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) enum Event {
+        /// Connection N was accepted.
+        Opened(usize),
+        /// Connection N took a root.
+        Root(usize, String),
+        /// Connection N ended: the client closed it, or it was killed.
+        Closed(usize),
+    }
+
+    /// A scripted nix-daemon that serves any number of connections, each with a worker
+    /// of its own (a thread), and whose workers a test can kill.
+    pub(crate) struct FakeDaemon {
+        socket: PathBuf,
+        events: Arc<Mutex<Vec<Event>>>,
+        streams: Arc<Mutex<Vec<UnixStream>>>,
+        stop: Arc<AtomicBool>,
+        acceptor: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl FakeDaemon {
+        /// Listens on `socket`.
+        pub(crate) fn start(socket: &Path) -> FakeDaemon {
+            std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+            let listener = UnixListener::bind(socket).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let events = Arc::new(Mutex::new(Vec::new()));
+            let streams = Arc::new(Mutex::new(Vec::<UnixStream>::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (e, s, st) = (events.clone(), streams.clone(), stop.clone());
+            let acceptor = std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            conn.set_nonblocking(false).unwrap();
+                            let mut streams = s.lock().unwrap();
+                            let id = streams.len();
+                            streams.push(conn.try_clone().unwrap());
+                            e.lock().unwrap().push(Event::Opened(id));
+                            let e = e.clone();
+                            std::thread::spawn(move || {
+                                let roots = e.clone();
+                                serve(conn, |root| {
+                                    roots.lock().unwrap().push(Event::Root(id, root))
+                                });
+                                e.lock().unwrap().push(Event::Closed(id));
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+            FakeDaemon {
+                socket: socket.to_owned(),
+                events,
+                streams,
+                stop,
+                acceptor: Some(acceptor),
+            }
+        }
+
+        /// Everything seen so far.
+        pub(crate) fn events(&self) -> Vec<Event> {
+            self.events.lock().unwrap().clone()
+        }
+
+        /// The roots connection `id` took.
+        pub(crate) fn roots(&self, id: usize) -> Vec<String> {
+            self.events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Root(i, r) if i == id => Some(r),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// The connections accepted and not ended.
+        pub(crate) fn open(&self) -> Vec<usize> {
+            let events = self.events();
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Opened(i) if !events.contains(&Event::Closed(*i)) => Some(*i),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Kills the worker of connection `id`: the client reads end of file.
+        pub(crate) fn kill(&self, id: usize) {
+            let _ = self.streams.lock().unwrap()[id].shutdown(std::net::Shutdown::Both);
+        }
+
+        /// Waits (at most 10 s) until `done` holds for the events; panics otherwise.
+        pub(crate) fn wait_for(&self, what: &str, done: impl Fn(&[Event]) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done(&self.events()) {
+                assert!(Instant::now() < deadline, "{what}: {:?}", self.events());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// Stops listening (the socket goes), as a daemon that is stopped does; the
+        /// workers of open connections stay.
+        pub(crate) fn stop_listening(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.acceptor.take() {
+                t.join().unwrap();
+            }
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+
+    impl Drop for FakeDaemon {
+        fn drop(&mut self) {
+            self.stop_listening();
+            for s in self.streams.lock().unwrap().iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 

@@ -19,16 +19,20 @@
 //! after a path was found present would otherwise be free to delete it.
 //!
 //! One module per mechanism: `daemon` speaks the worker protocol, `local` the temporary
-//! roots file protocol.
+//! roots file protocol, and `keeper` is the process that holds the roots for a daemon
+//! that serves for long: it takes them again when the nix-daemon's worker holding them
+//! dies (OOM, `kill`), which would otherwise leave them to the next collection.
 
 mod daemon;
+mod keeper;
 mod local;
+
+pub use keeper::{RootsGate, RootsState};
 
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::store_path::StorePath;
@@ -116,6 +120,11 @@ pub enum GcRootsError {
         /// How long the socket was tried.
         waited: std::time::Duration,
     },
+    /// The keeper process could not be started, or could not do what it was asked.
+    Keeper {
+        /// What went wrong.
+        message: String,
+    },
     /// The requested mechanism cannot apply to this store directory.
     NotNixStore {
         /// The directory served.
@@ -158,6 +167,9 @@ impl fmt::Display for GcRootsError {
                 waited.as_secs_f32(),
                 socket.display()
             ),
+            GcRootsError::Keeper { message } => {
+                write!(f, "garbage collector roots keeper: {message}")
+            }
             GcRootsError::NotNixStore {
                 store_dir,
                 nix_store_dir,
@@ -194,20 +206,30 @@ fn io_error<'a>(
 
 /// Store paths held as temporary roots for as long as this value (and so normally the
 /// process) lives. The kernel releases them when the process dies, however it dies.
+///
+/// A daemon that serves for long hands them to a keeper process with
+/// [`TempRoots::keep_outside`]: it watches the nix-daemon connection and takes the roots
+/// again when the worker holding them dies, and [`TempRoots::gate`] tells the request path
+/// whether they are held.
 pub struct TempRoots {
     holder: Holder,
     /// The paths as Nix prints them: `<Nix store dir>/<base name>`.
     paths: Vec<Vec<u8>>,
+    dirs: NixDirs,
+    mode: GcRootsMode,
 }
 
+/// What holds the roots in this process.
 enum Holder {
     Off,
+    /// A nix-daemon worker, for as long as the connection is open.
     Daemon {
         socket: PathBuf,
-        // Never read after registration: the daemon holds the roots while it is open.
-        _conn: UnixStream,
+        conn: daemon::Connection,
     },
     Local(LocalRoots),
+    /// The keeper process, which holds them one of the two ways above.
+    Kept(keeper::Keeper),
 }
 
 impl fmt::Debug for TempRoots {
@@ -216,6 +238,66 @@ impl fmt::Debug for TempRoots {
             .field("held_by", &self.held_by())
             .field("paths", &self.paths.len())
             .finish()
+    }
+}
+
+/// The paths of `store_dir` as Nix prints them.
+fn printed_paths(store_dir: &Path, paths: &[StorePath]) -> Vec<Vec<u8>> {
+    let mut printed: Vec<Vec<u8>> = Vec::with_capacity(paths.len());
+    for p in paths {
+        let mut s = store_dir.as_os_str().as_bytes().to_vec();
+        s.push(b'/');
+        s.extend_from_slice(p.base_name().as_bytes());
+        if !printed.contains(&s) {
+            printed.push(s);
+        }
+    }
+    printed
+}
+
+/// `paths` through a new connection to the nix-daemon at `socket`.
+fn hold_through_daemon(socket: &Path, paths: &[Vec<u8>]) -> Result<Holder, GcRootsError> {
+    let mut conn = daemon::connect(socket).map_err(|e| e.at(socket))?;
+    conn.add_temp_roots(paths).map_err(|e| e.at(socket))?;
+    Ok(Holder::Daemon {
+        socket: socket.to_owned(),
+        conn,
+    })
+}
+
+/// `paths` in a roots file of this process under `state_dir`.
+fn hold_in_file(state_dir: &Path, paths: &[Vec<u8>]) -> Result<Holder, GcRootsError> {
+    let mut local = LocalRoots::create(state_dir)?;
+    local.add(paths)?;
+    Ok(Holder::Local(local))
+}
+
+/// Makes `holder` (the daemon or the local protocol) hold `new` instead of `old`, never
+/// without the paths in both: paths are added first; dropping some takes a new daemon
+/// connection holding `new` before the old one closes, or a rewrite of the roots file that
+/// no collector can see halfway.
+fn replace_held(holder: &mut Holder, old: &[Vec<u8>], new: &[Vec<u8>]) -> Result<(), GcRootsError> {
+    let added: Vec<Vec<u8>> = new.iter().filter(|p| !old.contains(p)).cloned().collect();
+    let dropping = old.iter().any(|p| !new.contains(p));
+    match holder {
+        Holder::Off | Holder::Kept(_) => Ok(()),
+        Holder::Daemon { socket, conn } => {
+            if !dropping {
+                return conn.add_temp_roots(&added).map_err(|e| e.at(socket));
+            }
+            // The worker keeps a connection's roots until it closes: a new one holds the
+            // new set before the old one goes.
+            let replacement = hold_through_daemon(&socket.clone(), new)?;
+            *holder = replacement;
+            Ok(())
+        }
+        Holder::Local(local) => {
+            local.add(&added)?;
+            if dropping {
+                local.retain(new)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -240,6 +322,8 @@ impl TempRoots {
         let off = TempRoots {
             holder: Holder::Off,
             paths: Vec::new(),
+            dirs: dirs.clone(),
+            mode: GcRootsMode::Off,
         };
         if mode == GcRootsMode::Off {
             tracing::info!("garbage collector roots: off (--gc-roots off)");
@@ -259,15 +343,13 @@ impl TempRoots {
                 nix_store_dir: dirs.store_dir.clone(),
             });
         }
-        let printed: Vec<Vec<u8>> = paths
-            .iter()
-            .map(|p| {
-                let mut s = dirs.store_dir.as_os_str().as_bytes().to_vec();
-                s.push(b'/');
-                s.extend_from_slice(p.base_name().as_bytes());
-                s
-            })
-            .collect();
+        let printed = printed_paths(&dirs.store_dir, paths);
+        let held = |holder| TempRoots {
+            holder,
+            paths: printed.clone(),
+            dirs: dirs.clone(),
+            mode,
+        };
 
         let use_daemon = match mode {
             GcRootsMode::Daemon => true,
@@ -284,13 +366,10 @@ impl TempRoots {
                         "garbage collector roots held by the nix-daemon at {}",
                         dirs.daemon_socket.display()
                     );
-                    return Ok(TempRoots {
-                        holder: Holder::Daemon {
-                            socket: dirs.daemon_socket.clone(),
-                            _conn: conn.into_stream(),
-                        },
-                        paths: printed,
-                    });
+                    return Ok(held(Holder::Daemon {
+                        socket: dirs.daemon_socket.clone(),
+                        conn,
+                    }));
                 }
                 Err(e) if mode == GcRootsMode::Daemon => return Err(e.at(&dirs.daemon_socket)),
                 // A socket nobody listens on: a daemon that is not running.
@@ -310,29 +389,29 @@ impl TempRoots {
             );
             return Ok(off);
         }
-        let mut local = LocalRoots::create(&dirs.state_dir)?;
-        local.add(&printed)?;
-        tracing::info!(
-            paths = printed.len(),
-            "garbage collector roots held in {}",
-            local.file_path.display()
-        );
-        Ok(TempRoots {
-            holder: Holder::Local(local),
-            paths: printed,
-        })
+        let holder = hold_in_file(&dirs.state_dir, &printed)?;
+        if let Holder::Local(local) = &holder {
+            tracing::info!(
+                paths = printed.len(),
+                "garbage collector roots held in {}",
+                local.file_path.display()
+            );
+        }
+        Ok(held(holder))
     }
 
-    /// What holds the roots: `"daemon"`, `"local"`, or `None` when nothing does.
+    /// What holds the roots: `"daemon"`, `"local"`, or `None` when nothing does (off, or
+    /// a keeper that has lost them).
     pub fn held_by(&self) -> Option<&'static str> {
-        match self.holder {
+        match &self.holder {
             Holder::Off => None,
             Holder::Daemon { .. } => Some("daemon"),
             Holder::Local(_) => Some("local"),
+            Holder::Kept(keeper) => keeper.gate().held_by(),
         }
     }
 
-    /// The roots file, when the local protocol holds them.
+    /// The roots file, when the local protocol holds them in this process.
     pub fn roots_file(&self) -> Option<&Path> {
         match &self.holder {
             Holder::Local(l) => Some(&l.file_path),
@@ -343,7 +422,7 @@ impl TempRoots {
     /// Leaves the removal of the roots file to someone else (a process that outlives this
     /// one, when this one may not unlink files): returns the file and its lock's
     /// descriptor, which must stay open until the file is gone. `None` unless the local
-    /// protocol holds the roots.
+    /// protocol holds the roots in this process (a keeper removes its own file).
     pub fn leave_removal(&mut self) -> Option<(PathBuf, std::os::fd::RawFd)> {
         use std::os::fd::AsRawFd;
         match &mut self.holder {
@@ -376,6 +455,86 @@ impl TempRoots {
         if let Some(path) = self.roots_file() {
             tracing::debug!("garbage collector roots moved to {}", path.display());
         }
+        Ok(())
+    }
+
+    /// Hands the roots to a keeper process, forked here, for the rest of this value's life:
+    /// it holds them (the same daemon connection, or a roots file under its own pid, this
+    /// process's file removed once the keeper's is written), watches the nix-daemon
+    /// connection and takes the roots again when it hangs up (a worker killed or out of
+    /// memory), through a new connection or else the roots file where the state directory
+    /// is writable. [`TempRoots::gate`] says whether they are held meanwhile.
+    ///
+    /// For a daemon that is about to give up what a keeper needs (connecting, creating
+    /// files: the sandbox). Must be called while the process has one thread. The keeper
+    /// logs as this process does: it keeps standard error when `keep_stderr` (a daemon in
+    /// the foreground), and the log file's descriptor `log_fd`; it closes every other
+    /// descriptor, and exits once this value is dropped or this process dies. Nothing to
+    /// do when no roots are held, or a keeper holds them already.
+    pub fn keep_outside(
+        &mut self,
+        keep_stderr: bool,
+        log_fd: Option<std::os::fd::RawFd>,
+    ) -> Result<(), GcRootsError> {
+        let start = match std::mem::replace(&mut self.holder, Holder::Off) {
+            Holder::Daemon { socket, conn } => keeper::Start::Daemon { socket, conn },
+            Holder::Local(local) => keeper::Start::Local(local),
+            other => {
+                self.holder = other;
+                return Ok(());
+            }
+        };
+        let options = keeper::Options {
+            dirs: self.dirs.clone(),
+            mode: self.mode,
+            keep_stderr,
+            keep_fds: log_fd.into_iter().collect(),
+        };
+        match keeper::Keeper::spawn(start, &self.paths, options) {
+            Ok(keeper) => {
+                self.holder = Holder::Kept(keeper);
+                Ok(())
+            }
+            Err(failed) => {
+                let (e, start) = *failed;
+                self.holder = match start {
+                    keeper::Start::Daemon { socket, conn } => Holder::Daemon { socket, conn },
+                    keeper::Start::Local(local) => Holder::Local(local),
+                };
+                Err(e)
+            }
+        }
+    }
+
+    /// What the request path asks before serving: whether the roots are held right now.
+    /// With a keeper, it follows the keeper (taken again, being taken again, lost, the
+    /// keeper gone); without one, the roots are held by this process for its life (or none
+    /// were asked for) and the gate is always open.
+    pub fn gate(&self) -> RootsGate {
+        match &self.holder {
+            Holder::Kept(keeper) => keeper.gate(),
+            _ => RootsGate::open(),
+        }
+    }
+
+    /// Makes the roots hold exactly `paths` (of the store directory they were taken for),
+    /// and returns once they do: for changing what is served while serving. Paths to add
+    /// must be added before anything makes them visible, and paths to drop dropped only
+    /// after nothing serves them any more, so a change takes two calls: the union first,
+    /// then the new set. No collector sees the roots without a path that both sets hold:
+    /// the nix-daemon gets a new connection holding the new set before the old one closes,
+    /// and a roots file is rewritten under the shared `gc.lock` (see the `local` module).
+    /// On error the old set is still held, and any path to add may not be.
+    pub fn replace(&mut self, paths: &[StorePath]) -> Result<(), GcRootsError> {
+        if matches!(self.holder, Holder::Off) {
+            return Ok(());
+        }
+        let new = printed_paths(&self.dirs.store_dir, paths);
+        match &mut self.holder {
+            Holder::Kept(keeper) => keeper.replace(&new)?,
+            holder => replace_held(holder, &self.paths, &new)?,
+        }
+        self.paths = new;
         Ok(())
     }
 }
@@ -550,5 +709,47 @@ mod tests {
             TempRoots::hold_with(GcRootsMode::Off, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
         assert_eq!(roots.held_by(), None);
         assert!(!f.dirs.state_dir.join("temproots").exists());
+    }
+
+    #[test]
+    fn replace_without_a_keeper_adds_then_drops() {
+        let f = fixture();
+        let extra = StorePath::new("3a7c0xbqkqi3i8a1xndh6h8gwb3sw0nb-extra").unwrap();
+        let extra_printed = format!("{}/{}", f.dirs.store_dir.display(), extra.base_name());
+        let mut union = f.paths.clone();
+        union.push(extra.clone());
+        let new = vec![f.paths[0].clone(), extra];
+
+        let mut local =
+            TempRoots::hold_with(GcRootsMode::Local, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        local.replace(&union).unwrap();
+        let mut expected = printed(&f);
+        expected.push(extra_printed.clone());
+        assert_eq!(entries(local.roots_file().unwrap()), expected);
+        local.replace(&new).unwrap();
+        assert_eq!(
+            entries(local.roots_file().unwrap()),
+            vec![printed(&f)[0].clone(), extra_printed.clone()]
+        );
+        drop(local);
+
+        let daemon = super::daemon::fake::FakeDaemon::start(&f.dirs.daemon_socket);
+        let mut held =
+            TempRoots::hold_with(GcRootsMode::Daemon, &f.dirs, &f.dirs.store_dir, &f.paths)
+                .unwrap();
+        held.replace(&new).unwrap();
+        assert_eq!(daemon.roots(1), vec![printed(&f)[0].clone(), extra_printed]);
+        daemon.wait_for("the first connection closed", |e| {
+            e.contains(&super::daemon::fake::Event::Closed(0))
+        });
+        assert_eq!(daemon.open(), vec![1]);
+        // Without a keeper, the gate is always open.
+        assert!(held.gate().is_held());
+        drop(held);
+
+        let mut off =
+            TempRoots::hold_with(GcRootsMode::Off, &f.dirs, &f.dirs.store_dir, &f.paths).unwrap();
+        off.replace(&new).unwrap();
+        assert_eq!(off.held_by(), None);
     }
 }
