@@ -137,8 +137,8 @@ impl Drop for Page {
 }
 
 /// Whether the served paths may be served now: cheap enough to ask before every request
-/// (two atomic loads). Cloned into every thread that serves; see [`TempRoots::gate`]
-/// (super::TempRoots::gate).
+/// (two atomic loads). Cloned into every thread that serves; see
+/// [`TempRoots::gate`](super::TempRoots::gate).
 #[derive(Clone)]
 pub struct RootsGate {
     /// `None`: no keeper, and nothing to wait for.
