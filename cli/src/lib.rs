@@ -75,6 +75,15 @@ pub fn hold_roots(mode: GcRootsMode, closure: &Closure) -> Result<TempRoots, Fai
         .map_err(|e| Failure::runtime(e.to_string()))
 }
 
+/// The log file's descriptor, once [`init_logging`] opened one.
+static LOG_FD: std::sync::OnceLock<std::os::fd::RawFd> = std::sync::OnceLock::new();
+
+/// The descriptor of the log file [`init_logging`] opened, if any: a process forked to
+/// work beside the daemon (the roots keeper) keeps it open to log there too.
+pub fn log_fd() -> Option<std::os::fd::RawFd> {
+    LOG_FD.get().copied()
+}
+
 /// Logs through tracing to stderr, or appended to `log_file`: `-v` info, `-vv` debug,
 /// `-vvv` trace, warnings otherwise; RUST_LOG overrides.
 pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure> {
@@ -96,6 +105,7 @@ pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Failure>
                 .map_err(|e| {
                     Failure::input(format!("cannot open log file {}: {e}", path.display()))
                 })?;
+            let _ = LOG_FD.set(std::os::fd::AsRawFd::as_raw_fd(&file));
             builder.with_ansi(false).with_writer(Arc::new(file)).init();
         }
         // Colours only for a terminal: logs captured to a file or a journal stay plain.

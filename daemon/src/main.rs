@@ -384,9 +384,12 @@ fn serve(
         .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
-    // Everything that needs the wider world happens before the sandbox: the unmounter and
-    // the clean-up process, /dev/null for the standard descriptors, systemd's socket, the
-    // read-ahead setting.
+    // Everything that needs the wider world happens before the sandbox: the roots keeper,
+    // the unmounter and the clean-up process, /dev/null for the standard descriptors,
+    // systemd's socket, the read-ahead setting.
+    roots
+        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     let cleanup = clean_up_outside(args, None, roots)?;
     let unmounter = if sandboxed(args) {
         let unmounter = daemon::Unmounter::spawn(&canonical)
@@ -528,9 +531,12 @@ fn serve_guest(
             None,
         ),
     };
-    // Everything that needs the wider world happens before the sandbox: the clean-up
-    // process, /dev/null for the standard descriptors, systemd's socket.
+    // Everything that needs the wider world happens before the sandbox: the roots keeper,
+    // the clean-up process, /dev/null for the standard descriptors, systemd's socket.
     let mut socket = socket;
+    roots
+        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     let cleanup = clean_up_outside(args, socket.as_mut(), roots)?;
     if detached.is_some() {
         if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {

@@ -357,7 +357,7 @@ pub fn pids_with_arg(arg: &OsStr) -> Vec<i32> {
 }
 
 /// The parent of `pid`, from /proc.
-fn parent_of(pid: i32) -> Option<i32> {
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the parenthesised command name: state, then the parent's pid.
     let (_, rest) = stat.rsplit_once(')')?;

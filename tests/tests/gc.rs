@@ -265,6 +265,32 @@ fn roots_files(nix: &NixStore) -> Vec<String> {
     names
 }
 
+/// The pid of the one roots file, checked to be a live child of `daemon`: the roots keeper,
+/// which holds the roots under its own pid for the daemon. Waits (bounded) for the daemon's
+/// own file to go: a foreground mount is live before the keeper has taken over.
+fn keeper_roots_file(nix: &NixStore, daemon: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let files = loop {
+        let files = roots_files(nix);
+        if files.len() == 1 || Instant::now() >= deadline {
+            break files;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(files.len(), 1, "roots files: {files:?}");
+    let pid: i32 = files[0].parse().unwrap();
+    assert!(
+        harness::process_alive(pid),
+        "roots file of a dead process: {files:?}"
+    );
+    assert_eq!(
+        harness::parent_of(pid),
+        Some(daemon),
+        "the roots file {pid} is not the daemon's keeper"
+    );
+    pid
+}
+
 #[test]
 fn collection_while_mounted_keeps_the_closure_and_unmounting_releases_it() {
     let nix = NixStore::new();
@@ -276,7 +302,7 @@ fn collection_while_mounted_keeps_the_closure_and_unmounting_releases_it() {
         mount.stderr()
     );
     let pid = mount.pid().unwrap();
-    assert_eq!(roots_files(&nix), vec![pid.to_string()]);
+    keeper_roots_file(&nix, pid);
 
     let log = nix.gc(false);
     assert!(!other.exists(), "the garbage was kept: {log}");
@@ -336,8 +362,8 @@ fn detached_daemon_holds_the_roots_under_its_own_pid() {
     let pids = mount.daemon_pids();
     assert_eq!(pids.len(), 1, "daemon pids {pids:?}");
     // The parent that started it has exited: a file under its pid would be deleted as
-    // stale by the next Nix process to get that pid.
-    assert_eq!(roots_files(&nix), vec![pids[0].to_string()]);
+    // stale by the next Nix process to get that pid. The daemon's keeper holds them.
+    keeper_roots_file(&nix, pids[0]);
     nix.gc(false);
     assert_served(&nix, &mount);
     drop(mount);
@@ -349,22 +375,41 @@ fn detached_daemon_holds_the_roots_under_its_own_pid() {
 struct NixDaemon {
     child: Child,
     log: PathBuf,
+    /// The state directory, by which its workers are found.
+    state: PathBuf,
+}
+
+/// The live `nix-daemon` processes (the daemon and its workers) of the state directory
+/// `state`, found by their environment: the workers start sessions of their own.
+fn nix_daemons_of(state: &Path) -> Vec<i32> {
+    let wanted = format!("NIX_STATE_DIR={}", state.display()).into_bytes();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let env = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            comm.trim_end() == "nix-daemon" && env.split(|&b| b == 0).any(|v| v == wanted)
+        })
+        .collect()
 }
 
 impl NixDaemon {
     fn start(nix: &NixStore) -> NixDaemon {
-        use std::os::unix::process::CommandExt;
         let log = nix.dir.path().join("nix-daemon.log");
         let out = fs::File::create(&log).unwrap();
         let child = nix
             .nix("nix-daemon")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
-            // A group of its own: the workers it forks go with it.
-            .process_group(0)
             .spawn()
             .expect("start nix-daemon");
-        let d = NixDaemon { child, log };
+        let d = NixDaemon {
+            child,
+            log,
+            state: nix.state.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(nix.daemon_socket()).is_err() {
             assert!(
@@ -381,11 +426,16 @@ impl NixDaemon {
 
 impl Drop for NixDaemon {
     fn drop(&mut self) {
-        let group = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        let _ = rustix::process::kill_process_group(group, Signal::TERM);
-        if harness::wait_bounded(&mut self.child, harness::STOP_TIMEOUT).is_none() {
-            let _ = rustix::process::kill_process_group(group, Signal::KILL);
-            let _ = self.child.wait();
+        // SIGKILL: a daemon told to stop with SIGTERM still accepts a connection waiting
+        // for it, and forks a worker for it on its way out. Then every worker goes too:
+        // they look at SIGTERM only between requests, so an idle one (holding a client's
+        // roots) would outlive the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for worker in nix_daemons_of(&self.state) {
+            if let Some(pid) = rustix::process::Pid::from_raw(worker) {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
         }
         if thread::panicking() {
             eprintln!(
@@ -446,6 +496,227 @@ fn the_daemon_releases_the_roots_of_a_killed_mount() {
         thread::sleep(Duration::from_millis(200));
     }
     drop(mount);
+}
+
+/// The pids whose temporary roots file lists every closure path, with the file's entries.
+fn holders_of_the_closure(nix: &NixStore) -> Vec<i32> {
+    let mut holders = Vec::new();
+    for name in roots_files(nix) {
+        let Ok(text) = fs::read(nix.state.join("temproots").join(&name)) else {
+            continue;
+        };
+        let entries: Vec<PathBuf> = text
+            .split(|b| *b == 0)
+            .filter(|e| !e.is_empty())
+            .map(|e| PathBuf::from(String::from_utf8_lossy(e).into_owned()))
+            .collect();
+        if nix.closure.iter().all(|p| entries.contains(p)) {
+            if let Ok(pid) = name.parse() {
+                if harness::process_alive(pid) {
+                    holders.push(pid);
+                }
+            }
+        }
+    }
+    holders
+}
+
+/// The nix-daemon worker holding the closure's roots for our connection: the live child of
+/// the test's nix-daemon whose roots file lists the closure.
+fn worker_holding_the_closure(nix: &NixStore, daemon: &NixDaemon) -> i32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let workers: Vec<i32> = holders_of_the_closure(nix)
+            .into_iter()
+            .filter(|&pid| harness::parent_of(pid) == Some(daemon.child.id() as i32))
+            .collect();
+        match workers[..] {
+            [worker] => return worker,
+            _ if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => panic!(
+                "no single nix-daemon worker holds the closure: {workers:?}, roots files {:?}",
+                roots_files(nix)
+            ),
+        }
+    }
+}
+
+/// Kills `worker` as the OOM killer would, and waits (bounded) until another live process
+/// holds the closure's roots; returns it, or `None` when nobody took them again.
+fn kill_worker_and_wait_for_new_roots(nix: &NixStore, worker: i32) -> Option<i32> {
+    let pid = rustix::process::Pid::from_raw(worker).unwrap();
+    rustix::process::kill_process(pid, Signal::KILL).expect("kill the worker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while harness::process_alive(worker) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker {worker} survived SIGKILL"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    loop {
+        let holders: Vec<i32> = holders_of_the_closure(nix)
+            .into_iter()
+            .filter(|&p| p != worker)
+            .collect();
+        if let Some(&holder) = holders.first() {
+            return Some(holder);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_nix_daemon_worker_is_replaced_while_mounted() {
+    let nix = NixStore::new();
+    let daemon = NixDaemon::start(&nix);
+    let other = nix.build("other");
+    let mount = nix.mount(&["-v", "--gc-roots", "daemon"]).start();
+    let worker = worker_holding_the_closure(&nix, &daemon);
+    let again = kill_worker_and_wait_for_new_roots(&nix, worker);
+    // The killed worker's file is stale now: the collection removes it, and deletes
+    // whatever only it held.
+    let log = nix.gc(true);
+    assert!(!other.exists(), "the garbage was kept: {log}");
+    assert_served(&nix, &mount);
+    let again = again.unwrap_or_else(|| {
+        panic!(
+            "nobody took the roots again after the worker died:\n{}",
+            mount.stderr()
+        )
+    });
+    assert_eq!(
+        harness::parent_of(again),
+        Some(daemon.child.id() as i32),
+        "the roots are held again, by a new nix-daemon worker"
+    );
+    assert!(
+        mount.stderr().contains("taking them again"),
+        "{}",
+        mount.stderr()
+    );
+    // And again: the new worker dies too.
+    let again_again = kill_worker_and_wait_for_new_roots(&nix, again);
+    nix.gc(true);
+    assert_served(&nix, &mount);
+    assert!(again_again.is_some(), "{}", mount.stderr());
+    drop(mount);
+    nix.gc(true);
+    assert_eq!(
+        nix.missing().len(),
+        nix.closure.len(),
+        "the roots outlived the mount"
+    );
+}
+
+#[test]
+fn a_killed_nix_daemon_worker_is_replaced_while_serving_virtio_fs() {
+    use std::os::unix::net::UnixDatagram;
+    // No guest: the daemon takes its roots at start, before a VMM connects.
+    let nix = NixStore::new();
+    let daemon = NixDaemon::start(&nix);
+    let socket = nix.dir.path().join("store.sock");
+    let ready = nix.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&ready).unwrap();
+    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let log = nix.dir.path().join("nixstorefs.log");
+    let mut served = ChildGuard(
+        nix.nix(harness::bin("nixstorefs").to_str().unwrap())
+            .args(["-f", "-v", "--gc-roots", "daemon", "--store-dir"])
+            .arg(&nix.store)
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg(&nix.closure_file)
+            .env("NOTIFY_SOCKET", &ready)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nixstorefs"),
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no READY=1 ({e}):\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert_eq!(&buf[..n], b"READY=1");
+    let stderr = || fs::read_to_string(&log).unwrap_or_default();
+
+    let worker = worker_holding_the_closure(&nix, &daemon);
+    let again = kill_worker_and_wait_for_new_roots(&nix, worker);
+    nix.gc(true);
+    assert_eq!(
+        nix.missing(),
+        Vec::<&PathBuf>::new(),
+        "closure paths deleted under the virtio-fs daemon:\n{}",
+        stderr()
+    );
+    // Still serving: alive, its socket there for a VMM.
+    assert!(
+        served.0.try_wait().unwrap().is_none(),
+        "the daemon exited:\n{}",
+        stderr()
+    );
+    assert!(socket.exists());
+    assert!(again.is_some(), "{}", stderr());
+    assert!(stderr().contains("taking them again"), "{}", stderr());
+
+    signal(&served.0, Signal::TERM);
+    let status = harness::wait_bounded(&mut served.0, TIMEOUT).expect("nixstorefs hung");
+    assert!(status.success(), "{status}: {}", stderr());
+    nix.gc(true);
+    assert_eq!(
+        nix.missing().len(),
+        nix.closure.len(),
+        "the roots outlived the daemon"
+    );
+}
+
+#[test]
+fn without_the_nix_daemon_the_roots_go_to_a_file() {
+    let nix = NixStore::new();
+    let daemon = NixDaemon::start(&nix);
+    let mount = nix.mount(&["-v"]).start();
+    assert!(
+        mount.stderr().contains("held by the nix-daemon"),
+        "{}",
+        mount.stderr()
+    );
+    // The whole nix-daemon goes (a stop or an upgrade), its workers with it: no new
+    // connection can be had, and the state directory is writable.
+    drop(daemon);
+    let keeper = |p: &i32| harness::parent_of(*p) == Some(mount.pid().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        if let Some(holder) = holders_of_the_closure(&nix).into_iter().find(keeper) {
+            break Some(holder);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    nix.gc(false);
+    assert_served(&nix, &mount);
+    let holder = holder.unwrap_or_else(|| panic!("no roots file:\n{}", mount.stderr()));
+    // The keeper's own file, and no other.
+    assert_eq!(keeper_roots_file(&nix, mount.pid().unwrap()), holder);
+    assert!(
+        mount.stderr().contains("held again in"),
+        "{}",
+        mount.stderr()
+    );
+    drop(mount);
+    nix.gc(false);
+    assert_eq!(
+        nix.missing().len(),
+        nix.closure.len(),
+        "the roots outlived the mount"
+    );
 }
 
 #[test]
