@@ -365,12 +365,17 @@ fn serve(
 ) -> Result<(), Failure> {
     let signals = nixstorefs_cli::block_signals();
     let view = Arc::new(view);
+    // The roots keeper first: requests are served only while it says the paths are rooted.
+    roots
+        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     let fs = StoreFs::new(
         view.clone(),
         FuseOptions {
             passthrough: !(args.no_passthrough || opts.no_passthrough),
             posix_acl: opts.mount.contains(&fuser::MountOption::DefaultPermissions),
         },
+        roots.gate(),
     );
     let mut config = fuser::Config::default();
     config.mount_options = opts.mount.clone();
@@ -384,13 +389,10 @@ fn serve(
         .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
-    // Everything that needs the wider world happens before the sandbox: the roots keeper,
-    // the unmounter and the clean-up process, /dev/null for the standard descriptors,
-    // systemd's socket, the read-ahead setting.
-    roots
-        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
-        .map_err(|e| Failure::runtime(e.to_string()))?;
-    let cleanup = clean_up_outside(args, None, roots)?;
+    // Everything that needs the wider world happens before the sandbox: the unmounter and
+    // the clean-up process, /dev/null for the standard descriptors, systemd's socket, the
+    // read-ahead setting.
+    let cleanup = clean_up_outside(args, None)?;
     let unmounter = if sandboxed(args) {
         let unmounter = daemon::Unmounter::spawn(&canonical)
             .map_err(|e| Failure::runtime(format!("cannot start the unmounter: {e}")))?;
@@ -431,13 +433,12 @@ fn serve(
     Ok(())
 }
 
-/// When sandboxed, forks the process that removes the socket, its lock and a local roots
-/// file once the daemon ends (the sandbox allows no unlink). Must be called while the
-/// process has one thread.
+/// When sandboxed, forks the process that removes the socket and its lock once the
+/// daemon ends (the sandbox allows no unlink; a local roots file is the roots keeper's to
+/// remove). Must be called while the process has one thread.
 fn clean_up_outside(
     args: &Args,
     socket: Option<&mut daemon::SocketFile>,
-    roots: &mut TempRoots,
 ) -> Result<Option<daemon::Cleanup>, Failure> {
     if !sandboxed(args) {
         return Ok(None);
@@ -447,10 +448,6 @@ fn clean_up_outside(
     if let Some(socket) = socket {
         let (files, lock) = socket.leave_removal();
         paths.extend(files);
-        hold.push(lock);
-    }
-    if let Some((file, lock)) = roots.leave_removal() {
-        paths.push(file);
         hold.push(lock);
     }
     if paths.is_empty() {
@@ -537,7 +534,7 @@ fn serve_guest(
     roots
         .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
         .map_err(|e| Failure::runtime(e.to_string()))?;
-    let cleanup = clean_up_outside(args, socket.as_mut(), roots)?;
+    let cleanup = clean_up_outside(args, socket.as_mut())?;
     if detached.is_some() {
         if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
             tracing::warn!("cannot detach from the terminal: {e}");
@@ -557,11 +554,12 @@ fn serve_guest(
     let guest_view = view.clone();
     let tag = args.tag.clone();
     let limits = session_limits();
+    let gate = roots.gate();
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || {
             let _ = served.send(Event::Ended(virtiofs::serve(
-                guest_view, listener, tag, limits,
+                guest_view, listener, tag, limits, gate,
             )));
         })
         .map_err(|e| Failure::runtime(format!("cannot start the serving thread: {e}")))?;

@@ -20,6 +20,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
+use crate::gc_roots::RootsGate;
 use crate::ratelimit::Limiter;
 use crate::view::{Access, Attr, DirEntry, Kind, NodeId, Result, View};
 use crate::warn_limited;
@@ -27,6 +28,9 @@ use crate::warn_limited;
 /// How long a client may trust entries and attributes: the store is immutable, so as long
 /// as it likes. (Kernels clamp what they cannot represent.)
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long a request waits for the roots to be taken again before it fails.
+const ROOTS_WAIT: Duration = Duration::from_secs(5);
 
 /// What a client is told to do with the page cache of a file or directory it opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +248,9 @@ pub struct Session<X> {
     /// so closed files hold no descriptor.
     node_handles: DashMap<NodeId, usize>,
     next_handle: AtomicU64,
+    /// Whether the served paths are rooted against garbage collection now: nothing is
+    /// served while they are not (the roots keeper is taking them again).
+    gate: RootsGate,
     /// Rate limits per-request warnings of the transports and the session.
     pub warnings: Limiter,
 }
@@ -268,8 +275,29 @@ impl<X> Session<X> {
             host_files: Mutex::new(LruCache::new(cached)),
             node_handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
+            gate: RootsGate::open(),
             warnings: Limiter::default(),
         }
+    }
+
+    /// This session, serving only while `gate` says the served paths are rooted.
+    pub fn gated(mut self, gate: RootsGate) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Waits (bounded) while the roots are being taken again; `EIO` if they do not come
+    /// back, rather than serve paths a collection may be deleting.
+    #[inline]
+    fn rooted(&self) -> Result<()> {
+        if self.gate.is_held() || self.gate.wait_held(ROOTS_WAIT) {
+            return Ok(());
+        }
+        warn_limited!(
+            self.warnings,
+            "the served paths are not rooted against garbage collection; refusing requests"
+        );
+        Err(Errno::IO)
     }
 
     /// The view served.
@@ -319,6 +347,7 @@ impl<X> Session<X> {
 
     /// Looks `name` up in `parent`, counting one reference the client must FORGET.
     pub fn lookup(&self, parent: NodeId, name: &OsStr) -> Result<Attr> {
+        self.rooted()?;
         self.view.lookup(parent, name)
     }
 
@@ -329,11 +358,13 @@ impl<X> Session<X> {
 
     /// The attributes of `id`.
     pub fn getattr(&self, id: NodeId) -> Result<Attr> {
+        self.rooted()?;
         self.view.getattr(id)
     }
 
     /// The target of symlink `id`.
     pub fn readlink(&self, id: NodeId) -> Result<Vec<u8>> {
+        self.rooted()?;
         self.view.readlink(id)
     }
 
@@ -351,6 +382,7 @@ impl<X> Session<X> {
         if Access::of_flags(flags) == Access::Write {
             return Err(Errno::ROFS);
         }
+        self.rooted()?;
         if !Self::take(&self.open_files, 1, self.limits.max_open_files) {
             warn_limited!(
                 self.warnings,
@@ -387,6 +419,7 @@ impl<X> Session<X> {
     /// The host file `open` reads from: the node's cached descriptor, or the node opened
     /// again through the view, which checks that it is still the same object.
     pub fn host_file(&self, open: &OpenFile<X>) -> Result<Arc<File>> {
+        self.rooted()?;
         if let Some(file) = self.host_files.lock().get(&open.node) {
             return Ok(file.clone());
         }
@@ -401,6 +434,7 @@ impl<X> Session<X> {
 
     /// The open file of handle `fh`, shared so that no table lock is held while replying.
     pub fn file(&self, fh: u64) -> Result<Arc<OpenFile<X>>> {
+        self.rooted()?;
         self.files
             .get(&fh)
             .map(|f| Arc::clone(&f))
@@ -437,6 +471,7 @@ impl<X> Session<X> {
     /// counted against the session's limits (`EMFILE` past the handle count, `ENFILE`
     /// past the listing bytes).
     pub fn opendir(&self, id: NodeId) -> Result<u64> {
+        self.rooted()?;
         let stream = self.stream(id)?;
         let bytes = listing_bytes(&stream.listing);
         if !Self::take(&self.open_dirs, 1, self.limits.max_open_dirs) {
@@ -465,6 +500,7 @@ impl<X> Session<X> {
     /// that read directories without opening them (it never changes while the node is
     /// held, so offsets stay valid all the same).
     pub fn dir_stream(&self, id: NodeId, fh: u64) -> Result<DirStream> {
+        self.rooted()?;
         if fh == 0 {
             return self.stream(id);
         }
@@ -496,6 +532,7 @@ impl<X> Session<X> {
     /// reports. `None` for an entry that vanished from the host since the listing (it is
     /// left out).
     pub fn peek(&self, stream: &DirStream, slot: &DirSlot<'_>) -> Option<Attr> {
+        self.rooted().ok()?;
         match slot.dot {
             Some(id) => self.view.getattr(id).ok(),
             None => self.view.peek(stream.node, slot.name).ok(),
@@ -506,6 +543,9 @@ impl<X> Session<X> {
     /// with [`Session::forget`] if the entry is not sent), `.` and `..` do not. `None` for
     /// an entry that vanished since the listing; an error only for `.` and `..`.
     pub fn lookup_slot(&self, stream: &DirStream, slot: &DirSlot<'_>) -> Option<Result<Attr>> {
+        if let Err(e) = self.rooted() {
+            return Some(Err(e));
+        }
         match slot.dot {
             Some(id) => Some(self.view.getattr(id)),
             None => self.view.lookup(stream.node, slot.name).ok().map(Ok),
@@ -521,6 +561,7 @@ impl<X> Session<X> {
     /// none (a NAR has none), so `ENODATA`, which tools that copy attributes take as
     /// "nothing to copy". `ENOTSUP` would make them give up on the whole tree.
     pub fn getxattr(&self, id: NodeId, _name: &OsStr, _size: u32) -> Result<Xattr> {
+        self.rooted()?;
         self.view.getattr(id)?;
         Err(Errno::NODATA)
     }
@@ -528,6 +569,7 @@ impl<X> Session<X> {
     /// The list of a store object's extended attribute names (empty), for a buffer of
     /// `size` bytes.
     pub fn listxattr(&self, id: NodeId, size: u32) -> Result<Xattr> {
+        self.rooted()?;
         self.view.getattr(id)?;
         Xattr::fit(Vec::new(), size)
     }
@@ -536,6 +578,7 @@ impl<X> Session<X> {
     /// R_OK, W_OK, X_OK): never for writing; otherwise by the mode bits, as the kernel
     /// would check them.
     pub fn access(&self, id: NodeId, uid: u32, gid: u32, mask: u32) -> Result<()> {
+        self.rooted()?;
         let attr = self.view.getattr(id)?;
         let mask = mask as i32;
         if mask & libc::W_OK != 0 {
@@ -566,6 +609,7 @@ impl<X> Session<X> {
 
     /// Statistics of the host filesystem holding the store.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        self.rooted()?;
         self.view.statfs()
     }
 }

@@ -156,7 +156,7 @@ impl std::fmt::Debug for RootsGate {
 impl RootsGate {
     /// A gate that is always open: the roots are held by this process for its life, or
     /// none were asked for.
-    pub(super) fn open() -> RootsGate {
+    pub fn open() -> RootsGate {
         RootsGate { page: None }
     }
 

@@ -419,21 +419,6 @@ impl TempRoots {
         }
     }
 
-    /// Leaves the removal of the roots file to someone else (a process that outlives this
-    /// one, when this one may not unlink files): returns the file and its lock's
-    /// descriptor, which must stay open until the file is gone. `None` unless the local
-    /// protocol holds the roots in this process (a keeper removes its own file).
-    pub fn leave_removal(&mut self) -> Option<(PathBuf, std::os::fd::RawFd)> {
-        use std::os::fd::AsRawFd;
-        match &mut self.holder {
-            Holder::Local(l) => {
-                l.released = true;
-                Some((l.file_path.clone(), l.file.as_raw_fd()))
-            }
-            _ => None,
-        }
-    }
-
     /// To be called in the child after a `fork`: the roots file is named after the process
     /// that owns it, and Nix deletes a file whose name is its own pid as stale, so the child
     /// takes the roots again under its own pid before the parent exits. A daemon connection

@@ -22,6 +22,7 @@ use fuser::{
 };
 
 use super::mapping::FileMapping;
+use crate::gc_roots::RootsGate;
 use crate::protocol::{system_time, Capability, CAPABILITIES};
 use crate::session::{CachePolicy, OpenFile, Session, Xattr, DIR_CACHE, FILE_CACHE, TTL};
 use crate::view::{self, Attr, Kind, NodeId, View, ROOT_ID};
@@ -92,10 +93,10 @@ pub struct StoreFs {
 }
 
 impl StoreFs {
-    /// Serves `view` with `options`.
-    pub fn new(view: Arc<View>, options: FuseOptions) -> Self {
+    /// Serves `view` with `options`, while `gate` says its paths are rooted.
+    pub fn new(view: Arc<View>, options: FuseOptions, gate: RootsGate) -> Self {
         StoreFs {
-            session: Session::new(view),
+            session: Session::new(view).gated(gate),
             options,
             passthrough: AtomicBool::new(false),
             backings: DashMap::new(),

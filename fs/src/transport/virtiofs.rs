@@ -42,6 +42,7 @@ use virtiofsd::soft_idmap::Id;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use self::device::Device;
+use crate::gc_roots::RootsGate;
 use crate::protocol::{type_bits, wire_time, Capability, CAPABILITIES};
 use crate::session::{
     CachePolicy, DirSlot, DirStream, Session, SessionLimits, Xattr, DIR_CACHE, FILE_CACHE, TTL,
@@ -58,10 +59,11 @@ pub struct VirtioFs {
 }
 
 impl VirtioFs {
-    /// Serves `view` to one guest, bounded by `limits`.
-    pub fn new(view: Arc<View>, limits: SessionLimits) -> Self {
+    /// Serves `view` to one guest, bounded by `limits`, while `gate` says its paths are
+    /// rooted.
+    pub fn new(view: Arc<View>, limits: SessionLimits, gate: RootsGate) -> Self {
         VirtioFs {
-            session: Arc::new(Session::with_limits(view, limits)),
+            session: Arc::new(Session::with_limits(view, limits).gated(gate)),
             no_opendir: AtomicBool::new(false),
         }
     }
@@ -96,8 +98,9 @@ pub fn serve(
     mut listener: Listener,
     tag: Option<String>,
     limits: SessionLimits,
+    gate: RootsGate,
 ) -> io::Result<Ended> {
-    let device = Arc::new(Device::new(VirtioFs::new(view, limits), tag)?);
+    let device = Arc::new(Device::new(VirtioFs::new(view, limits, gate), tag)?);
     let mut daemon = VhostUserDaemon::new(
         "nixstorefs".to_string(),
         device.clone(),

@@ -120,7 +120,7 @@ impl Harness {
         let text = format!("{}\n", path.display());
         let closure = Closure::parse(text.as_bytes(), "test", &store).expect("a closure");
         let (view, _) = View::new(&closure, false, ViewOptions::default()).expect("a view");
-        let fs = VirtioFs::new(Arc::new(view), limits);
+        let fs = VirtioFs::new(Arc::new(view), limits, crate::gc_roots::RootsGate::open());
         let session = fs.session().clone();
         let device = Device::new(fs, None).unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY)]).unwrap();
