@@ -1,23 +1,16 @@
 //! `bench`: measures nixstorefs against its baselines on a synthetic host store and writes
 //! docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks-latency.png.
 //!
-//! `cargo run --release -p nixstorefs-tests --bin bench -- --help` for the options. Needs
+//! `cargo run --release -p nixstorefs-bench --bin bench -- --help` for the options. Needs
 //! root, /dev/fuse and bindfs; the guest section also needs qemu, virtiofsd and a static
 //! guest-init.
 
-#[path = "../bench/guest.rs"]
 mod guest;
-#[path = "../bench/image.rs"]
 mod image;
-#[path = "../bench/mounts.rs"]
 mod mounts;
-#[path = "../bench/report.rs"]
 mod report;
-#[path = "../bench/stats.rs"]
 mod stats;
-#[path = "../bench/store.rs"]
 mod store;
-#[path = "../bench/workload.rs"]
 mod workload;
 
 use std::fs;
@@ -109,7 +102,7 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ is inside the workspace")
+        .expect("bench/ is inside the workspace")
         .to_path_buf()
 }
 
@@ -1148,7 +1141,7 @@ fn write_outputs(
         .unwrap_or_else(|| ctx.workspace.join("docs"));
     fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
-    let mut command = "cargo run --release -p nixstorefs-tests --bin bench".to_string();
+    let mut command = "cargo run --release -p nixstorefs-bench --bin bench".to_string();
     if !args.is_empty() {
         command.push_str(" -- ");
         command.push_str(&args.join(" "));
