@@ -160,11 +160,26 @@ fn single_file_and_symlink_store_paths() {
     assert_eq!(l.len(), target.as_os_str().len() as u64);
 }
 
+/// Every modification reaches the daemon and is refused there with EROFS. The mount is
+/// read-only, so the kernel would refuse them all itself before asking the daemon: it is
+/// remounted read-write first, as the guest test over virtio-fs does, so what is checked
+/// is the daemon's answer.
 #[test]
 fn modifications_fail_with_erofs() {
     let (_d, s) = sample::temp(&SampleOptions::small());
-    let m = mount(&s, &[]);
+    let m = mount(&s, &["-vv"]);
     let mnt = m.mountpoint();
+    rustix::mount::mount_remount(
+        mnt,
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+        "",
+    )
+    .expect("remount the FUSE mount read-write");
+    let info = m.info().unwrap();
+    assert!(
+        info.mount_options.iter().any(|o| o == "rw"),
+        "not remounted read-write: {info:?}"
+    );
     let file = mnt.join(&s.small_files[3]);
     let dir = file.parent().unwrap().to_path_buf();
     let hello = mnt.join(s.path_named("hello-2.12"));
@@ -323,6 +338,23 @@ fn modifications_fail_with_erofs() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The daemon was asked, each kind of request: its debug log names them.
+    let log = m.stderr();
+    let asked = |kind: &str| {
+        log.lines()
+            .any(|l| l.contains("fuser::request") && l.contains(&format!(" {kind} ")))
+    };
+    let unasked: Vec<&str> = [
+        "OPEN", "CREATE", "MKDIR", "UNLINK", "RMDIR", "RENAME", "SETATTR", "SYMLINK", "LINK",
+        "SETXATTR", "MKNOD",
+    ]
+    .into_iter()
+    .filter(|k| !asked(k))
+    .collect();
+    assert!(
+        unasked.is_empty(),
+        "never reached the daemon: {unasked:?}; log:\n{log}"
+    );
     // Nothing leaked through to the host either.
     let after = fs::symlink_metadata(s.host(&s.small_files[3])).unwrap();
     assert_eq!((after.mode() & 0o7777, after.mtime()), (0o444, 1));
@@ -708,9 +740,23 @@ fn daemon_mode_detaches_and_fusermount_ends_it() {
     }
 }
 
-fn check_big_file(extra: &[&str]) {
+/// Whether a mount serves reads through FUSE passthrough.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Passthrough {
+    On,
+    Off,
+}
+
+/// Reads the big file through a mount, whole and through mmap, and checks both against the
+/// host; then checks, from the daemon's debug log, that the reads took the path asked for:
+/// with passthrough not one READ reached the daemon, without it they all did.
+fn check_big_file(passthrough: Passthrough) {
     let (_d, s) = sample::temp(&SampleOptions::default());
-    let m = mount(&s, extra);
+    let args: &[&str] = match passthrough {
+        Passthrough::On => &["-vv"],
+        Passthrough::Off => &["-vv", "--no-passthrough"],
+    };
+    let m = mount(&s, args);
     let path = m.mountpoint().join(&s.big_file);
     compare_content(&s.host(&s.big_file), &path).unwrap();
     // The same through mmap, which passthrough serves differently from read(2).
@@ -740,16 +786,29 @@ fn check_big_file(extra: &[&str]) {
     // SAFETY: ptr/len are the mapping made above.
     unsafe { libc::munmap(ptr, len) };
     assert!(same, "mmap of {path:?} differs from the host");
+    let log = m.stderr();
+    assert!(
+        log.contains("OPEN"),
+        "the log shows requests at -vv:\n{log}"
+    );
+    let reads = log.lines().filter(|l| l.contains(" READ ")).count();
+    match passthrough {
+        Passthrough::On => assert_eq!(
+            reads, 0,
+            "passthrough was not used: {reads} READ requests reached the daemon"
+        ),
+        Passthrough::Off => assert!(reads > 0, "no READ reached the daemon without passthrough"),
+    }
 }
 
 #[test]
 fn big_file_reads_right_with_passthrough() {
-    check_big_file(&[]);
+    check_big_file(Passthrough::On);
 }
 
 #[test]
 fn big_file_reads_right_without_passthrough() {
-    check_big_file(&["--no-passthrough"]);
+    check_big_file(Passthrough::Off);
 }
 
 #[test]
