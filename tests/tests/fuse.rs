@@ -2,22 +2,22 @@
 //!
 //! Each test builds its own sample under /tmp and mounts it through the harness guard, so
 //! tests can run in parallel and a failing one leaves no mount behind. They need root,
-//! /dev/fuse and a built `nixstorefs` binary (`cargo build -p nixstorefs`), and fail, not
+//! /dev/fuse and a built `nixstorefs` binary (`cargo build -p nixstorefs-daemon`), and fail, not
 //! skip, without them.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nixstorefs_tests::compare::{compare_content, root_names, sorted_names, TreeCheck};
-use nixstorefs_tests::harness::{self, Mount, Mountpoint};
+use nixstorefs_tests::harness::{self, Mount};
 use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::process::Signal;
@@ -420,207 +420,6 @@ fn concurrent_readers_agree() {
         .filter_map(|t| t.join().expect("reader thread panicked").err())
         .collect();
     assert!(errors.is_empty(), "{}", errors.join("\n"));
-}
-
-/// Runs nixstorefs on a bad closure input and checks that it exits 2, says `fragments`
-/// on stderr, and mounts nothing.
-fn expect_rejected(s: &SampleStore, closure: &OsStr, stdin: Option<&[u8]>, fragments: &[String]) {
-    harness::require_fuse();
-    let mp = Mountpoint::new();
-    let mut cmd = Command::new(harness::bin("nixstorefs"));
-    cmd.arg("-f")
-        .arg("--store-dir")
-        .arg(&s.store_dir)
-        .arg(closure)
-        .arg(mp.path());
-    let stdin_file;
-    match stdin {
-        Some(data) => {
-            stdin_file = s.dir.join("stdin.txt");
-            fs::write(&stdin_file, data).unwrap();
-            cmd.stdin(File::open(&stdin_file).unwrap());
-        }
-        None => {
-            cmd.stdin(Stdio::null());
-        }
-    }
-    let out = match harness::run_bounded(&mut cmd, Duration::from_secs(20)) {
-        Ok(out) => out,
-        Err(e) => panic!(
-            "nixstorefs did not exit on a bad closure (did it mount? {}): {e:?}",
-            mp.is_mounted()
-        ),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let mounted = mp.is_mounted();
-    assert!(!mounted, "a bad closure left a mount; stderr:\n{stderr}");
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "exit status for a bad closure ({:?}); stderr:\n{stderr}",
-        closure
-    );
-    for f in fragments {
-        assert!(stderr.contains(f.as_str()), "stderr lacks {f:?}:\n{stderr}");
-    }
-}
-
-/// Writes a store-paths list whose third line is `bad` and checks its rejection.
-fn reject_third_line(file: &str, bad: &[u8], extra_fragments: &[&str]) {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let mut text = Vec::new();
-    for p in &s.closure_paths()[..2] {
-        text.extend_from_slice(p.as_os_str().as_bytes());
-        text.push(b'\n');
-    }
-    text.extend_from_slice(bad);
-    text.push(b'\n');
-    for p in &s.closure_paths()[2..] {
-        text.extend_from_slice(p.as_os_str().as_bytes());
-        text.push(b'\n');
-    }
-    let path = s.dir.join(file);
-    fs::write(&path, text).unwrap();
-    let mut fragments = vec![format!("{file}:3")];
-    fragments.extend(extra_fragments.iter().map(|f| f.to_string()));
-    expect_rejected(&s, path.as_os_str(), None, &fragments);
-}
-
-fn hello_full(s: &SampleStore) -> String {
-    s.store_dir
-        .join(s.path_named("hello-2.12"))
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-#[test]
-fn rejects_relative_path() {
-    let b = sample::base_name("relative-1.0");
-    reject_third_line("relative.txt", b.as_bytes(), &[&b]);
-}
-
-#[test]
-fn rejects_path_outside_store_dir() {
-    let p = format!("/elsewhere/store/{}", sample::base_name("outside-1.0"));
-    reject_third_line("outside.txt", p.as_bytes(), &[&p]);
-}
-
-#[test]
-fn rejects_path_inside_a_store_path() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let p = format!("{}/bin/hello", hello_full(&s));
-    drop(s);
-    reject_third_line("inside.txt", p.as_bytes(), &["bin/hello"]);
-}
-
-#[test]
-fn rejects_bad_hash_alphabet() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let good = s.path_named("hello-2.12");
-    // `e`, `o`, `t` and `u` are not in Nix's base-32 alphabet.
-    let bad = format!("{}/{}u{}", s.store_dir.display(), &good[..5], &good[6..]);
-    drop(s);
-    reject_third_line("alphabet.txt", bad.as_bytes(), &[&bad]);
-}
-
-#[test]
-fn rejects_short_hash() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let good = s.path_named("hello-2.12");
-    let bad = format!("{}/{}", s.store_dir.display(), &good[1..]);
-    drop(s);
-    reject_third_line("short.txt", bad.as_bytes(), &[&bad]);
-}
-
-#[test]
-fn rejects_name_whose_first_component_is_dotdot() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let bad = format!(
-        "{}/{}-..-hidden",
-        s.store_dir.display(),
-        sample::store_hash("", "..-hidden")
-    );
-    drop(s);
-    reject_third_line("dotname.txt", bad.as_bytes(), &[&bad]);
-}
-
-#[test]
-fn rejects_crlf_line() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let bad = format!("{}\r", hello_full(&s));
-    drop(s);
-    reject_third_line("crlf.txt", bad.as_bytes(), &[]);
-}
-
-#[test]
-fn rejects_nul_byte() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let full = hello_full(&s);
-    let mut bad = full.as_bytes().to_vec();
-    bad.insert(full.len() - 3, 0);
-    drop(s);
-    reject_third_line("nul.txt", &bad, &[]);
-}
-
-#[test]
-fn rejects_empty_file() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let path = s.dir.join("empty.txt");
-    fs::write(&path, b"").unwrap();
-    expect_rejected(&s, path.as_os_str(), None, &["empty.txt".to_string()]);
-}
-
-#[test]
-fn rejects_registration_with_wrong_reference_count() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let path = s.dir.join("registration-bad");
-    let glibc = s.store_dir.join(s.path_named("glibc-2.40"));
-    // Three references announced, one given, then the file ends.
-    let text = format!(
-        "{}\n{}\n1234\n\n3\n{}\n",
-        glibc.display(),
-        "0".repeat(64),
-        glibc.display()
-    );
-    fs::write(&path, text).unwrap();
-    expect_rejected(
-        &s,
-        path.as_os_str(),
-        None,
-        &["registration-bad".to_string()],
-    );
-}
-
-#[test]
-fn rejects_directory_without_store_paths() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let dir = s.dir.join("not-closure-info");
-    fs::create_dir(&dir).unwrap();
-    fs::write(dir.join("total-nar-size"), "0\n").unwrap();
-    expect_rejected(&s, dir.as_os_str(), None, &["not-closure-info".to_string()]);
-}
-
-#[test]
-fn rejects_missing_store_path() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let missing = sample::base_name("missing-1.0");
-    let path = s.dir.join("with-missing.txt");
-    let text = format!(
-        "{}{}/{missing}\n",
-        s.store_paths_text(),
-        s.store_dir.display()
-    );
-    fs::write(&path, text).unwrap();
-    expect_rejected(&s, path.as_os_str(), None, &[missing]);
-}
-
-#[test]
-fn rejects_bad_line_on_stdin() {
-    let (_d, s) = sample::temp(&SampleOptions::small());
-    let text = format!("{}relative/path\n", s.store_paths_text());
-    let line = format!(":{}", s.closure.len() + 1);
-    expect_rejected(&s, OsStr::new("-"), Some(text.as_bytes()), &[line]);
 }
 
 #[test]
