@@ -10,7 +10,8 @@
 //! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
 //! the guest kernel and the built binaries, including the static guest-init
 //! (`RUSTFLAGS="-C target-feature=+crt-static" cargo build -p guest-init --target
-//! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
+//! x86_64-unknown-linux-gnu`). A missing tool fails the test, saying what to install
+//! (scripts/install-deps.sh installs them all); no test passes by returning early.
 
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;

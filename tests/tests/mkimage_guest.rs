@@ -4,7 +4,8 @@
 //! zero-filled files of every awkward size.
 //!
 //! Needs root, qemu, the guest kernel and the built binaries, including the static
-//! guest-init. Only a missing qemu, outside CI, lets a test return early.
+//! guest-init. A missing tool fails the test, saying what to install (scripts/install-deps.sh
+//! installs them all); no test passes by returning early.
 
 use std::fs;
 use std::path::{Path, PathBuf};
