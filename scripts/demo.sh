@@ -10,7 +10,7 @@ if ! command -v cargo >/dev/null; then
 fi
 scripts/install-deps.sh --runtime
 
-cargo build --release --workspace --bins
+cargo build --locked --release --workspace --bins
 bin=target/release
 
 sample=${SAMPLE_DIR:-$PWD/sample}

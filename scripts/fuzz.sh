@@ -15,6 +15,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz --version 0.13.2
 fi
 export RUSTC_BOOTSTRAP=1
+# cargo fuzz has no --locked: the fuzz targets' lock file is checked first, so that they
+# build against the versions it names and a stale one stops the run instead of being
+# rewritten (cargo leaves a lock file that already satisfies the manifests alone).
+if ! cargo metadata --locked --format-version 1 --manifest-path tests/fuzz/Cargo.toml >/dev/null; then
+  echo "fuzz: tests/fuzz/Cargo.lock is out of date; update it (cargo update --manifest-path tests/fuzz/Cargo.toml -p PACKAGE) and commit it" >&2
+  exit 1
+fi
 fuzz=(cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none)
 
 for target in closure erofs virtiofs; do

@@ -12,16 +12,18 @@ awk '$2 ~ "^/tmp/nixstorefs-mnt\\." {print $2}' /proc/self/mounts | sort -r |
   while read -r m; do umount -l "$m" 2>/dev/null || true; done
 
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-cargo build --workspace --all-targets
+# --locked everywhere: the tests run against the dependencies the lock files name, never
+# against whatever the registry serves that day, and a stale lock file fails the run.
+cargo build --locked --workspace --all-targets
 # guest-init runs as the /init of test guests: statically linked.
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build -p guest-init --target x86_64-unknown-linux-gnu
+  cargo build --locked -p guest-init --target x86_64-unknown-linux-gnu
 # Fuzzing first, bounded (FUZZ_SECONDS per target, default 30), so that the test
 # runner's summary is the last thing printed.
 scripts/fuzz.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --profile ci
+  cargo nextest run --locked --workspace --profile ci
 else
-  cargo test --workspace
+  cargo test --locked --workspace
 fi

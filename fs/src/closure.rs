@@ -838,6 +838,79 @@ mod tests {
         assert!(e.reason.starts_with("character ` ` in name"), "{e}");
     }
 
+    /// Whatever is wrong with a line of a store-paths list, the error names the input, the
+    /// line and the offending text, as the daemon and mkimage print it.
+    #[test]
+    fn a_bad_line_is_refused_by_input_line_and_text() {
+        let good = [
+            sp(H1, "hello-2.12"),
+            sp(H2, "glibc-2.40"),
+            sp(H3, "bash-5.2"),
+        ];
+        let hello = &good[0];
+        let mut nul = hello.clone().into_bytes();
+        nul.insert(hello.len() - 3, 0);
+        // `e`, `o`, `t` and `u` are not in Nix's base-32 alphabet.
+        let mut off_alphabet = H4.to_owned();
+        off_alphabet.replace_range(5..6, "u");
+        let cases: [(&str, Vec<u8>, &str); 8] = [
+            (
+                "relative",
+                format!("{H4}-relative-1.0").into(),
+                "relative path",
+            ),
+            (
+                "outside the store directory",
+                format!("/elsewhere/store/{H4}-outside-1.0").into(),
+                "not under the store directory /nix/store",
+            ),
+            (
+                "inside a store path",
+                format!("{hello}/bin/hello").into(),
+                "inside the store path",
+            ),
+            (
+                "a hash outside Nix's alphabet",
+                sp(&off_alphabet, "x").into(),
+                "not in Nix base-32",
+            ),
+            (
+                "a short hash",
+                format!("/nix/store/{}-x", &H4[1..]).into(),
+                "is 31 characters, expected 32",
+            ),
+            (
+                "`..` as the name's first component",
+                sp(H4, "..-hidden").into(),
+                "`..`, which Nix refuses",
+            ),
+            ("a CRLF line end", format!("{hello}\r").into(), "CRLF"),
+            ("a NUL byte", nul, "NUL byte"),
+        ];
+        for (what, bad, reason) in cases {
+            let mut text = format!("{}\n{}\n", good[0], good[1]).into_bytes();
+            text.extend_from_slice(&bad);
+            text.extend_from_slice(format!("\n{}\n", good[2]).as_bytes());
+            let e = parse_err(&text);
+            assert_eq!(e.line, Some(3), "{what}: {e}");
+            assert!(e.reason.contains(reason), "{what}: {e}");
+            assert_eq!(e.text, Some(quote(&bad)), "{what}: {e}");
+            assert!(e.to_string().starts_with("closure.txt:3: "), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("empty.txt");
+        fs::write(&empty, b"").unwrap();
+        let e = Closure::load(&empty, nix()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: no store paths", empty.display())
+        );
+    }
+
     #[test]
     fn custom_store_dir() {
         let dir = Path::new("/tmp/x/store/");

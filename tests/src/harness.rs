@@ -66,11 +66,27 @@ pub fn require_fuse() {
     }
 }
 
+/// Where a missing test tool comes from: one script installs them all.
+pub const INSTALL_HINT: &str = "scripts/install-deps.sh installs every tool the tests need";
+
+/// The executable `name` from `$PATH`, which Debian's `package` provides. Panics, saying
+/// what to install, when it is missing: a test whose tool is missing fails, it never
+/// passes by doing nothing.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    crate::vm::which(name).unwrap_or_else(|| {
+        panic!("{name} is not in PATH: apt-get install {package} ({INSTALL_HINT})")
+    })
+}
+
 /// Runs `cmd` to completion with stdout and stderr captured, killing it and panicking
 /// if it outlives `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     match run_bounded(cmd, timeout) {
         Ok(out) => out,
+        Err(RunError::Spawn(e)) if e.kind() == io::ErrorKind::NotFound => panic!(
+            "cannot run {:?}: it is not installed ({INSTALL_HINT})",
+            cmd.get_program()
+        ),
         Err(RunError::Spawn(e)) => panic!("cannot run {cmd:?}: {e}"),
         Err(RunError::Timeout(out)) => panic!(
             "{cmd:?} did not finish within {timeout:?} and was killed\nstdout:\n{}\nstderr:\n{}",

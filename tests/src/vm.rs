@@ -57,11 +57,6 @@ pub const MODULE_INDEX_FILES: &[&str] = &[
     "modules.builtin",
 ];
 
-/// Whether this is a CI run (`CI=true`), where nothing may be skipped.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// The first executable called `name` in `$PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -74,29 +69,10 @@ fn is_executable(p: &Path) -> bool {
     fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// qemu-system-x86_64, or `None` (after printing why) when it is missing outside CI: the
-/// one tool whose absence lets a VM test return early. In CI a missing qemu panics.
-pub fn qemu_or_skip() -> Option<PathBuf> {
-    match which("qemu-system-x86_64") {
-        Some(q) => Some(q),
-        None if in_ci() => panic!(
-            "qemu-system-x86_64 is not in PATH: VM tests cannot run \
-             (apt-get install qemu-system-x86)"
-        ),
-        None => {
-            println!(
-                "not run: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
-            );
-            None
-        }
-    }
-}
-
-/// qemu-system-x86_64; panics if it is missing.
+/// qemu-system-x86_64; panics, saying what to install, if it is missing: a VM test
+/// without qemu fails, it never passes by doing nothing.
 pub fn qemu() -> PathBuf {
-    which("qemu-system-x86_64").expect(
-        "qemu-system-x86_64 is not in PATH: VM tests cannot run (apt-get install qemu-system-x86)",
-    )
+    crate::harness::tool("qemu-system-x86_64", "qemu-system-x86")
 }
 
 /// The virtiofsd binary: from `$PATH`, `~/.cargo/bin` or Debian's `/usr/libexec`.
@@ -110,10 +86,16 @@ pub fn virtiofsd() -> PathBuf {
         candidates.push(Path::new(&home).join(".cargo/bin/virtiofsd"));
     }
     candidates.push(PathBuf::from("/usr/libexec/virtiofsd"));
-    candidates.into_iter().find(|p| is_executable(p)).expect(
-        "virtiofsd not found in PATH, ~/.cargo/bin or /usr/libexec: \
-             VM tests with virtiofs need it (cargo install virtiofsd)",
-    )
+    candidates
+        .into_iter()
+        .find(|p| is_executable(p))
+        .unwrap_or_else(|| {
+            panic!(
+                "virtiofsd not found in PATH, ~/.cargo/bin or /usr/libexec: VM tests with \
+                 virtiofs need it (cargo install virtiofsd; {})",
+                crate::harness::INSTALL_HINT
+            )
+        })
 }
 
 /// The workspace's target directory, as seen from this test executable.
@@ -205,7 +187,8 @@ impl Kernel {
         Kernel::find_in(Path::new("/boot"), Path::new("/lib/modules")).unwrap_or_else(|e| {
             panic!(
                 "no guest kernel: {e}; VM tests need Debian's kernel \
-                 (apt-get install linux-image-amd64)"
+                 (apt-get install linux-image-amd64; {})",
+                crate::harness::INSTALL_HINT
             )
         })
     }
@@ -637,7 +620,13 @@ pub fn host_busybox() -> PathBuf {
         .iter()
         .map(PathBuf::from)
         .find(|p| is_executable(p))
-        .expect("no /bin/busybox: VM tests need a static busybox (apt-get install busybox-static)")
+        .unwrap_or_else(|| {
+            panic!(
+                "no /bin/busybox: VM tests need a static busybox \
+                 (apt-get install busybox-static; {})",
+                crate::harness::INSTALL_HINT
+            )
+        })
 }
 
 /// A program for a guest to run, living in a store path of a sample store.

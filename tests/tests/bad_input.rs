@@ -1,9 +1,12 @@
 //! A corpus of malformed closure inputs, fed to both binaries: each must end with exit
 //! status 2 and a message naming the input (and the line, where there is one), with
-//! nothing mounted and no image written.
+//! nothing mounted and no image written. Then what only the daemon can refuse: a path
+//! missing from the host store, and a bad line on standard input. What the parser refuses,
+//! and how it says so, is tested beside it (`fs/src/closure.rs`).
 
 use std::ffi::OsString;
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -305,4 +308,56 @@ fn every_malformed_input_is_refused_by_both_binaries() {
         "figures: {} malformed inputs x 2 binaries, all refused with exit 2",
         cases.len()
     );
+}
+
+/// Runs `nixstorefs` on `closure` (its standard input from `stdin`, if given) and checks
+/// that it exits 2, names each of `fragments` on stderr, and mounts nothing.
+fn expect_rejected(s: &SampleStore, closure: &Path, stdin: Option<&Path>, fragments: &[&str]) {
+    let mnt = Mountpoint::new();
+    let mut cmd = Command::new(harness::bin("nixstorefs"));
+    cmd.arg("--store-dir")
+        .arg(&s.store_dir)
+        .arg("-f")
+        .arg(closure)
+        .arg(mnt.path());
+    match stdin {
+        Some(file) => cmd.stdin(fs::File::open(file).unwrap()),
+        None => cmd.stdin(Stdio::null()),
+    };
+    let out = harness::run(&mut cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !mnt.is_mounted(),
+        "a bad closure was mounted; stderr:\n{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    for f in fragments {
+        assert!(stderr.contains(f), "stderr lacks {f:?}:\n{stderr}");
+    }
+}
+
+/// A closure path the host store lacks is refused by its name: the store is asked, not
+/// the parser, so this is the daemon's check.
+#[test]
+fn a_store_path_missing_from_the_host_is_named() {
+    let (_d, s) = sample::temp(&SampleOptions::small());
+    let missing = sample::base_name("missing-1.0");
+    let path = s.dir.join("with-missing.txt");
+    let text = format!(
+        "{}{}/{missing}\n",
+        s.store_paths_text(),
+        s.store_dir.display()
+    );
+    fs::write(&path, text).unwrap();
+    expect_rejected(&s, &path, None, &[&missing]);
+}
+
+/// A bad line on standard input (`-`) is named by its line.
+#[test]
+fn a_bad_line_on_stdin_is_named_by_line() {
+    let (_d, s) = sample::temp(&SampleOptions::small());
+    let input = s.dir.join("stdin.txt");
+    fs::write(&input, format!("{}relative/path\n", s.store_paths_text())).unwrap();
+    let line = format!("<stdin>:{}", s.closure.len() + 1);
+    expect_rejected(&s, Path::new("-"), Some(&input), &[&line]);
 }

@@ -10,7 +10,8 @@
 //! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
 //! the guest kernel and the built binaries, including the static guest-init
 //! (`RUSTFLAGS="-C target-feature=+crt-static" cargo build -p guest-init --target
-//! x86_64-unknown-linux-gnu`). Only a missing qemu, outside CI, lets a test return early.
+//! x86_64-unknown-linux-gnu`). A missing tool fails the test, saying what to install
+//! (scripts/install-deps.sh installs them all); no test passes by returning early.
 
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
@@ -92,9 +93,9 @@ on_both_kernels!(
 const DEFAULT_UUID: &str = "8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b";
 
 impl Setup {
-    /// `None` only when qemu is missing outside CI (the message is printed).
-    fn new(kernel: Kernel, body: impl FnOnce(&SampleStore) -> String) -> Option<Setup> {
-        vm::qemu_or_skip()?;
+    /// Panics, saying what to install, when qemu is missing.
+    fn new(kernel: Kernel, body: impl FnOnce(&SampleStore) -> String) -> Setup {
+        vm::qemu();
         let dir = tempfile::Builder::new()
             .prefix("nixstorefs-sample.")
             .tempdir_in("/tmp")
@@ -106,13 +107,13 @@ impl Setup {
         // Built as the README says, with guest-init/mkinitramfs.sh.
         let initramfs = dir.path().join("initramfs.cpio");
         vm::mkinitramfs(&kernel, &[], &initramfs);
-        Some(Setup {
+        Setup {
             s,
             prog,
             kernel,
             initramfs,
             dir,
-        })
+        }
     }
 
     /// A guest running the program as init, with `store` (words for the command line).
@@ -264,7 +265,7 @@ fn native_backend_share(kernel: Kernel) {
 }
 
 fn share_of_the_closure(kernel: Kernel, how: Share) {
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         // Before store_checks, whose `set --` replaces the arguments.
         format!(
             "echo \"INIT-ARGS $*\"\n{}\
@@ -273,9 +274,7 @@ fn share_of_the_closure(kernel: Kernel, how: Share) {
              echo GUEST-OK\n",
             store_checks(s)
         )
-    }) else {
-        return;
-    };
+    });
     let guest = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
         .cmdline("single -- --log-target=console");
@@ -305,9 +304,7 @@ fn share_of_the_closure(kernel: Kernel, how: Share) {
 }
 
 fn erofs_image_found_by_label(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
-        return;
-    };
+    let t = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s)));
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let boot = t.guest("nixstore=erofs:LABEL=nix-store").disk(&img).boot();
     assert_booted_ok(&boot);
@@ -317,9 +314,7 @@ fn erofs_image_found_by_label(kernel: Kernel) {
 /// By UUID, spelt in capitals: the image is on the second disk, behind one without a
 /// filesystem guest-init knows.
 fn erofs_image_found_by_uuid(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
-        return;
-    };
+    let t = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s)));
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let blank = t.dir.path().join("blank.img");
     fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
@@ -381,9 +376,7 @@ fn initramfs_with_ext4(t: &Setup) -> PathBuf {
 /// switches into it before executing init: the script sees the root disk's own files at /,
 /// with the store at /nix/store, and the initramfs is gone.
 fn real_root_is_switched_into(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, real_root_script) else {
-        return;
-    };
+    let t = Setup::new(kernel, real_root_script);
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     // Only /nix: guest-init makes the mount points on a writable root.
     let root_img = ext4_root(&t, &["nix"]);
@@ -406,9 +399,7 @@ fn real_root_is_switched_into(kernel: Kernel) {
 /// `root=LABEL=` with no rootfstype: the ext4 superblock names the filesystem, the module
 /// is loaded for it, and without `rw` the root is mounted read-only, as the kernel would.
 fn real_root_by_label_read_only(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, real_root_script) else {
-        return;
-    };
+    let t = Setup::new(kernel, real_root_script);
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     // A read-only root must bring its mount points.
     let root_img = ext4_root(
@@ -435,7 +426,7 @@ fn real_root_by_label_read_only(kernel: Kernel) {
 fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
     let mut readme = PathBuf::new();
     let made = sample::base_name("made-in-guest");
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         readme = PathBuf::from(format!(
             "{}/share/doc/hello/README",
             s.path_named("hello-2.12")
@@ -452,9 +443,7 @@ fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
             readme = readme.display(),
             big = s.big_file.display(),
         )
-    }) else {
-        return;
-    };
+    });
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let image_before = sha256_hex(&img);
     let store_before = store_listing(&t.s);
@@ -483,7 +472,7 @@ fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
 
 /// A second run changes nothing, however the same source is spelt.
 fn mount_store_twice_changes_nothing(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |_| {
+    let t = Setup::new(kernel, |_| {
         "echo GUEST-START\n\
          /init mount-store --store erofs:LABEL=nix-store >/tmp/first.out 2>&1\n\
          echo \"FIRST-STATUS $?\"\n\
@@ -504,9 +493,7 @@ fn mount_store_twice_changes_nothing(kernel: Kernel) {
          else echo MOUNTINFO-CHANGED; diff /tmp/mountinfo.before /tmp/mountinfo.after; fi\n\
          echo GUEST-OK\n"
             .to_string()
-    }) else {
-        return;
-    };
+    });
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let boot = t.guest("nixstore=erofs:LABEL=nix-store").disk(&img).boot();
     assert_booted_ok(&boot);
@@ -541,7 +528,7 @@ fn mount_store_twice_changes_nothing(kernel: Kernel) {
 fn mount_store_switches_closures_atomically(kernel: Kernel) {
     let mut both = String::new();
     let extra = sample::base_name("only-in-second");
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         both = format!("{}/lib/libc.so.6", s.path_named("glibc-2.40"));
         format!(
             "echo GUEST-START\n\
@@ -566,9 +553,7 @@ fn mount_store_switches_closures_atomically(kernel: Kernel) {
              grep ' /nix/store ' /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
              echo GUEST-OK\n"
         )
-    }) else {
-        return;
-    };
+    });
     let first = t.image(&t.s.closure_file, "first.img", &[]);
     let added = vm::add_store_path(&t.s, "only-in-second", &[("data", b"second closure\n")])
         .expect("add the extra store path");
@@ -602,9 +587,7 @@ fn native_backend_wrong_tag_fails_and_powers_off(kernel: Kernel) {
 }
 
 fn wrong_tag(kernel: Kernel, how: Share) {
-    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
-        return;
-    };
+    let t = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string());
     let guest = t.guest("nixstore=virtiofs:wrong-tag nixstore.timeout=3");
     let (guest, _mount) = t.shared(guest, how);
     let boot = guest.boot();
@@ -629,9 +612,7 @@ fn wrong_tag(kernel: Kernel, how: Share) {
 /// A timeout no clock can count is refused with a message, and the guest powers off: no
 /// panic of PID 1, so no kernel panic.
 fn absurd_timeout_fails_cleanly(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
-        return;
-    };
+    let t = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string());
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     for absurd in ["1e300", "18446744073709551615"] {
         let boot = t
@@ -652,9 +633,7 @@ fn absurd_timeout_fails_cleanly(kernel: Kernel) {
 /// Two images with the store's label: guest-init names both rather than pick one by
 /// device order.
 fn one_label_on_two_images_is_refused(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string()) else {
-        return;
-    };
+    let t = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".to_string());
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let twin = t.image(
         &t.s.closure_file,
@@ -721,9 +700,7 @@ fn compressed(tool: &str, data: &[u8], dir: &Path) -> Vec<u8> {
 /// with modules.dep to match: whatever a kernel cannot decompress itself (6.1 nothing, this
 /// 6.12 only xz), guest-init decompresses, and the store still mounts, writable.
 fn modules_in_every_format(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
-        return;
-    };
+    let t = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s)));
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let mut i = Initramfs::for_guest_init(&t.kernel);
     let files = t
@@ -801,7 +778,7 @@ fn second_image(t: &Setup) -> (PathBuf, String) {
 /// at once are serialised and change nothing.
 fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
     let extra = sample::base_name("only-in-second");
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         let hello = s.path_named("hello-2.12");
         format!(
             "echo GUEST-START\n\
@@ -826,9 +803,7 @@ fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
              grep /nix /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
              echo GUEST-OK\n"
         )
-    }) else {
-        return;
-    };
+    });
     let first = t.image(&t.s.closure_file, "first.img", &[]);
     let (second, added) = second_image(&t);
     assert_eq!(added, extra);
@@ -868,9 +843,7 @@ fn mount_store_keeps_writes_and_detaches_the_old_store(kernel: Kernel) {
 /// An image attached with losetup on the running system is found by its label.
 fn mount_store_finds_an_image_attached_with_losetup(kernel: Kernel) {
     let extra = sample::base_name("only-in-second");
-    let Some(mut t) = Setup::new(kernel, |_| String::new()) else {
-        return;
-    };
+    let mut t = Setup::new(kernel, |_| String::new());
     let (second, added) = second_image(&t);
     assert_eq!(added, extra);
     // The second image travels inside the first store, as a file.
@@ -947,9 +920,7 @@ fn mbr_disk(fs: &Path, signature: u32, out: &Path) {
 /// partition table read by guest-init, the btrfs module (with raid6_pq and xor) loaded
 /// for what the superblock says.
 fn real_root_on_btrfs_by_partuuid(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, real_root_script) else {
-        return;
-    };
+    let t = Setup::new(kernel, real_root_script);
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let tree = t.dir.path().join("btrfs-tree");
     fs::create_dir_all(tree.join("nix")).unwrap();
@@ -987,9 +958,7 @@ fn real_root_on_btrfs_by_partuuid(kernel: Kernel) {
 /// An xfs root named by `/dev/disk/by-uuid/` (a link no udev makes in an initramfs:
 /// guest-init reads the UUID from the superblock).
 fn real_root_on_xfs_by_uuid(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, real_root_script) else {
-        return;
-    };
+    let t = Setup::new(kernel, real_root_script);
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let uuid = "5d3c2b1a-0f9e-4d8c-b7a6-112233445566";
     let fs_img = t.dir.path().join("xfs.img");
@@ -1025,9 +994,7 @@ fn real_root_on_xfs_by_uuid(kernel: Kernel) {
 /// A microvm machine has no PCI: the disk is a virtio-mmio device, which guest-init's
 /// virtio_mmio module finds.
 fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
-    let Some(t) = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s))) else {
-        return;
-    };
+    let t = Setup::new(kernel, |s| format!("{}echo GUEST-OK\n", store_checks(s)));
     let img = t.image(&t.s.closure_file, "store.img", &[]);
     let boot = t
         .guest("nixstore=erofs:LABEL=nix-store")
@@ -1049,9 +1016,7 @@ fn erofs_image_on_a_virtio_mmio_machine(kernel: Kernel) {
 #[test]
 fn native_backend_names_unshared_guest_memory() {
     let kernel = Kernel::compressed_modules();
-    let Some(t) = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".into()) else {
-        return;
-    };
+    let t = Setup::new(kernel, |_| "echo GUEST-START\necho GUEST-OK\n".into());
     vm::open_to_others(t.dir.path());
     let boot = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
@@ -1113,7 +1078,7 @@ int main(int argc, char **argv) {
 fn native_backend_many_opens_stay_bounded() {
     const OPENS: usize = 30_000;
     let kernel = Kernel::compressed_modules();
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         format!(
             "echo GUEST-START\n\
              holdopen=$(dirname $0)/holdopen\n\
@@ -1123,9 +1088,7 @@ fn native_backend_many_opens_stay_bounded() {
             big = s.big_file.display(),
             deep = s.deep_file.display(),
         )
-    }) else {
-        return;
-    };
+    });
     // The program, built static, beside the guest's script in its store path.
     let bin = t.s.store_dir.join(&t.prog.base).join("bin");
     let source = t.dir.path().join("holdopen.c");
@@ -1182,7 +1145,7 @@ fn native_backend_many_opens_stay_bounded() {
 #[test]
 fn native_backend_walk_survives_drop_caches() {
     let kernel = Kernel::compressed_modules();
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         let deep_dir = s.deep_file.parent().unwrap().display().to_string();
         format!(
             "echo GUEST-START\n\
@@ -1209,9 +1172,7 @@ fn native_backend_walk_survives_drop_caches() {
              echo GUEST-OK\n",
             big = s.big_file.display(),
         )
-    }) else {
-        return;
-    };
+    });
     vm::open_to_others(t.dir.path());
     let boot = t
         .guest(&format!("nixstore=virtiofs:{TAG}"))
@@ -1285,7 +1246,7 @@ fn walk_count(path: &Path) -> usize {
 #[test]
 fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
     let kernel = Kernel::compressed_modules();
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         let dir = s.replaceable_dirs[0].display().to_string();
         format!(
             "echo GUEST-START\n\
@@ -1303,9 +1264,7 @@ fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
              echo \"LEAKS $(grep -c 'TOP SECRET' /tmp/seen)\"\n\
              echo GUEST-OK\n"
         )
-    }) else {
-        return;
-    };
+    });
     vm::open_to_others(t.dir.path());
     let host_dir = t.s.host(&t.s.replaceable_dirs[0]);
     let depth = t.s.replaceable_dirs[0].components().count() - 1;
@@ -1347,7 +1306,7 @@ fn native_backend_dir_swapped_for_a_symlink_leaks_nothing() {
 #[test]
 fn native_backend_refuses_every_modification() {
     let kernel = Kernel::compressed_modules();
-    let Some(t) = Setup::new(kernel, |s| {
+    let t = Setup::new(kernel, |s| {
         let f = format!("/nix/store/{}", s.small_files[3].display());
         let d = format!(
             "/nix/store/{}",
@@ -1384,9 +1343,7 @@ fn native_backend_refuses_every_modification() {
         }
         script.push_str("echo \"OPS 15\"\necho GUEST-OK\n");
         script
-    }) else {
-        return;
-    };
+    });
     vm::open_to_others(t.dir.path());
     let before = files_digest(&t.s.store_dir);
     let boot = t

@@ -17,6 +17,7 @@ use nixstorefs_tests::sample::base_name;
 use nixstorefs_tests::vm::{self, Boot, Guest, GuestProgram, Initramfs, Kernel};
 use serde_json::json;
 
+use crate::ids::{GuestStep, GuestVia, Id, Peak};
 use crate::mounts::FuseMount;
 use crate::stats::{Better, Measurement, Results, Target};
 use crate::store::{self, Built};
@@ -46,12 +47,16 @@ pub const METHOD: &str = "A VM (qemu TCG, 1 vCPU, 512 MiB, the host's Debian ker
 const TAG: &str = "nix-store";
 /// Boots per variant, in turn with the other variant's.
 const ROUNDS: usize = 2;
-const STEPS: [(&str, &str); 4] = [
-    ("walk", "find /nix/store, cold"),
-    ("walk-warm", "find /nix/store, warm"),
-    ("small", "read files < 64 KiB, cold"),
-    ("seq", "read the large files, cold"),
-];
+
+/// What each step does, for the report's labels.
+fn step_label(step: GuestStep) -> &'static str {
+    match step {
+        GuestStep::Walk => "find /nix/store, cold",
+        GuestStep::WalkWarm => "find /nix/store, warm",
+        GuestStep::Small => "read files < 64 KiB, cold",
+        GuestStep::Seq => "read the large files, cold",
+    }
+}
 
 /// Builds guest-init statically (unless told not to), where the VM helpers look for it.
 fn guest_init(no_build: bool) -> Result<(), String> {
@@ -96,19 +101,13 @@ fn script(runs: usize, big: &[PathBuf]) -> String {
     s.push_str("#!/bin/busybox sh\nexport PATH=/bin\necho GUEST-START\n");
     s.push_str("busybox find /nix/store -type f -size -64k > /tmp/small\n");
     s.push_str(&format!("for i in $(busybox seq 0 {runs}); do\n"));
-    for (step, cmd) in [
-        ("walk", "busybox find /nix/store > /dev/null".to_string()),
-        (
-            "walk-warm",
-            "busybox find /nix/store > /dev/null".to_string(),
-        ),
-        (
-            "small",
-            "busybox xargs busybox cat < /tmp/small > /dev/null".to_string(),
-        ),
-        ("seq", format!("busybox cat {} > /dev/null", bigs.join(" "))),
-    ] {
-        if step != "walk-warm" {
+    for &step in GuestStep::ALL {
+        let cmd = match step {
+            GuestStep::Walk | GuestStep::WalkWarm => "busybox find /nix/store > /dev/null".into(),
+            GuestStep::Small => "busybox xargs busybox cat < /tmp/small > /dev/null".into(),
+            GuestStep::Seq => format!("busybox cat {} > /dev/null", bigs.join(" ")),
+        };
+        if step != GuestStep::WalkWarm {
             s.push_str(&format!("  {drop}\n"));
         }
         s.push_str(&format!(
@@ -156,7 +155,7 @@ fn guest_store(
 }
 
 /// Durations (s) per step, one per run, warm-up dropped.
-fn parse(console: &str, runs: usize) -> Result<BTreeMap<String, Vec<f64>>, String> {
+fn parse(console: &str, runs: usize) -> Result<BTreeMap<GuestStep, Vec<f64>>, String> {
     let mut at: BTreeMap<(String, usize), f64> = BTreeMap::new();
     for l in console.lines() {
         let l = l.trim_end_matches('\r');
@@ -171,7 +170,7 @@ fn parse(console: &str, runs: usize) -> Result<BTreeMap<String, Vec<f64>>, Strin
         }
     }
     let mut out = BTreeMap::new();
-    for (step, _) in STEPS {
+    for &step in GuestStep::ALL {
         let mut v = Vec::new();
         for i in 1..=runs {
             let s = at.get(&(format!("{step}-start"), i));
@@ -181,7 +180,7 @@ fn parse(console: &str, runs: usize) -> Result<BTreeMap<String, Vec<f64>>, Strin
                 _ => return Err(format!("the guest did not report {step} of run {i}")),
             }
         }
-        out.insert(step.to_string(), v);
+        out.insert(step, v);
     }
     Ok(out)
 }
@@ -222,15 +221,13 @@ pub fn run(
     })
     .map_err(|_| "no guest kernel or initramfs (see above)".to_string())?
     .map_err(|e| format!("initramfs: {e}"))?;
-    let mut results: BTreeMap<&str, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut results: BTreeMap<GuestVia, BTreeMap<GuestStep, Vec<f64>>> = BTreeMap::new();
     vm::open_to_others(&dir);
-    let mut daemons: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for (round, variant) in
-        (0..ROUNDS).flat_map(|i| [(i, "native"), (i, "nixstorefs"), (i, "plain")])
-    {
+    let mut daemons: BTreeMap<GuestVia, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for (round, variant) in (0..ROUNDS).flat_map(|i| GuestVia::ALL.iter().map(move |&v| (i, v))) {
         let mount = match variant {
-            "nixstorefs" => Some(FuseMount::nixstorefs(bin, &store_dir, &closure, &[])?.0),
-            _ => None,
+            GuestVia::Nixstorefs => Some(FuseMount::nixstorefs(bin, &store_dir, &closure, &[])?.0),
+            GuestVia::Native | GuestVia::Plain => None,
         };
         let shared = mount
             .as_ref()
@@ -240,11 +237,11 @@ pub fn run(
             round + 1
         );
         let share = match variant {
-            "native" => Share::Native {
+            GuestVia::Native => Share::Native {
                 store_dir: &store_dir,
                 closure: &closure,
             },
-            _ => Share::Virtiofsd(&shared),
+            GuestVia::Nixstorefs | GuestVia::Plain => Share::Virtiofsd(&shared),
         };
         let boot = boot_guest(&kernel, &initramfs, &prog, share, Duration::from_secs(900));
         if let Some(m) = mount {
@@ -261,66 +258,62 @@ pub fn run(
             steps.entry(step).or_default().extend(times);
         }
     }
-    for (variant, steps) in &results {
-        for (step, label) in STEPS {
+    for (&variant, steps) in &results {
+        for &step in GuestStep::ALL {
             r.add(Measurement {
-                id: format!("guest/{variant}/{step}"),
-                section: "guest",
-                label: format!("{label}, virtiofs over {variant}"),
+                id: Id::GuestStep(variant, step),
+                label: format!("{}, virtiofs over {variant}", step_label(step)),
                 unit: "s",
                 better: Better::Lower,
-                samples: steps[step].clone(),
-                params: json!({"variant": variant}),
+                samples: steps[&step].clone(),
+                params: json!({"variant": variant.as_str()}),
             });
         }
     }
-    for (variant, (fds, anon)) in &daemons {
-        let daemon = if *variant == "native" {
-            "nixstorefs --socket-path"
-        } else {
-            "virtiofsd"
-        };
-        for (key, label, unit, samples) in [
-            ("daemon-fds", "descriptors held at most by", "fds", fds),
-            ("daemon-anon", "private memory at most of", "MiB", anon),
+    for (&variant, (fds, anon)) in &daemons {
+        let daemon = daemon_name(variant);
+        for (peak, label, unit, samples) in [
+            (Peak::Fds, "descriptors held at most by", "fds", fds),
+            (Peak::Anon, "private memory at most of", "MiB", anon),
         ] {
             r.add(Measurement {
-                id: format!("guest/{variant}/{key}"),
-                section: "guest",
+                id: Id::GuestDaemon(variant, peak),
                 label: format!("{label} {daemon}, virtiofs over {variant}"),
                 unit,
                 better: Better::Lower,
                 samples: samples.clone(),
-                params: json!({"variant": variant}),
+                params: json!({"variant": variant.as_str()}),
             });
         }
     }
-    for (step, label) in STEPS {
+    for &step in GuestStep::ALL {
+        let label = step_label(step);
         let (vs_plain, vs_mount) = match step {
-            "walk" | "small" => (Some(Target::AtMost(1.0)), Some(Target::AtMost(1.0 / 1.2))),
-            "seq" => (Some(Target::AtMost(1.0 / 0.9)), None),
-            _ => (None, None),
+            GuestStep::Walk | GuestStep::Small => {
+                (Some(Target::AtMost(1.0)), Some(Target::AtMost(1.0 / 1.2)))
+            }
+            GuestStep::Seq => (Some(Target::AtMost(1.0 / 0.9)), None),
+            GuestStep::WalkWarm => (None, None),
         };
+        let id = |via| Id::GuestStep(via, step);
         r.ratio(
-            "guest",
             format!("{label}: native backend vs virtiofsd over the plain directory"),
-            &format!("guest/native/{step}"),
-            &format!("guest/plain/{step}"),
+            id(GuestVia::Native),
+            id(GuestVia::Plain),
             vs_plain,
         );
         r.ratio(
-            "guest",
             format!("{label}: native backend vs virtiofsd over the mount"),
-            &format!("guest/native/{step}"),
-            &format!("guest/nixstorefs/{step}"),
+            id(GuestVia::Native),
+            id(GuestVia::Nixstorefs),
             vs_mount,
         );
+        let walk = matches!(step, GuestStep::Walk | GuestStep::WalkWarm);
         r.ratio(
-            "guest",
             format!("{label}: virtiofsd over the mount vs over the plain directory"),
-            &format!("guest/nixstorefs/{step}"),
-            &format!("guest/plain/{step}"),
-            step.starts_with("walk").then_some(Target::AtMost(1.3)),
+            id(GuestVia::Nixstorefs),
+            id(GuestVia::Plain),
+            walk.then_some(Target::AtMost(1.3)),
         );
     }
     let footprint_dir = dir.with_file_name("guest-footprint");
@@ -361,62 +354,63 @@ fn footprint(
         FOOTPRINT_SCRIPT,
     )?;
     vm::open_to_others(dir);
-    for variant in ["native", "plain"] {
+    for variant in [GuestVia::Native, GuestVia::Plain] {
         eprintln!("bench: [guest] reading every file of {many} over {variant}");
         let share = match variant {
-            "native" => Share::Native {
+            GuestVia::Native => Share::Native {
                 store_dir: &store_dir,
                 closure: &closure,
             },
-            _ => Share::Virtiofsd(&store_dir),
+            GuestVia::Nixstorefs | GuestVia::Plain => Share::Virtiofsd(&store_dir),
         };
         let boot = boot_guest(kernel, initramfs, &prog, share, Duration::from_secs(1800))
             .map_err(|e| format!("the footprint guest over {variant}: {e}"))?;
         let files = boot.value("FILES ").unwrap_or("?").to_string();
         let d = boot.backends.first().ok_or("no share daemon was sampled")?;
-        let daemon = if variant == "native" {
-            "nixstorefs --socket-path"
-        } else {
-            "virtiofsd"
-        };
-        for (key, label, unit, value) in [
+        let daemon = daemon_name(variant);
+        for (peak, label, unit, value) in [
             (
-                "fds",
+                Peak::Fds,
                 "descriptors held at most by",
                 "fds",
                 d.max_fds as f64,
             ),
             (
-                "anon",
+                Peak::Anon,
                 "private memory at most of",
                 "MiB",
                 d.max_anon_kib as f64 / 1024.0,
             ),
         ] {
             r.add(Measurement {
-                id: format!("guest-footprint/{variant}/{key}"),
-                section: "guest",
+                id: Id::GuestFootprint(variant, peak),
                 label: format!("{label} {daemon} while a guest reads {files} files"),
                 unit,
                 better: Better::Lower,
                 samples: vec![value],
-                params: json!({"variant": variant, "files": files}),
+                params: json!({"variant": variant.as_str(), "files": files}),
             });
         }
     }
     r.absolute(
-        "guest",
         "native backend's descriptors after a guest read every file",
-        "guest-footprint/native/fds",
+        Id::GuestFootprint(GuestVia::Native, Peak::Fds),
         Target::Below(1024.0),
     );
     r.absolute(
-        "guest",
         "native backend's private memory after a guest read every file",
-        "guest-footprint/native/anon",
+        Id::GuestFootprint(GuestVia::Native, Peak::Anon),
         Target::Below(64.0),
     );
     Ok(())
+}
+
+/// The daemon that serves a guest's store over `variant`, for labels.
+fn daemon_name(variant: GuestVia) -> &'static str {
+    match variant {
+        GuestVia::Native => "nixstorefs --socket-path",
+        GuestVia::Nixstorefs | GuestVia::Plain => "virtiofsd",
+    }
 }
 
 /// What serves `/nix/store` to a bench guest.

@@ -1,23 +1,17 @@
 //! `bench`: measures nixstorefs against its baselines on a synthetic host store and writes
 //! docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks-latency.png.
 //!
-//! `cargo run --release -p nixstorefs-tests --bin bench -- --help` for the options. Needs
+//! `cargo run --release -p nixstorefs-bench --bin bench -- --help` for the options. Needs
 //! root, /dev/fuse and bindfs; the guest section also needs qemu, virtiofsd and a static
 //! guest-init.
 
-#[path = "../bench/guest.rs"]
 mod guest;
-#[path = "../bench/image.rs"]
+mod ids;
 mod image;
-#[path = "../bench/mounts.rs"]
 mod mounts;
-#[path = "../bench/report.rs"]
 mod report;
-#[path = "../bench/stats.rs"]
 mod stats;
-#[path = "../bench/store.rs"]
 mod store;
-#[path = "../bench/workload.rs"]
 mod workload;
 
 use std::fs;
@@ -30,14 +24,14 @@ use clap::Parser;
 use nixstorefs_tests::harness;
 use serde_json::json;
 
+use ids::{FootprintPoint, Held, Id, Mounter, ReadPattern, ReadVia, Section, SmallVia, Walk};
 use mounts::FuseMount;
-use report::{Header, Section, Series};
+use report::{Chapter, Header, Series};
 use stats::{Better, Measurement, Results, Target};
 use store::{Built, Params};
 
 /// Benchmarks nixstorefs against a bind-mount farm, bindfs and the host filesystem.
 #[derive(Parser, Debug, Clone)]
-#[command(after_help = "Sections: latency, metadata, reads, small, footprint, image, guest.")]
 struct Args {
     /// Host store size, in top-level store paths [default: 140000; --quick: 2000].
     #[arg(long)]
@@ -65,8 +59,8 @@ struct Args {
     #[arg(long)]
     skip_guest: bool,
     /// Only these sections (comma-separated); the report then holds only them.
-    #[arg(long, value_delimiter = ',')]
-    sections: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    sections: Option<Vec<Section>>,
     /// Number of large files [default: 2; --quick: 1].
     #[arg(long)]
     big_files: Option<usize>,
@@ -109,14 +103,15 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ is inside the workspace")
+        .expect("bench/ is inside the workspace")
         .to_path_buf()
 }
 
 fn main() -> ExitCode {
+    // First, so that a usage error (exit 2) leaves nothing behind.
+    let args = Args::parse();
     mounts::redirect_tmpdir();
     mounts::install_signal_thread();
-    let args = Args::parse();
     let outcome = std::panic::catch_unwind(|| run(args));
     mounts::cleanup_all();
     match outcome {
@@ -176,65 +171,77 @@ fn run(args: Args) -> Result<(), String> {
         bin,
         workspace,
     };
-    let wanted = |s: &str| {
-        ctx.args
-            .sections
-            .as_ref()
-            .is_none_or(|v| v.iter().any(|x| x == s))
-    };
     let load_start = loadavg();
     let mut r = Results::default();
-    let mut sections = Vec::new();
+    let mut chapters = Vec::new();
+    let mut failed = Vec::new();
     warm_host(&ctx)?;
-    type SectionFn = fn(&Ctx, &mut Results) -> Result<(), String>;
-    let all: [(&str, &str, SectionFn); 6] = [
-        ("latency", "Mount-ready latency", latency),
-        ("metadata", "Metadata: a full walk with lstat", metadata),
-        ("reads", "Large-file reads", reads),
-        ("small", "Many small files", small_files),
-        ("footprint", "Daemon footprint", footprint),
-        ("image", "Writing an image of the closure", image_section),
-    ];
-    for (key, title, f) in all {
-        if !wanted(key) {
+    for section in wanted(ctx.args.sections.as_deref()) {
+        chapters.push(Chapter {
+            section,
+            method: method(section, &ctx),
+        });
+        if section == Section::Guest && ctx.args.skip_guest {
+            r.note(section, "Left out of this run (`--skip-guest`).");
             continue;
         }
-        eprintln!("bench: === {title} ===");
-        sections.push(Section {
-            key,
-            title,
-            method: method(key, &ctx),
-        });
-        if let Err(e) = f(&ctx, &mut r) {
-            eprintln!("bench: [{key}] failed: {e}");
-            r.note(key, format!("**This section failed:** {e}"));
+        eprintln!("bench: === {} ===", section.title());
+        if let Err(e) = run_section(section, &ctx, &mut r) {
+            eprintln!("bench: [{section}] failed: {e}");
+            r.note(section, format!("**This section failed:** {e}"));
+            failed.push(section);
         }
     }
-    if wanted("guest") {
-        sections.push(Section {
-            key: "guest",
-            title: "Through a guest (TCG)",
-            method: method("guest", &ctx),
-        });
-        if ctx.args.skip_guest {
-            r.note("guest", "Left out of this run (`--skip-guest`).");
-        } else {
-            eprintln!("bench: === Through a guest ===");
+    write_outputs(&ctx, &chapters, &r, &load_start)?;
+    verdict(&failed, &r)
+}
+
+/// The sections to run, in report order: those asked for, or all.
+fn wanted(asked: Option<&[Section]>) -> Vec<Section> {
+    // In report order, each once, whatever order they were given in.
+    Section::all()
+        .iter()
+        .copied()
+        .filter(|s| asked.is_none_or(|a| a.contains(s)))
+        .collect()
+}
+
+/// Measures one section into `r`.
+fn run_section(section: Section, ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    match section {
+        Section::Latency => latency(ctx, r),
+        Section::Metadata => metadata(ctx, r),
+        Section::Reads => reads(ctx, r),
+        Section::Small => small_files(ctx, r),
+        Section::Footprint => footprint(ctx, r),
+        Section::Image => image_section(ctx, r),
+        Section::Guest => {
             let n = ctx.args.guest_closure.min(ctx.params.closure);
-            if let Err(e) = guest::run(&ctx.built, n, &ctx.bin, ctx.runs, ctx.args.no_build, &mut r)
-            {
-                eprintln!("bench: [guest] failed: {e}");
-                r.note("guest", format!("**This section failed:** {e}"));
-            }
+            guest::run(&ctx.built, n, &ctx.bin, ctx.runs, ctx.args.no_build, r)
         }
     }
-    write_outputs(&ctx, &sections, &r, &load_start)
+}
+
+/// The run's outcome once the report is written: a failed section, or a check whose
+/// measurement was never taken, fails it, by name, so a report with a hole in it is never
+/// taken for a complete one.
+fn verdict(failed: &[Section], r: &Results) -> Result<(), String> {
+    let mut faults: Vec<String> = failed
+        .iter()
+        .map(|s| format!("section {s} failed (see above)"))
+        .collect();
+    faults.extend(r.missing.iter().map(ToString::to_string));
+    if faults.is_empty() {
+        Ok(())
+    } else {
+        Err(faults.join("\n  "))
+    }
 }
 
 /// Builds the daemon (release) so the numbers are for the current sources, then finds it
 /// next to this binary.
 fn daemon_binary(workspace: &Path, no_build: bool) -> Result<PathBuf, String> {
-    release_binary(workspace, "nixstorefs", "nixstorefs", no_build)
+    release_binary(workspace, "nixstorefs-daemon", "nixstorefs", no_build)
 }
 
 /// Builds `bin` of `package` (release), then finds it next to this binary.
@@ -295,17 +302,10 @@ struct Samples {
 }
 
 impl Samples {
-    fn new(
-        id: String,
-        section: &'static str,
-        label: String,
-        unit: &'static str,
-        better: Better,
-    ) -> Self {
+    fn new(id: Id, label: String, unit: &'static str, better: Better) -> Self {
         Samples {
             m: Measurement {
                 id,
-                section,
                 label,
                 unit,
                 better,
@@ -365,16 +365,22 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
                 file,
                 sources,
                 nix: Samples::new(
-                    format!("latency/nixstorefs/{}/{k}", s.paths),
-                    "latency",
+                    Id::Latency {
+                        by: Mounter::Nixstorefs,
+                        host: s.paths,
+                        closure: *k,
+                    },
                     format!("nixstorefs, host {} paths, closure {k}", s.paths),
                     "ms",
                     Better::Lower,
                 )
                 .params(p.clone()),
                 farm: Samples::new(
-                    format!("latency/bindfarm/{}/{k}", s.paths),
-                    "latency",
+                    Id::Latency {
+                        by: Mounter::BindFarm,
+                        host: s.paths,
+                        closure: *k,
+                    },
                     format!("bind farm, host {} paths, closure {k}", s.paths),
                     "ms",
                     Better::Lower,
@@ -386,8 +392,7 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     // The part of every mount that is only starting and ending a process: the same binary,
     // printing its version.
     let mut start = Samples::new(
-        "latency/process-start".to_string(),
-        "latency",
+        Id::ProcessStart,
         "nixstorefs --version (process start and exit only)".to_string(),
         "ms",
         Better::Lower,
@@ -442,7 +447,7 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     };
     if let (Some(nix), Some(farm)) = (slope(&vs, false), slope(&vs, true)) {
         r.note(
-            "latency",
+            Section::Latency,
             format!(
                 "Each further closure path costs nixstorefs {} µs and the bind farm {} µs \
                  ({}× less), from the medians at the smallest and largest closure of the \
@@ -468,46 +473,56 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             .iter()
             .find(|s| s.closures.iter().any(|(c, _)| c == k))
         {
+            let at = |by, store: &store::Store| Id::Latency {
+                by,
+                host: store.paths,
+                closure: *k,
+            };
             r.ratio(
-                "latency",
                 format!(
                     "flat: closure {k}, host {} paths vs {} paths",
                     host.paths, small.paths
                 ),
-                &format!("latency/nixstorefs/{}/{k}", host.paths),
-                &format!("latency/nixstorefs/{}/{k}", small.paths),
+                at(Mounter::Nixstorefs, host),
+                at(Mounter::Nixstorefs, small),
                 Some(Target::AtMost(1.1)),
             );
             // The same growth in the baseline is the host's own per-name lookup cost.
             r.ratio(
-                "latency",
                 format!(
                     "bind farm for reference: closure {k}, host {} paths vs {} paths",
                     host.paths, small.paths
                 ),
-                &format!("latency/bindfarm/{}/{k}", host.paths),
-                &format!("latency/bindfarm/{}/{k}", small.paths),
+                at(Mounter::BindFarm, host),
+                at(Mounter::BindFarm, small),
                 None,
             );
         }
     }
     let kk = ctx.params.closure;
     r.absolute(
-        "latency",
         format!("closure {kk}, host {} paths", host.paths),
-        &format!("latency/nixstorefs/{}/{kk}", host.paths),
+        Id::Latency {
+            by: Mounter::Nixstorefs,
+            host: host.paths,
+            closure: kk,
+        },
         Target::Below(20.0),
     );
     for s in &stores {
         for (k, _) in &s.closures {
+            let by = |by| Id::Latency {
+                by,
+                host: s.paths,
+                closure: *k,
+            };
             r.ratio(
-                "latency",
                 format!(
                     "speed-up over the bind farm, host {} paths, closure {k}",
                     s.paths
                 ),
-                &format!("latency/bindfarm/{}/{k}", s.paths),
-                &format!("latency/nixstorefs/{}/{k}", s.paths),
+                by(Mounter::BindFarm),
+                by(Mounter::Nixstorefs),
                 (*k == kk && s.paths == host.paths).then_some(Target::AtLeast(3.0)),
             );
         }
@@ -515,7 +530,7 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     for s in &b.smaller {
         if s.closures.last().is_some_and(|(k, _)| *k < kk) {
             r.note(
-                "latency",
+                Section::Latency,
                 format!(
                     "The {}-path store holds only {} closure paths, so its larger closure is \
                      capped at that.",
@@ -533,21 +548,15 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let names = &ctx.built.closure;
     let closure = host_closure_file(ctx);
     let (expect, _) = workload::walk(store, names).map_err(|e| e.to_string())?;
-    let mk = |id: &str, label: &str| {
-        Samples::new(
-            format!("metadata/{id}"),
-            "metadata",
-            label.to_string(),
-            "ms",
-            Better::Lower,
-        )
-        .params(json!({"entries": expect.entries}))
+    let mk = |walk: Walk, label: &str| {
+        Samples::new(Id::Walk(walk), label.to_string(), "ms", Better::Lower)
+            .params(json!({"entries": expect.entries}))
     };
-    let mut native = mk("native", "native store, warm");
-    let mut cold = mk("cold", "nixstorefs, fresh mount (cold)");
-    let mut warm = mk("warm", "nixstorefs, second pass (warm)");
+    let mut native = mk(Walk::Native, "native store, warm");
+    let mut cold = mk(Walk::Cold, "nixstorefs, fresh mount (cold)");
+    let mut warm = mk(Walk::Warm, "nixstorefs, second pass (warm)");
     let mut one_cpu = mk(
-        "cold-one-cpu",
+        Walk::ColdOneCpu,
         "nixstorefs, fresh mount (cold), walker and daemon on CPU 0",
     );
     for run in 1..=ctx.runs {
@@ -579,28 +588,25 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         r.add(s.m);
     }
     r.ratio(
-        "metadata",
         "warm walk vs native",
-        "metadata/warm",
-        "metadata/native",
+        Id::Walk(Walk::Warm),
+        Id::Walk(Walk::Native),
         Some(Target::AtMost(1.2)),
     );
     r.ratio(
-        "metadata",
         "cold walk vs native",
-        "metadata/cold",
-        "metadata/native",
+        Id::Walk(Walk::Cold),
+        Id::Walk(Walk::Native),
         Some(Target::AtMost(3.0)),
     );
     r.ratio(
-        "metadata",
         "cold walk on one CPU vs native",
-        "metadata/cold-one-cpu",
-        "metadata/native",
+        Id::Walk(Walk::ColdOneCpu),
+        Id::Walk(Walk::Native),
         None,
     );
     r.note(
-        "metadata",
+        Section::Metadata,
         format!(
             "Each walk visits {} entries ({} directories, {} regular files, the rest symlinks) \
              of the {} closure paths.",
@@ -646,32 +652,30 @@ fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let total: u64 = sizes.iter().sum();
     let offsets =
         workload::random_offsets(&sizes, ctx.args.random_reads, "nixstorefs-bench-random");
-    let variants = [
-        ("native", "native"),
-        ("passthrough", "nixstorefs (passthrough)"),
-        ("nopassthrough", "nixstorefs --no-passthrough"),
-        ("bindfs", "bindfs -r"),
-    ];
-    let mut seq: Vec<Samples> = variants
+    let label = |via| match via {
+        ReadVia::Native => "native",
+        ReadVia::Passthrough => "nixstorefs (passthrough)",
+        ReadVia::NoPassthrough => "nixstorefs --no-passthrough",
+        ReadVia::Bindfs => "bindfs -r",
+    };
+    let mut seq: Vec<Samples> = ReadVia::ALL
         .iter()
-        .map(|(id, l)| {
+        .map(|&via| {
             Samples::new(
-                format!("reads/seq/{id}"),
-                "reads",
-                format!("sequential, {l}"),
+                Id::Read(ReadPattern::Sequential, via),
+                format!("sequential, {}", label(via)),
                 "MiB/s",
                 Better::Higher,
             )
             .params(json!({"bytes": total, "chunk": 1 << 20}))
         })
         .collect();
-    let mut rnd: Vec<Samples> = variants
+    let mut rnd: Vec<Samples> = ReadVia::ALL
         .iter()
-        .map(|(id, l)| {
+        .map(|&via| {
             Samples::new(
-                format!("reads/random/{id}"),
-                "reads",
-                format!("random 4 KiB, {l}"),
+                Id::Read(ReadPattern::Random, via),
+                format!("random 4 KiB, {}", label(via)),
                 "k reads/s",
                 Better::Higher,
             )
@@ -680,14 +684,14 @@ fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         .collect();
     let mut engaged = Vec::new();
     for run in 1..=ctx.runs {
-        for (i, (id, _)) in variants.iter().enumerate() {
+        for (i, &id) in ReadVia::ALL.iter().enumerate() {
             // A fresh mount for each pass, so no pass finds the FUSE page cache warm.
             let fresh = |what: &str| -> Result<Option<FuseMount>, String> {
-                match *id {
-                    "native" => Ok(None),
-                    "passthrough" => mount(ctx, closure, &[]).map(Some),
-                    "nopassthrough" => mount(ctx, closure, &["--no-passthrough"]).map(Some),
-                    _ => FuseMount::bindfs(store).map(Some),
+                match id {
+                    ReadVia::Native => Ok(None),
+                    ReadVia::Passthrough => mount(ctx, closure, &[]).map(Some),
+                    ReadVia::NoPassthrough => mount(ctx, closure, &["--no-passthrough"]).map(Some),
+                    ReadVia::Bindfs => FuseMount::bindfs(store).map(Some),
                 }
                 .map_err(|e| format!("{what}: {e}"))
             };
@@ -698,7 +702,7 @@ fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             if n != total {
                 return Err(format!("{id}: read {n} bytes of {total}"));
             }
-            if *id == "passthrough" {
+            if id == ReadVia::Passthrough {
                 let after = harness::rchar(m.as_ref().and_then(FuseMount::pid));
                 if let (Some(a), Some(b)) = (before, after) {
                     engaged.push(a.saturating_sub(b) < total / 4);
@@ -729,50 +733,44 @@ fn reads(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         r.add(s.m);
     }
     r.ratio(
-        "reads",
         "sequential, passthrough vs native",
-        "reads/seq/passthrough",
-        "reads/seq/native",
+        Id::Read(ReadPattern::Sequential, ReadVia::Passthrough),
+        Id::Read(ReadPattern::Sequential, ReadVia::Native),
         Some(Target::AtLeast(0.9)),
     );
     r.ratio(
-        "reads",
         "sequential, no passthrough vs bindfs",
-        "reads/seq/nopassthrough",
-        "reads/seq/bindfs",
+        Id::Read(ReadPattern::Sequential, ReadVia::NoPassthrough),
+        Id::Read(ReadPattern::Sequential, ReadVia::Bindfs),
         Some(Target::AtLeast(2.0)),
     );
     r.ratio(
-        "reads",
         "sequential, no passthrough vs native",
-        "reads/seq/nopassthrough",
-        "reads/seq/native",
+        Id::Read(ReadPattern::Sequential, ReadVia::NoPassthrough),
+        Id::Read(ReadPattern::Sequential, ReadVia::Native),
         None,
     );
     r.ratio(
-        "reads",
         "random 4 KiB, passthrough vs native",
-        "reads/random/passthrough",
-        "reads/random/native",
+        Id::Read(ReadPattern::Random, ReadVia::Passthrough),
+        Id::Read(ReadPattern::Random, ReadVia::Native),
         Some(Target::AtLeast(0.8)),
     );
     r.ratio(
-        "reads",
         "random 4 KiB, no passthrough vs native",
-        "reads/random/nopassthrough",
-        "reads/random/native",
+        Id::Read(ReadPattern::Random, ReadVia::NoPassthrough),
+        Id::Read(ReadPattern::Random, ReadVia::Native),
         None,
     );
     r.ratio(
-        "reads",
         "random 4 KiB, no passthrough vs bindfs",
-        "reads/random/nopassthrough",
-        "reads/random/bindfs",
+        Id::Read(ReadPattern::Random, ReadVia::NoPassthrough),
+        Id::Read(ReadPattern::Random, ReadVia::Bindfs),
         None,
     );
     let on = engaged.iter().filter(|e| **e).count();
     r.note(
-        "reads",
+        Section::Reads,
         format!(
             "Passthrough engaged in {on} of {} runs (the daemon's own read count, rchar, grew \
              by less than a quarter of the bytes read).",
@@ -798,29 +796,23 @@ fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         .sum();
     workload::read_small(store, &rels).map_err(|e| e.to_string())?;
     let variants = [
-        ("native", "native store, warm", None),
+        (SmallVia::Native, "native store, warm", None),
         (
-            "passthrough",
+            SmallVia::Passthrough,
             "nixstorefs (passthrough), fresh mount",
             Some(&[][..]),
         ),
         (
-            "nopassthrough",
+            SmallVia::NoPassthrough,
             "nixstorefs --no-passthrough, fresh mount",
             Some(&["--no-passthrough"][..]),
         ),
     ];
     let mut ss: Vec<Samples> = variants
         .iter()
-        .map(|(id, l, _)| {
-            Samples::new(
-                format!("small/{id}"),
-                "small",
-                l.to_string(),
-                "ms",
-                Better::Lower,
-            )
-            .params(json!({"files": rels.len(), "bytes": bytes}))
+        .map(|&(via, l, _)| {
+            Samples::new(Id::Small(via), l.to_string(), "ms", Better::Lower)
+                .params(json!({"files": rels.len(), "bytes": bytes}))
         })
         .collect();
     for run in 1..=ctx.runs {
@@ -845,21 +837,19 @@ fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         r.add(s.m);
     }
     r.ratio(
-        "small",
         "passthrough vs native",
-        "small/passthrough",
-        "small/native",
+        Id::Small(SmallVia::Passthrough),
+        Id::Small(SmallVia::Native),
         None,
     );
     r.ratio(
-        "small",
         "no passthrough vs native",
-        "small/nopassthrough",
-        "small/native",
+        Id::Small(SmallVia::NoPassthrough),
+        Id::Small(SmallVia::Native),
         None,
     );
     r.note(
-        "small",
+        Section::Small,
         format!(
             "{} files under 64 KiB, {:.1} MiB in all; each is opened, read whole and closed.",
             rels.len(),
@@ -900,27 +890,26 @@ fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let (fp_totals, _) = workload::walk(store, &b.footprint_paths).map_err(|e| e.to_string())?;
     let points = [
         (
-            "walk",
+            FootprintPoint::Walk,
             format!("after a walk of the {}-path closure", b.closure.len()),
         ),
         (
-            "big-walk",
+            FootprintPoint::BigWalk,
             format!(
                 "after a walk of {} entries ({} files)",
                 fp_totals.entries, fp_totals.files
             ),
         ),
         (
-            "big-read",
+            FootprintPoint::BigRead,
             format!("after that and reading {} files", many_files.len()),
         ),
     ];
     let mut rss: Vec<Samples> = points
         .iter()
-        .map(|(id, l)| {
+        .map(|&(point, ref l)| {
             Samples::new(
-                format!("footprint/rss/{id}"),
-                "footprint",
+                Id::Footprint(Held::Rss, point),
                 format!("RSS {l}"),
                 "MiB",
                 Better::Lower,
@@ -929,10 +918,9 @@ fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         .collect();
     let mut fds: Vec<Samples> = points
         .iter()
-        .map(|(id, l)| {
+        .map(|&(point, ref l)| {
             Samples::new(
-                format!("footprint/fds/{id}"),
-                "footprint",
+                Id::Footprint(Held::Fds, point),
                 format!("descriptors {l}"),
                 "fds",
                 Better::Lower,
@@ -966,23 +954,21 @@ fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     for s in rss.into_iter().chain(fds) {
         r.add(s.m);
     }
-    for id in ["big-walk", "big-read"] {
+    for point in [FootprintPoint::BigWalk, FootprintPoint::BigRead] {
         r.absolute(
-            "footprint",
-            format!("RSS, {id}"),
-            &format!("footprint/rss/{id}"),
+            format!("RSS, {point}"),
+            Id::Footprint(Held::Rss, point),
             Target::Below(64.0),
         );
         r.absolute(
-            "footprint",
-            format!("descriptors, {id}"),
-            &format!("footprint/fds/{id}"),
+            format!("descriptors, {point}"),
+            Id::Footprint(Held::Fds, point),
             Target::Below(1024.0),
         );
     }
     if fp_totals.files < 100_000 {
         r.note(
-            "footprint",
+            Section::Footprint,
             format!(
                 "This run's large closure has {} files, fewer than the 100,000 the targets are \
                  about (`--many-files`).",
@@ -995,10 +981,11 @@ fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------------------
 
-fn method(key: &str, ctx: &Ctx) -> String {
+/// What `section` measures and how, for its chapter of the report.
+fn method(section: Section, ctx: &Ctx) -> String {
     let p = &ctx.params;
-    match key {
-        "latency" => format!(
+    match section {
+        Section::Latency => format!(
             "Time from starting `nixstorefs --store-dir STORE CLOSURE MNT` (daemon mode) until \
              it exits 0 with the mount live, then unmounted; against a bind-mount farm of the \
              same closure: a forked child unshares its mount namespace, makes `/` private, \
@@ -1018,15 +1005,17 @@ fn method(key: &str, ctx: &Ctx) -> String {
             p.closure,
             p.closure
         ),
-        "metadata" => "A depth-first walk of every closure path with getdents and an lstat of \
+        Section::Metadata => {
+            "A depth-first walk of every closure path with getdents and an lstat of \
              every entry (what `find` does), single-threaded. Native: the same walk of the \
              host store paths, warm. Cold: the first walk of a fresh mount (host caches warm); \
              warm: a second walk of the same mount. The cold walk is also run with the walker \
              and the daemon pinned to CPU 0, so that no request or reply wakes the other CPU: \
              the difference is the cost of cross-CPU wake-ups. Targets: warm ≤ 1.2× native, \
              cold ≤ 3× native."
-            .to_string(),
-        "reads" => format!(
+                .to_string()
+        }
+        Section::Reads => format!(
             "The {} large file(s) of {} MiB of pseudo-random data: read whole in 1 MiB chunks \
              (sequential), and {} preads of 4 KiB at seeded random aligned offsets, the same \
              for every variant (random). Each pass of a FUSE variant runs on a fresh mount so \
@@ -1036,31 +1025,32 @@ fn method(key: &str, ctx: &Ctx) -> String {
              without passthrough ≥ 2× bindfs; random with passthrough ≥ 0.8× native.",
             p.big_files, p.big_mib, ctx.args.random_reads
         ),
-        "small" => "Every regular file under 64 KiB in the closure is opened, read whole and \
+        Section::Small => {
+            "Every regular file under 64 KiB in the closure is opened, read whole and \
              closed, on a fresh mount, against the same on the warm native store. No target: \
              the ratio shows the per-file cost of going through FUSE."
-            .to_string(),
-        "footprint" => format!(
+                .to_string()
+        }
+        Section::Footprint => format!(
             "Resident memory (VmRSS) and open descriptors of the daemon, from /proc: after a \
              walk of the closure, and on a fresh mount of the closure plus one store path of \
              {} small files, after a walk of it and after reading each of those files. \
              Targets: under 64 MiB and 1,024 descriptors.",
             p.many_files
         ),
-        "image" => format!(
+        Section::Image => format!(
             "{} The closure: {} store paths of the {}-path host store.",
             image::METHOD,
             p.closure,
             p.paths
         ),
-        "guest" => format!(
+        Section::Guest => format!(
             "{} The guest's closure is the first {} of the {} closure paths (with the large \
              files and the wide directories).",
             guest::METHOD,
             ctx.args.guest_closure.min(p.closure),
             p.closure
         ),
-        _ => String::new(),
     }
 }
 
@@ -1137,7 +1127,7 @@ fn git(ws: &Path, args: &[&str]) -> String {
 
 fn write_outputs(
     ctx: &Ctx,
-    sections: &[Section],
+    chapters: &[Chapter],
     r: &Results,
     load_start: &str,
 ) -> Result<(), String> {
@@ -1146,9 +1136,10 @@ fn write_outputs(
         .out
         .clone()
         .unwrap_or_else(|| ctx.workspace.join("docs"));
+    worth_writing(r, &out)?;
     fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
-    let mut command = "cargo run --release -p nixstorefs-tests --bin bench".to_string();
+    let mut command = "cargo run --release -p nixstorefs-bench --bin bench".to_string();
     if !args.is_empty() {
         command.push_str(" -- ");
         command.push_str(&args.join(" "));
@@ -1261,7 +1252,7 @@ fn write_outputs(
         },
         None => None,
     };
-    let md = report::markdown(&h, sections, r, plot);
+    let md = report::markdown(&h, chapters, r, plot);
     let js = report::json(&h, r);
     let write = |name: &str, data: &[u8]| -> Result<(), String> {
         let p = out.join(name);
@@ -1277,6 +1268,18 @@ fn write_outputs(
     Ok(())
 }
 
+/// A report that measured nothing replaces one that did with an empty one: refused, so that
+/// the last real report stays where it is.
+fn worth_writing(r: &Results, out: &Path) -> Result<(), String> {
+    if r.measurements.is_empty() {
+        return Err(format!(
+            "nothing was measured; the report in {} is left as it was",
+            out.display()
+        ));
+    }
+    Ok(())
+}
+
 fn latency_series(ctx: &Ctx, r: &Results) -> Option<Vec<Series>> {
     use plotters::style::RGBColor;
     let b = &ctx.built;
@@ -1285,12 +1288,12 @@ fn latency_series(ctx: &Ctx, r: &Results) -> Option<Vec<Series>> {
     let mut out = Vec::new();
     for (variant, name, colors) in [
         (
-            "nixstorefs",
+            Mounter::Nixstorefs,
             "nixstorefs",
             [RGBColor(0, 90, 200), RGBColor(90, 170, 255)],
         ),
         (
-            "bindfarm",
+            Mounter::BindFarm,
             "bind farm",
             [RGBColor(200, 40, 30), RGBColor(255, 140, 110)],
         ),
@@ -1300,7 +1303,11 @@ fn latency_series(ctx: &Ctx, r: &Results) -> Option<Vec<Series>> {
                 .iter()
                 .filter_map(|s| {
                     // A small store's capped closure is a different closure: left out.
-                    let m = r.get(&format!("latency/{variant}/{}/{closure}", s.paths))?;
+                    let m = r.get(Id::Latency {
+                        by: variant,
+                        host: s.paths,
+                        closure,
+                    })?;
                     Some((s.paths as f64, m.samples.clone()))
                 })
                 .collect();
@@ -1315,4 +1322,85 @@ fn latency_series(ctx: &Ctx, r: &Results) -> Option<Vec<Series>> {
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    #[test]
+    fn an_unknown_section_is_a_usage_error_naming_the_valid_ones() {
+        let e = Args::try_parse_from(["bench", "--sections", "latency,read"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+        assert_eq!(e.exit_code(), 2);
+        let text = e.to_string();
+        assert!(text.contains("'read'"), "{text}");
+        for s in Section::all() {
+            assert!(text.contains(s.key()), "{s} not offered: {text}");
+        }
+    }
+
+    #[test]
+    fn sections_run_in_report_order_each_once() {
+        let args = Args::try_parse_from(["bench", "--sections", "guest,latency,guest"]).unwrap();
+        assert_eq!(
+            wanted(args.sections.as_deref()),
+            [Section::Latency, Section::Guest]
+        );
+        let args = Args::try_parse_from(["bench"]).unwrap();
+        assert_eq!(wanted(args.sections.as_deref()), Section::all());
+    }
+
+    #[test]
+    fn a_run_that_measured_nothing_leaves_the_report_alone() {
+        let dir = Path::new("/nonexistent/report");
+        let e = worth_writing(&Results::default(), dir).unwrap_err();
+        assert!(e.contains("nothing was measured"), "{e}");
+        let mut r = Results::default();
+        r.add(Measurement {
+            id: Id::ProcessStart,
+            label: "start".into(),
+            unit: "ms",
+            better: Better::Lower,
+            samples: vec![1.0],
+            params: json!({}),
+        });
+        assert_eq!(worth_writing(&r, dir), Ok(()));
+    }
+
+    #[test]
+    fn a_target_without_its_measurement_fails_the_run_by_name() {
+        let mut r = Results::default();
+        r.add(Measurement {
+            id: Id::Walk(Walk::Native),
+            label: "native".into(),
+            unit: "ms",
+            better: Better::Lower,
+            samples: vec![1.0, 2.0],
+            params: json!({}),
+        });
+        assert_eq!(verdict(&[], &r), Ok(()));
+        r.ratio(
+            "warm walk vs native",
+            Id::Walk(Walk::Warm),
+            Id::Walk(Walk::Native),
+            Some(Target::AtMost(1.2)),
+        );
+        let e = verdict(&[], &r).unwrap_err();
+        assert!(e.contains("warm walk vs native"), "{e}");
+        assert!(e.contains("metadata/warm"), "{e}");
+        // The report says so too, in the section's notes.
+        assert!(r
+            .notes
+            .iter()
+            .any(|(s, n)| *s == Section::Metadata && n.contains("metadata/warm")));
+        assert!(r.checks.is_empty());
+    }
+
+    #[test]
+    fn a_failed_section_fails_the_run() {
+        let e = verdict(&[Section::Image], &Results::default()).unwrap_err();
+        assert!(e.contains("section image failed"), "{e}");
+    }
 }

@@ -2,6 +2,8 @@
 
 use serde_json::{json, Value};
 
+use crate::ids::{Id, Section};
+
 /// Which way a number is better, so that ratios and targets read the right way round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Better {
@@ -12,9 +14,8 @@ pub enum Better {
 /// One measured quantity: every sample of it, in run order.
 #[derive(Clone, Debug)]
 pub struct Measurement {
-    /// Stable key, used by checks and in the JSON.
-    pub id: String,
-    pub section: &'static str,
+    /// Stable key, used by checks and in the JSON; it also names the section.
+    pub id: Id,
     /// Human label for the tables.
     pub label: String,
     pub unit: &'static str,
@@ -102,7 +103,7 @@ impl Target {
 /// being interleaved) or a single median, optionally against a target.
 #[derive(Clone, Debug)]
 pub struct Check {
-    pub section: &'static str,
+    pub section: Section,
     pub label: String,
     pub value: f64,
     /// "×" for ratios, else the measurement's unit.
@@ -129,7 +130,7 @@ impl Check {
 
     pub fn to_json(&self) -> Value {
         json!({
-            "section": self.section,
+            "section": self.section.key(),
             "label": self.label,
             "formula": self.formula,
             "value": self.value,
@@ -142,13 +143,41 @@ impl Check {
     }
 }
 
+/// A check that could not be drawn because a measurement it needs was never added.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Missing {
+    pub section: Section,
+    /// The check's label.
+    pub label: String,
+    /// The measurement that is not there.
+    pub id: Id,
+    /// Whether the check carried a target, which the report then cannot judge.
+    pub targeted: bool,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{}] {} \"{}\" needs measurement {}, which was not taken",
+            self.section,
+            if self.targeted { "target" } else { "check" },
+            self.label,
+            self.id
+        )
+    }
+}
+
 /// Everything measured in one invocation.
 #[derive(Default)]
 pub struct Results {
     pub measurements: Vec<Measurement>,
     pub checks: Vec<Check>,
     /// Lines for the report, per section (caveats, what was left out and why).
-    pub notes: Vec<(&'static str, String)>,
+    pub notes: Vec<(Section, String)>,
+    /// Checks asked for whose measurements are not there: a section computes its checks
+    /// only from what it has just measured, so each is a fault of the run, never a choice.
+    pub missing: Vec<Missing>,
 }
 
 impl Results {
@@ -156,7 +185,7 @@ impl Results {
         let s = m.summary();
         eprintln!(
             "bench: [{}] {}: median {} {} (min {}, max {}, n={})",
-            m.section,
+            m.id.section(),
             m.label,
             fmt_num(s.median),
             m.unit,
@@ -167,25 +196,42 @@ impl Results {
         self.measurements.push(m);
     }
 
-    pub fn get(&self, id: &str) -> Option<&Measurement> {
+    pub fn get(&self, id: Id) -> Option<&Measurement> {
         self.measurements.iter().find(|m| m.id == id)
     }
 
-    pub fn note(&mut self, section: &'static str, text: impl Into<String>) {
+    pub fn note(&mut self, section: Section, text: impl Into<String>) {
         self.notes.push((section, text.into()));
     }
 
-    /// Adds `a / b` as a check; nothing when either is missing (a section left out).
-    pub fn ratio(
-        &mut self,
-        section: &'static str,
-        label: impl Into<String>,
-        a: &str,
-        b: &str,
-        target: Option<Target>,
-    ) {
-        let (Some(ma), Some(mb)) = (self.get(a), self.get(b)) else {
-            return;
+    /// Records that the check `label` cannot be drawn without `id`, loudly, and in the
+    /// report beside the section's other notes.
+    fn lost(&mut self, label: String, id: Id, target: Option<Target>) {
+        let missing = Missing {
+            section: id.section(),
+            label,
+            id,
+            targeted: target.is_some(),
+        };
+        eprintln!("bench: {missing}");
+        self.note(
+            missing.section,
+            format!(
+                "**Not measured:** {} needs `{}`, which this run did not take.",
+                missing.label, missing.id
+            ),
+        );
+        self.missing.push(missing);
+    }
+
+    /// Adds `a / b` as a check, in the section of `a`; a missing measurement is recorded
+    /// in [`Results::missing`].
+    pub fn ratio(&mut self, label: impl Into<String>, a: Id, b: Id, target: Option<Target>) {
+        let label = label.into();
+        let (ma, mb) = match (self.get(a), self.get(b)) {
+            (Some(ma), Some(mb)) => (ma, mb),
+            (None, _) => return self.lost(label, a, target),
+            (_, None) => return self.lost(label, b, target),
         };
         let value = ma.summary().median / mb.summary().median;
         // Runs were interleaved, so run i of each saw the same moment of the machine's noise.
@@ -200,8 +246,8 @@ impl Results {
             (s.min, s.max)
         });
         let check = Check {
-            section,
-            label: label.into(),
+            section: a.section(),
+            label,
             value,
             unit: "×".into(),
             paired,
@@ -211,20 +257,16 @@ impl Results {
         self.push_check(check);
     }
 
-    /// Adds the median of `id` itself as a check against `target`.
-    pub fn absolute(
-        &mut self,
-        section: &'static str,
-        label: impl Into<String>,
-        id: &str,
-        target: Target,
-    ) {
+    /// Adds the median of `id` itself as a check against `target`, in the section of
+    /// `id`; a missing measurement is recorded in [`Results::missing`].
+    pub fn absolute(&mut self, label: impl Into<String>, id: Id, target: Target) {
+        let label = label.into();
         let Some(m) = self.get(id) else {
-            return;
+            return self.lost(label, id, Some(target));
         };
         let check = Check {
-            section,
-            label: label.into(),
+            section: id.section(),
+            label,
             value: m.summary().median,
             unit: m.unit.to_string(),
             paired: None,
@@ -294,5 +336,65 @@ mod tests {
             (3.0, 1.0, 5.0, 2.0, 4.0)
         );
         assert_eq!(summarize(&[1.0, 2.0]).median, 1.5);
+    }
+
+    fn measured(id: Id, samples: &[f64]) -> Measurement {
+        Measurement {
+            id,
+            label: id.to_string(),
+            unit: "ms",
+            better: Better::Lower,
+            samples: samples.to_vec(),
+            params: json!({}),
+        }
+    }
+
+    #[test]
+    fn checks_land_in_their_measurements_section() {
+        use crate::ids::{ReadPattern, ReadVia};
+        let seq = |v| Id::Read(ReadPattern::Sequential, v);
+        let mut r = Results::default();
+        r.add(measured(seq(ReadVia::Passthrough), &[9.0, 10.0]));
+        r.add(measured(seq(ReadVia::Native), &[10.0, 10.0]));
+        r.ratio(
+            "seq",
+            seq(ReadVia::Passthrough),
+            seq(ReadVia::Native),
+            Some(Target::AtLeast(0.9)),
+        );
+        r.absolute("native", seq(ReadVia::Native), Target::Below(20.0));
+        assert!(r.missing.is_empty());
+        assert_eq!(r.checks.len(), 2);
+        assert!(r.checks.iter().all(|c| c.section == Section::Reads));
+        assert_eq!(r.checks[0].pass(), Some(true));
+        assert_eq!(r.checks[0].paired, Some((0.9, 1.0)));
+    }
+
+    #[test]
+    fn a_missing_measurement_is_recorded_not_skipped() {
+        use crate::ids::{FootprintPoint, Held};
+        let id = Id::Footprint(Held::Rss, FootprintPoint::BigRead);
+        let mut r = Results::default();
+        r.absolute("RSS, big-read", id, Target::Below(64.0));
+        r.ratio("untargeted", Id::ProcessStart, id, None);
+        assert_eq!(
+            r.missing,
+            [
+                Missing {
+                    section: Section::Footprint,
+                    label: "RSS, big-read".into(),
+                    id,
+                    targeted: true,
+                },
+                Missing {
+                    section: Section::Latency,
+                    label: "untargeted".into(),
+                    id: Id::ProcessStart,
+                    targeted: false,
+                },
+            ]
+        );
+        assert!(r.missing[0].to_string().contains("footprint/rss/big-read"));
+        assert!(r.checks.is_empty());
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
+use crate::ids::Section;
 use crate::stats::{fmt_num, fmt_tick, summarize, Better, Results};
 
 /// What the report says about the run itself.
@@ -21,14 +22,14 @@ pub struct Header {
 }
 
 /// A section of the report, in order.
-pub struct Section {
-    pub key: &'static str,
-    pub title: &'static str,
+pub struct Chapter {
+    pub section: Section,
     /// What is measured and how, in a paragraph.
     pub method: String,
 }
 
-pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str>) -> String {
+/// The report for people: header, the targets, then each section's method, tables and notes.
+pub fn markdown(h: &Header, chapters: &[Chapter], r: &Results, plot: Option<&str>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# nixstorefs benchmarks\n");
     let _ = writeln!(
@@ -62,10 +63,7 @@ pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str
         "| section | check | measured | per-run range | target | result |\n|---|---|---:|---:|---|---|"
     );
     for c in r.checks.iter().filter(|c| c.target.is_some()) {
-        let title = sections
-            .iter()
-            .find(|x| x.key == c.section)
-            .map_or(c.section, |x| x.title);
+        let title = c.section.title();
         let _ = writeln!(
             s,
             "| {title} | {} | {} | {} | {} | **{}** |",
@@ -90,12 +88,13 @@ pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str
         );
     }
 
-    for (i, sec) in sections.iter().enumerate() {
-        let _ = writeln!(s, "\n## {}. {}\n\n{}\n", i + 1, sec.title, sec.method);
+    for (i, ch) in chapters.iter().enumerate() {
+        let sec = ch.section;
+        let _ = writeln!(s, "\n## {}. {}\n\n{}\n", i + 1, sec.title(), ch.method);
         let ms: Vec<_> = r
             .measurements
             .iter()
-            .filter(|m| m.section == sec.key)
+            .filter(|m| m.id.section() == sec)
             .collect();
         if !ms.is_empty() {
             let _ = writeln!(
@@ -122,7 +121,7 @@ pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str
                 );
             }
         }
-        let cs: Vec<_> = r.checks.iter().filter(|c| c.section == sec.key).collect();
+        let cs: Vec<_> = r.checks.iter().filter(|c| c.section == sec).collect();
         if !cs.is_empty() {
             let _ = writeln!(
                 s,
@@ -148,12 +147,12 @@ pub fn markdown(h: &Header, sections: &[Section], r: &Results, plot: Option<&str
                 );
             }
         }
-        if sec.key == "latency" {
+        if sec == Section::Latency {
             if let Some(p) = plot {
                 let _ = writeln!(s, "\n![mount-ready latency against host-store size]({p})");
             }
         }
-        let notes: Vec<_> = r.notes.iter().filter(|(k, _)| *k == sec.key).collect();
+        let notes: Vec<_> = r.notes.iter().filter(|(k, _)| *k == sec).collect();
         if !notes.is_empty() {
             s.push('\n');
             for (_, n) in notes {
@@ -172,6 +171,7 @@ fn value_text(v: f64, unit: &str) -> String {
     }
 }
 
+/// The report for machines: the header, every sample of every measurement, every check.
 pub fn json(h: &Header, r: &Results) -> Value {
     let ms: Vec<Value> = r
         .measurements
@@ -179,8 +179,8 @@ pub fn json(h: &Header, r: &Results) -> Value {
         .map(|m| {
             let x = m.summary();
             json!({
-                "id": m.id,
-                "section": m.section,
+                "id": m.id.to_string(),
+                "section": m.id.section().key(),
                 "label": m.label,
                 "unit": m.unit,
                 "better": match m.better { Better::Lower => "lower", Better::Higher => "higher" },
@@ -203,7 +203,7 @@ pub fn json(h: &Header, r: &Results) -> Value {
         "runs": h.runs,
         "measurements": ms,
         "checks": r.checks.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
-        "notes": r.notes.iter().map(|(k, n)| json!({"section": k, "text": n})).collect::<Vec<_>>(),
+        "notes": r.notes.iter().map(|(k, n)| json!({"section": k.key(), "text": n})).collect::<Vec<_>>(),
     })
 }
 
