@@ -25,6 +25,7 @@ use rustix::mount::{
 
 use crate::config::{deadline, Config, StoreSource, Writable};
 use crate::modules::Modules;
+use crate::overlay::{self, OverlayOptions};
 use crate::probe::{self, NotFound};
 use crate::say;
 
@@ -234,24 +235,17 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
     Ok(from)
 }
 
-/// The overlay at `target` of `lower` with `upper` and `work`.
-/// `extra` options are appended (`,index=off` where another overlay shares the upper
-/// layer until it is detached: the index would refuse that).
-fn overlay_on(
-    lower: &Path,
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-    extra: &str,
-) -> Result<(), String> {
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}{extra}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
-        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
+/// Mounts the overlay `options` describe at `target`.
+fn overlay_on(options: &OverlayOptions, target: &Path) -> Result<(), String> {
+    let data = options.data();
+    mount(
+        "overlay",
+        target,
+        "overlay",
+        overlay::MOUNT_FLAGS,
+        Some(&data),
+    )
+    .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
 }
 
 /// A tmpfs at `rw` holding upper and work directories, and the overlay at `target`.
@@ -268,7 +262,7 @@ fn overlay(lower: &Path, rw: &Path, target: &Path) -> Result<(), String> {
     let work = rw.join("work");
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
-    overlay_on(lower, &upper, &work, target, "")
+    overlay_on(&OverlayOptions::new(lower, &upper, &work)?, target)
 }
 
 fn read_only_bind(from: &Path, to: &Path) -> Result<(), String> {
@@ -622,11 +616,18 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
         )
         .map_err(|e| format!("cloning the new store's mount: {e}"))?,
         Writable::Tmpfs => {
-            let (upper, work, extra) = if keep_upper {
+            let lower = fd_path(&ro);
+            // A new writable layer is named through its descriptor, held until the
+            // overlay has taken its directories.
+            let (options, _rw) = if keep_upper {
                 // A fresh work directory: the old overlay holds its own until detached.
                 let work = rw_path.join(format!("work.{}", std::process::id()));
                 mkdir_p(&work)?;
-                (rw_path.join("store"), work, ",index=off")
+                let upper = rw_path.join("store");
+                (
+                    OverlayOptions::new(&lower, &upper, &work)?.without_index(),
+                    None,
+                )
             } else {
                 mkdir_p(rw_path)?;
                 let rw = fs_mount(
@@ -642,36 +643,17 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
                 }
                 attach(&rw, rw_path, occupied(rw_path), beneath)?;
                 replaced.push(rw_path);
-                (fd_path(&rw).join("store"), fd_path(&rw).join("work"), "")
+                let dirs = fd_path(&rw);
+                let options = OverlayOptions::new(&lower, &dirs.join("store"), &dirs.join("work"))?;
+                (options, Some(rw))
             };
-            let lower = fd_path(&ro);
-            let data = format!(
-                "lowerdir={},upperdir={},workdir={}{extra}",
-                lower.display(),
-                upper.display(),
-                work.display()
-            );
-            let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-                .map_err(|e| format!("the kernel has no overlay filesystem: {e}"))?;
-            for option in data.split(',') {
-                let (k, v) = option
-                    .split_once('=')
-                    .map_or((option, None), |(k, v)| (k, Some(v)));
-                match v {
-                    Some(v) => rustix::mount::fsconfig_set_string(&fs, k, v),
-                    None => rustix::mount::fsconfig_set_flag(&fs, k),
-                }
-                .map_err(|e| format!("overlay option {option}: {e}"))?;
-            }
-            rustix::mount::fsconfig_create(&fs)
-                .and_then(|()| {
-                    rustix::mount::fsmount(
-                        &fs,
-                        FsMountFlags::FSMOUNT_CLOEXEC,
-                        MountAttrFlags::MOUNT_ATTR_NODEV,
-                    )
-                })
-                .map_err(|e| format!("mounting the overlay ({data}): {e}"))?
+            fs_mount("overlay", None, &options.fsconfig(), overlay::MOUNT_ATTRS).map_err(|e| {
+                let hint = match e {
+                    rustix::io::Errno::NODEV => " (the kernel has no overlay filesystem)",
+                    _ => "",
+                };
+                format!("mounting the overlay ({}): {e}{hint}", options.data())
+            })?
         }
     };
     // The mounts below the old store, cloned while it is still the one at /nix/store.
