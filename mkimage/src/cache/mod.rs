@@ -42,7 +42,7 @@ use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::erofs::format::{superblock_checksum, SuperBlock, SUPER_OFFSET, SUPER_SIZE};
-use crate::output::{copy_image, refuse_device, AtomicOutput, RemoveOnSignal};
+use crate::output::{copy_image, refuse_device, temp_beside, AtomicOutput, RemoveOnSignal};
 
 mod serve_or_build;
 
@@ -563,16 +563,7 @@ impl Cache {
         entry: &Entry,
         output: &Path,
     ) -> io::Result<Option<tempfile::TempPath>> {
-        let dir = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = output
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(name);
-        prefix.push(".");
+        let (dir, prefix) = temp_beside(output)?;
         let image = format!("{key}.img");
         let made = tempfile::Builder::new()
             .prefix(&prefix)
