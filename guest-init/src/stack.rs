@@ -104,22 +104,6 @@ fn no_answer(tag: &str) -> String {
     format!("the virtiofs share `{tag}` did not answer the mount in time (is virtiofsd running?)")
 }
 
-/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`.
-fn mount_virtiofs(
-    tag: &str,
-    target: &Path,
-    flags: MountFlags,
-    deadline: Instant,
-) -> Result<rustix::io::Result<()>, String> {
-    let (t, p) = (tag.to_owned(), target.to_owned());
-    // The mount returns before virtiofsd has answered FUSE_INIT; statfs waits for it.
-    bounded(deadline, move || {
-        mount(&t, &p, "virtiofs", flags, None)?;
-        rustix::fs::statfs(&p).map(|_| ())
-    })?
-    .ok_or_else(|| no_answer(tag))
-}
-
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
 /// shows them (/sys/fs/virtiofs, Linux 6.9), else how many virtio-fs devices there are.
 fn virtiofs_shares() -> String {
@@ -161,38 +145,54 @@ pub fn mount_source(
     target: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let deadline = deadline(timeout)?;
+    let target = target.to_owned();
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    let ((), from) = mount_read_only(source, timeout, move |fstype, from| {
+        mount(from, &target, fstype, ro, None)?;
+        // A virtiofs mount returns before virtiofsd has answered FUSE_INIT; statfs waits
+        // for it.
+        rustix::fs::statfs(&target).map(|_| ())
+    })?;
+    Ok(from)
+}
+
+/// Mounts the store read-only with `mount`, given the filesystem type and the device node
+/// or tag, by whichever mount API `mount` uses; waits up to `timeout` for the device or
+/// tag, and gives up on a virtiofs share that does not answer. Returns what `mount`
+/// returned, and the mount's source (device node or tag) for the log.
+fn mount_read_only<M: Send + 'static>(
+    source: &StoreSource,
+    timeout: Duration,
+    mount: impl Fn(&str, &str) -> rustix::io::Result<M> + Clone + Send + 'static,
+) -> Result<(M, String), String> {
+    let deadline = deadline(timeout)?;
+    let no_filesystem = |fstype| format!("the kernel has no {fstype} filesystem (module missing?)");
     loop {
         let why: String = match source {
-            StoreSource::Virtiofs(tag) => match mount_virtiofs(tag, target, ro, deadline)? {
-                Ok(()) => return Ok(tag.clone()),
-                // The device may not have been probed yet: the tag is unknown until then.
-                Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => {
-                    format!(
+            StoreSource::Virtiofs(tag) => {
+                let (t, m) = (tag.clone(), mount.clone());
+                let mounted =
+                    bounded(deadline, move || m("virtiofs", &t))?.ok_or_else(|| no_answer(tag))?;
+                match mounted {
+                    Ok(mounted) => return Ok((mounted, tag.clone())),
+                    // The device may not have been probed yet: the tag is unknown until then.
+                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
                         "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
                         virtiofs_shares()
-                    )
+                    ),
+                    Err(rustix::io::Errno::NODEV) => return Err(no_filesystem("virtiofs")),
+                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
                 }
-                Err(rustix::io::Errno::NODEV) => {
-                    return Err("the kernel has no virtiofs filesystem (module missing?)".into())
-                }
-                Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
-            },
+            }
             StoreSource::Erofs(device) => match probe::find(device) {
                 Err(NotFound::Ambiguous(why)) => return Err(why),
                 Ok(found) => {
-                    let node = found.node.clone();
-                    let node_str = node.to_string_lossy().into_owned();
-                    return match mount(&node_str, target, "erofs", ro, None) {
-                        Ok(()) => Ok(node_str),
-                        Err(rustix::io::Errno::NODEV) => {
-                            Err("the kernel has no erofs filesystem (module missing?)".into())
-                        }
+                    let node = found.node.to_string_lossy().into_owned();
+                    return match mount("erofs", &node) {
+                        Ok(mounted) => Ok((mounted, node)),
+                        Err(rustix::io::Errno::NODEV) => Err(no_filesystem("erofs")),
                         Err(e) => Err(format!(
-                            "{} ({device}) does not mount as erofs: {e}; {}",
-                            node.display(),
-                            probe::probe(node.clone())
+                            "{node} ({device}) does not mount as erofs: {e}; {found}"
                         )),
                     };
                 }
@@ -444,49 +444,11 @@ const RO_ATTRS: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_RDONLY
 /// The store as a detached read-only mount, waiting up to `timeout` for its device or tag.
 /// Returns it with its source (device node or tag) for the log.
 fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, String), String> {
-    let deadline = deadline(timeout)?;
-    loop {
-        let why: String = match source {
-            StoreSource::Virtiofs(tag) => {
-                let t = tag.clone();
-                // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
-                let mounted = bounded(deadline, move || {
-                    let fd = fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)?;
-                    rustix::fs::fstatfs(&fd).map(|_| fd)
-                })?
-                .ok_or_else(|| no_answer(tag))?;
-                match mounted {
-                    Ok(fd) => return Ok((fd, tag.clone())),
-                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
-                        "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
-                        virtiofs_shares()
-                    ),
-                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
-                }
-            }
-            StoreSource::Erofs(device) => match probe::find(device) {
-                Err(NotFound::Ambiguous(why)) => return Err(why),
-                Ok(found) => {
-                    let node = found.node.to_string_lossy().into_owned();
-                    return fs_mount("erofs", Some(&node), &[("ro", None)], RO_ATTRS)
-                        .map(|fd| (fd, node.clone()))
-                        .map_err(|e| {
-                            format!("{node} ({device}) does not mount as erofs: {e}; {found}")
-                        });
-                }
-                Err(NotFound::Absent(found)) => {
-                    format!("no erofs image with {device}; found {found}")
-                }
-            },
-        };
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "expected {source} within {:.1} s: {why}",
-                timeout.as_secs_f64()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    mount_read_only(source, timeout, |fstype, from| {
+        let fd = fs_mount(fstype, Some(from), &[("ro", None)], RO_ATTRS)?;
+        // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
+        rustix::fs::fstatfs(&fd).map(|_| fd)
+    })
 }
 
 /// The path through which a mount held by descriptor is reached, for options (overlay's
