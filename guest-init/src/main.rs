@@ -7,6 +7,7 @@
 
 mod config;
 mod modules;
+mod overlay;
 mod probe;
 mod stack;
 

@@ -25,6 +25,7 @@ use rustix::mount::{
 
 use crate::config::{deadline, Config, StoreSource, Writable};
 use crate::modules::Modules;
+use crate::overlay::{self, OverlayOptions};
 use crate::probe::{self, NotFound};
 use crate::say;
 
@@ -103,22 +104,6 @@ fn no_answer(tag: &str) -> String {
     format!("the virtiofs share `{tag}` did not answer the mount in time (is virtiofsd running?)")
 }
 
-/// Mounts a virtiofs share, giving up when the device does not answer by `deadline`.
-fn mount_virtiofs(
-    tag: &str,
-    target: &Path,
-    flags: MountFlags,
-    deadline: Instant,
-) -> Result<rustix::io::Result<()>, String> {
-    let (t, p) = (tag.to_owned(), target.to_owned());
-    // The mount returns before virtiofsd has answered FUSE_INIT; statfs waits for it.
-    bounded(deadline, move || {
-        mount(&t, &p, "virtiofs", flags, None)?;
-        rustix::fs::statfs(&p).map(|_| ())
-    })?
-    .ok_or_else(|| no_answer(tag))
-}
-
 /// What virtiofs shares the guest has, for an error message: their tags where the kernel
 /// shows them (/sys/fs/virtiofs, Linux 6.9), else how many virtio-fs devices there are.
 fn virtiofs_shares() -> String {
@@ -160,38 +145,54 @@ pub fn mount_source(
     target: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let deadline = deadline(timeout)?;
+    let target = target.to_owned();
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    let ((), from) = mount_read_only(source, timeout, move |fstype, from| {
+        mount(from, &target, fstype, ro, None)?;
+        // A virtiofs mount returns before virtiofsd has answered FUSE_INIT; statfs waits
+        // for it.
+        rustix::fs::statfs(&target).map(|_| ())
+    })?;
+    Ok(from)
+}
+
+/// Mounts the store read-only with `mount`, given the filesystem type and the device node
+/// or tag, by whichever mount API `mount` uses; waits up to `timeout` for the device or
+/// tag, and gives up on a virtiofs share that does not answer. Returns what `mount`
+/// returned, and the mount's source (device node or tag) for the log.
+fn mount_read_only<M: Send + 'static>(
+    source: &StoreSource,
+    timeout: Duration,
+    mount: impl Fn(&str, &str) -> rustix::io::Result<M> + Clone + Send + 'static,
+) -> Result<(M, String), String> {
+    let deadline = deadline(timeout)?;
+    let no_filesystem = |fstype| format!("the kernel has no {fstype} filesystem (module missing?)");
     loop {
         let why: String = match source {
-            StoreSource::Virtiofs(tag) => match mount_virtiofs(tag, target, ro, deadline)? {
-                Ok(()) => return Ok(tag.clone()),
-                // The device may not have been probed yet: the tag is unknown until then.
-                Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => {
-                    format!(
+            StoreSource::Virtiofs(tag) => {
+                let (t, m) = (tag.clone(), mount.clone());
+                let mounted =
+                    bounded(deadline, move || m("virtiofs", &t))?.ok_or_else(|| no_answer(tag))?;
+                match mounted {
+                    Ok(mounted) => return Ok((mounted, tag.clone())),
+                    // The device may not have been probed yet: the tag is unknown until then.
+                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
                         "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
                         virtiofs_shares()
-                    )
+                    ),
+                    Err(rustix::io::Errno::NODEV) => return Err(no_filesystem("virtiofs")),
+                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
                 }
-                Err(rustix::io::Errno::NODEV) => {
-                    return Err("the kernel has no virtiofs filesystem (module missing?)".into())
-                }
-                Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
-            },
+            }
             StoreSource::Erofs(device) => match probe::find(device) {
                 Err(NotFound::Ambiguous(why)) => return Err(why),
                 Ok(found) => {
-                    let node = found.node.clone();
-                    let node_str = node.to_string_lossy().into_owned();
-                    return match mount(&node_str, target, "erofs", ro, None) {
-                        Ok(()) => Ok(node_str),
-                        Err(rustix::io::Errno::NODEV) => {
-                            Err("the kernel has no erofs filesystem (module missing?)".into())
-                        }
+                    let node = found.node.to_string_lossy().into_owned();
+                    return match mount("erofs", &node) {
+                        Ok(mounted) => Ok((mounted, node)),
+                        Err(rustix::io::Errno::NODEV) => Err(no_filesystem("erofs")),
                         Err(e) => Err(format!(
-                            "{} ({device}) does not mount as erofs: {e}; {}",
-                            node.display(),
-                            probe::probe(node.clone())
+                            "{node} ({device}) does not mount as erofs: {e}; {found}"
                         )),
                     };
                 }
@@ -234,24 +235,17 @@ pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
     Ok(from)
 }
 
-/// The overlay at `target` of `lower` with `upper` and `work`.
-/// `extra` options are appended (`,index=off` where another overlay shares the upper
-/// layer until it is detached: the index would refuse that).
-fn overlay_on(
-    lower: &Path,
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-    extra: &str,
-) -> Result<(), String> {
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}{extra}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    mount("overlay", target, "overlay", MountFlags::NODEV, Some(&data))
-        .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
+/// Mounts the overlay `options` describe at `target`.
+fn overlay_on(options: &OverlayOptions, target: &Path) -> Result<(), String> {
+    let data = options.data();
+    mount(
+        "overlay",
+        target,
+        "overlay",
+        overlay::MOUNT_FLAGS,
+        Some(&data),
+    )
+    .map_err(|e| format!("mounting the overlay at {} ({data}): {e}", target.display()))
 }
 
 /// A tmpfs at `rw` holding upper and work directories, and the overlay at `target`.
@@ -268,7 +262,7 @@ fn overlay(lower: &Path, rw: &Path, target: &Path) -> Result<(), String> {
     let work = rw.join("work");
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
-    overlay_on(lower, &upper, &work, target, "")
+    overlay_on(&OverlayOptions::new(lower, &upper, &work)?, target)
 }
 
 fn read_only_bind(from: &Path, to: &Path) -> Result<(), String> {
@@ -450,49 +444,11 @@ const RO_ATTRS: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_RDONLY
 /// The store as a detached read-only mount, waiting up to `timeout` for its device or tag.
 /// Returns it with its source (device node or tag) for the log.
 fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, String), String> {
-    let deadline = deadline(timeout)?;
-    loop {
-        let why: String = match source {
-            StoreSource::Virtiofs(tag) => {
-                let t = tag.clone();
-                // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
-                let mounted = bounded(deadline, move || {
-                    let fd = fs_mount("virtiofs", Some(&t), &[("ro", None)], RO_ATTRS)?;
-                    rustix::fs::fstatfs(&fd).map(|_| fd)
-                })?
-                .ok_or_else(|| no_answer(tag))?;
-                match mounted {
-                    Ok(fd) => return Ok((fd, tag.clone())),
-                    Err(e @ (rustix::io::Errno::INVAL | rustix::io::Errno::NOENT)) => format!(
-                        "no virtiofs share with tag `{tag}` (mount: {e}); found {}",
-                        virtiofs_shares()
-                    ),
-                    Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
-                }
-            }
-            StoreSource::Erofs(device) => match probe::find(device) {
-                Err(NotFound::Ambiguous(why)) => return Err(why),
-                Ok(found) => {
-                    let node = found.node.to_string_lossy().into_owned();
-                    return fs_mount("erofs", Some(&node), &[("ro", None)], RO_ATTRS)
-                        .map(|fd| (fd, node.clone()))
-                        .map_err(|e| {
-                            format!("{node} ({device}) does not mount as erofs: {e}; {found}")
-                        });
-                }
-                Err(NotFound::Absent(found)) => {
-                    format!("no erofs image with {device}; found {found}")
-                }
-            },
-        };
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "expected {source} within {:.1} s: {why}",
-                timeout.as_secs_f64()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    mount_read_only(source, timeout, |fstype, from| {
+        let fd = fs_mount(fstype, Some(from), &[("ro", None)], RO_ATTRS)?;
+        // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
+        rustix::fs::fstatfs(&fd).map(|_| fd)
+    })
 }
 
 /// The path through which a mount held by descriptor is reached, for options (overlay's
@@ -622,11 +578,18 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
         )
         .map_err(|e| format!("cloning the new store's mount: {e}"))?,
         Writable::Tmpfs => {
-            let (upper, work, extra) = if keep_upper {
+            let lower = fd_path(&ro);
+            // A new writable layer is named through its descriptor, held until the
+            // overlay has taken its directories.
+            let (options, _rw) = if keep_upper {
                 // A fresh work directory: the old overlay holds its own until detached.
                 let work = rw_path.join(format!("work.{}", std::process::id()));
                 mkdir_p(&work)?;
-                (rw_path.join("store"), work, ",index=off")
+                let upper = rw_path.join("store");
+                (
+                    OverlayOptions::new(&lower, &upper, &work)?.without_index(),
+                    None,
+                )
             } else {
                 mkdir_p(rw_path)?;
                 let rw = fs_mount(
@@ -642,36 +605,17 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
                 }
                 attach(&rw, rw_path, occupied(rw_path), beneath)?;
                 replaced.push(rw_path);
-                (fd_path(&rw).join("store"), fd_path(&rw).join("work"), "")
+                let dirs = fd_path(&rw);
+                let options = OverlayOptions::new(&lower, &dirs.join("store"), &dirs.join("work"))?;
+                (options, Some(rw))
             };
-            let lower = fd_path(&ro);
-            let data = format!(
-                "lowerdir={},upperdir={},workdir={}{extra}",
-                lower.display(),
-                upper.display(),
-                work.display()
-            );
-            let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-                .map_err(|e| format!("the kernel has no overlay filesystem: {e}"))?;
-            for option in data.split(',') {
-                let (k, v) = option
-                    .split_once('=')
-                    .map_or((option, None), |(k, v)| (k, Some(v)));
-                match v {
-                    Some(v) => rustix::mount::fsconfig_set_string(&fs, k, v),
-                    None => rustix::mount::fsconfig_set_flag(&fs, k),
-                }
-                .map_err(|e| format!("overlay option {option}: {e}"))?;
-            }
-            rustix::mount::fsconfig_create(&fs)
-                .and_then(|()| {
-                    rustix::mount::fsmount(
-                        &fs,
-                        FsMountFlags::FSMOUNT_CLOEXEC,
-                        MountAttrFlags::MOUNT_ATTR_NODEV,
-                    )
-                })
-                .map_err(|e| format!("mounting the overlay ({data}): {e}"))?
+            fs_mount("overlay", None, &options.fsconfig(), overlay::MOUNT_ATTRS).map_err(|e| {
+                let hint = match e {
+                    rustix::io::Errno::NODEV => " (the kernel has no overlay filesystem)",
+                    _ => "",
+                };
+                format!("mounting the overlay ({}): {e}{hint}", options.data())
+            })?
         }
     };
     // The mounts below the old store, cloned while it is still the one at /nix/store.

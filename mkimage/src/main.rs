@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use mkimage::cache::{self, Cache, KeyBuilder, LockKind};
+use mkimage::cache::{self, Cache, CacheError, KeyBuilder, Step};
 use mkimage::erofs::{self, ImageOptions};
 use mkimage::output::AtomicOutput;
 use mkimage::snapshot::{self, SnapshotOptions};
@@ -344,80 +344,45 @@ fn run(args: &Args) -> Result<(), Failure> {
         return Ok(());
     };
 
-    let serve = |entry: &cache::Entry, how: &str| -> Result<(), Failure> {
-        let served = cache.serve(&key, entry, output).map_err(|e| {
-            runtime(format!(
-                "cannot make {} from {}: {e}",
-                output.display(),
-                cache.image_path(&key).display()
-            ))
-        })?;
-        cache.touch(&key);
-        if !args.quiet {
-            eprintln!(
-                "mkimage: cache {how}: {} is {} ({}), {:.3} s",
-                output.display(),
-                cache.image_path(&key).display(),
-                served.as_str(),
-                started.elapsed().as_secs_f64()
-            );
-        }
-        Ok(())
-    };
-    // Eviction runs after every use of the cache, so that leftovers of runs that died are
-    // removed even without --cache-max-size; it takes the lock of each entry it removes,
-    // and leaves alone this run's.
-    let evict = || -> Result<(), Failure> {
-        let done = cache
-            .evict(args.cache_max_size, &key)
-            .map_err(|e| runtime(format!("cache eviction: {e}")))?;
-        tracing::debug!("cache after eviction: {done:?}");
-        Ok(())
-    };
-    {
-        // Shared: concurrent hits go together, but not alongside a build or an eviction.
-        let _shared = cache
-            .lock(&key, LockKind::Shared)
-            .map_err(|e| runtime(format!("cache: {e}")))?;
-        if let Ok(Some(entry)) = cache.check(&key) {
-            serve(&entry, "hit")?;
-            drop(_shared);
-            return evict();
-        }
+    let served = cache.serve_or_build(
+        &key,
+        output,
+        args.cache_max_size,
+        |building| {
+            write_to(
+                args,
+                &view,
+                &snapshot_options,
+                &image_options,
+                building.file(),
+                &building.path(),
+            )
+        },
+        |step| match step {
+            Step::Stored { image, built } => summary(args, image, built, started, " (cache miss)"),
+            Step::Served {
+                image,
+                served,
+                delivery,
+            } => {
+                if !args.quiet {
+                    eprintln!(
+                        "mkimage: cache {}: {} is {} ({}), {:.3} s",
+                        served.as_str(),
+                        output.display(),
+                        image.display(),
+                        delivery.as_str(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        },
+    );
+    match served {
+        Ok(_) => Ok(()),
+        Err(CacheError::Build(failure)) => Err(failure),
+        Err(CacheError::Cache(e)) => Err(runtime(e.to_string())),
     }
-    // A miss or a damaged entry: build it under the exclusive lock, unless a concurrent
-    // run built it meanwhile.
-    let lock = cache
-        .lock(&key, LockKind::Exclusive)
-        .map_err(|e| runtime(format!("cache: {e}")))?;
-    match cache.check(&key) {
-        Ok(Some(entry)) => {
-            serve(&entry, "hit (built by a concurrent run)")?;
-            drop(lock);
-            return evict();
-        }
-        Ok(None) => {}
-        Err(damage) => tracing::warn!("rebuilding a damaged cache entry: {damage}"),
-    }
-    let entry_path = cache.image_path(&key);
-    let building = cache
-        .build(&key)
-        .map_err(|e| runtime(format!("cache: {e}")))?;
-    let stats = write_to(
-        args,
-        &view,
-        &snapshot_options,
-        &image_options,
-        building.file(),
-        &building.path(),
-    )?;
-    let entry = cache
-        .seal(&key, building)
-        .map_err(|e| runtime(format!("cache: sealing {}: {e}", entry_path.display())))?;
-    summary(args, &entry_path, &stats, started, " (cache miss)");
-    serve(&entry, "miss, now stored")?;
-    drop(lock);
-    evict()
 }
 
 /// Environment variable naming the default cache directory.

@@ -89,13 +89,7 @@ impl AtomicOutput {
             }
             _ => {}
         }
-        let dir = parent_dir(target);
-        let name = target
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(name);
-        prefix.push(".");
+        let (dir, prefix) = temp_beside(target)?;
         // Signals are taken before the file exists: one arriving right after it is created
         // must find it registered, not end the process with the file left behind.
         watch_signals();
@@ -202,6 +196,19 @@ pub fn copy_image(src: &File, size: u64, out: &File) -> io::Result<()> {
 }
 
 /// The directory `target` is in.
+/// Where a temporary file for `target` goes: its directory (the same filesystem, so
+/// that a rename or link into place is atomic), and the name prefix `.NAME.` that shows
+/// whose it is.
+pub(crate) fn temp_beside(target: &Path) -> io::Result<(&Path, std::ffi::OsString)> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    Ok((parent_dir(target), prefix))
+}
+
 fn parent_dir(target: &Path) -> &Path {
     match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -232,4 +239,25 @@ fn watch_signals() {
             tracing::warn!("cannot watch for signals: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_files_go_beside_their_target() {
+        let (dir, prefix) = temp_beside(Path::new("/srv/vm/store.img")).unwrap();
+        assert_eq!(
+            (dir, prefix.as_os_str()),
+            (Path::new("/srv/vm"), ".store.img.".as_ref())
+        );
+        let (dir, prefix) = temp_beside(Path::new("store.img")).unwrap();
+        assert_eq!(
+            (dir, prefix.as_os_str()),
+            (Path::new("."), ".store.img.".as_ref())
+        );
+        let e = temp_beside(Path::new("/")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
 }

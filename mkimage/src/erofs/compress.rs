@@ -22,13 +22,14 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use super::tree::{FileSource, Inode, InodeKind};
+use super::inline::plain_blocks;
+use super::source::{read_exact_at, read_source, Contents};
+use super::tree::{Inode, InodeKind};
 
 /// Longest input one extent may take. Only runs of a single byte value come near it (LZ4
 /// packs at most about 255 bytes per byte of output); it bounds the buffer and the pages
@@ -147,19 +148,6 @@ impl CompressedFile {
             Some(e) => block - e.stored as usize..block,
             None => 0..0,
         }
-    }
-
-    /// Whether a tail of `tail` bytes can follow the indexes of a file of `size` bytes
-    /// behind an inode of `inode_size` bytes: the kernel reads it from one block, so it
-    /// must not cross a block boundary. A unit of metadata that fits a block never does
-    /// (the packer keeps it inside one); a larger one starts a block. As mkfs.erofs does,
-    /// only a tail shorter than a block is inlined: a whole block stays a block, even
-    /// where the indexes end exactly on a block boundary and it would fit after them.
-    pub(crate) fn tail_fits(size: u64, block: u64, inode_size: usize, tail: usize) -> bool {
-        let before = (inode_size + CompressedFile::meta_bytes(size, block)) as u64;
-        tail > 0
-            && (tail as u64) < block
-            && (before + tail as u64 <= block || before % block + tail as u64 <= block)
     }
 
     /// Bytes after the inode: the map header, its padding and one index per lcluster.
@@ -343,32 +331,36 @@ impl Lz4 {
 
 /// Reads a source's contents in order, a chunk at a time.
 struct Reader<'a> {
-    source: Source<'a>,
+    contents: Contents<'a>,
     size: u64,
     /// Bytes `[base, base + buffer.len())` of the file.
     buffer: Vec<u8>,
     base: u64,
 }
 
-enum Source<'a> {
-    Bytes(&'a [u8]),
-    Fd(BorrowedFd<'a>),
-}
+impl<'a> Reader<'a> {
+    fn new(contents: Contents<'a>, size: u64) -> Reader<'a> {
+        Reader {
+            contents,
+            size,
+            buffer: Vec::new(),
+            base: 0,
+        }
+    }
 
-impl Reader<'_> {
     /// At least `min(want, size - at)` bytes from `at` on (`at` never moves back).
     fn at(&mut self, at: u64, want: usize) -> io::Result<&[u8]> {
         let end = (at + want as u64).min(self.size);
-        match self.source {
-            Source::Bytes(bytes) => Ok(&bytes[at as usize..end as usize]),
-            Source::Fd(fd) => {
+        match self.contents {
+            Contents::Bytes(bytes) => Ok(&bytes[at as usize..end as usize]),
+            Contents::Fd(fd) => {
                 if self.base + (self.buffer.len() as u64) < end {
                     self.buffer.drain(..(at - self.base) as usize);
                     self.base = at;
                     let have = self.buffer.len();
                     let more = (READ_CHUNK.max(want) as u64).min(self.size - at - have as u64);
                     self.buffer.resize(have + more as usize, 0);
-                    super::writer::read_exact_at(fd, &mut self.buffer[have..], at + have as u64)?;
+                    read_exact_at(fd, &mut self.buffer[have..], at + have as u64)?;
                 }
                 let from = (at - self.base) as usize;
                 Ok(&self.buffer[from..from + (end - at) as usize])
@@ -457,17 +449,6 @@ fn compress_file(
     }
     sink.flush(blocks)?;
     Ok(extents)
-}
-
-/// Blocks a file of `size` bytes takes when written plain, with its tail inline when it
-/// fits beside an inode of `inode_size` bytes.
-pub(crate) fn plain_blocks(size: u64, block: u64, inode_size: u64) -> u64 {
-    let tail = size % block;
-    if tail > 0 && inode_size + tail <= block {
-        size / block
-    } else {
-        size.div_ceil(block)
-    }
 }
 
 /// Compresses every regular file of `tree` that can save a block, on `threads` threads,
@@ -562,56 +543,10 @@ fn compress_one(
         return Ok(None);
     };
     let size = *size;
-    let opened;
-    let fd = match source {
-        FileSource::Bytes(bytes) => {
-            if bytes.len() as u64 != size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("size is {size} but the contents have {} bytes", bytes.len()),
-                ));
-            }
-            let mut reader = Reader {
-                source: Source::Bytes(bytes),
-                size,
-                buffer: Vec::new(),
-                base: 0,
-            };
-            let extents = compress_file(lz4, &mut reader, size, block as usize, blocks, sink)?;
-            return Ok(worth_it(extents, size, block));
-        }
-        FileSource::Fd(fd) => fd.as_fd(),
-        FileSource::Path(path) => {
-            opened = File::open(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-            opened.as_fd()
-        }
-        FileSource::Open(opener) => {
-            let fd = opener.open()?;
-            let file = File::from(fd);
-            return compress_fd(file.as_fd(), size, lz4, block, blocks, sink);
-        }
-    };
-    compress_fd(fd, size, lz4, block, blocks, sink)
-}
-
-fn compress_fd(
-    fd: BorrowedFd<'_>,
-    size: u64,
-    lz4: &mut Lz4,
-    block: u64,
-    blocks: &mut Vec<u8>,
-    sink: &mut Sink,
-) -> io::Result<Option<Vec<Extent>>> {
-    super::writer::check_source_size(fd, size, "")?;
-    let mut reader = Reader {
-        source: Source::Fd(fd),
-        size,
-        buffer: Vec::new(),
-        base: 0,
-    };
-    let extents = compress_file(lz4, &mut reader, size, block as usize, blocks, sink)?;
-    super::writer::check_source_size(fd, size, " after it was read")?;
+    let extents = read_source(source, size, |contents| {
+        let mut reader = Reader::new(contents, size);
+        compress_file(lz4, &mut reader, size, block as usize, blocks, sink)
+    })?;
     Ok(worth_it(extents, size, block))
 }
 
@@ -619,24 +554,4 @@ fn compress_fd(
 /// larger inode beside an inline tail, so the choice does not depend on the inode's form).
 fn worth_it(extents: Vec<Extent>, size: u64, block: u64) -> Option<Vec<Extent>> {
     ((extents.len() as u64) < plain_blocks(size, block, 64)).then_some(extents)
-}
-
-#[cfg(test)]
-mod tail_tests {
-    use super::*;
-
-    /// A compact inode (32 bytes), the 16-byte map header and 506 indexes end exactly on
-    /// a block boundary: a 4096-byte tail would fit after them, but is not inlined.
-    #[test]
-    fn only_tails_shorter_than_a_block_are_inlined() {
-        let size = 506 * 4096;
-        assert_eq!((32 + CompressedFile::meta_bytes(size, 4096)) % 4096, 0);
-        assert!(!CompressedFile::tail_fits(size, 4096, 32, 4096));
-        assert!(CompressedFile::tail_fits(size, 4096, 32, 4095));
-        assert!(CompressedFile::tail_fits(size, 4096, 32, 1));
-        assert!(!CompressedFile::tail_fits(size, 4096, 32, 0));
-        // A small file: inode, indexes and tail in one block.
-        assert!(CompressedFile::tail_fits(3 * 4096, 4096, 32, 4000));
-        assert!(!CompressedFile::tail_fits(3 * 4096, 4096, 32, 4096));
-    }
 }

@@ -30,7 +30,6 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use rustix::io::Errno;
 
@@ -42,6 +41,8 @@ use super::format::{
     InodeVersion, SuperBlock, DIRENT_SIZE, FEATURE_COMPAT_MTIME, FEATURE_COMPAT_SB_CHKSUM,
     INODE_SLOT_SIZE, NAME_MAX, NULL_ADDR, SUPER_OFFSET, SUPER_SIZE,
 };
+use super::inline;
+use super::source::{read_exact_at, read_source, source_ended, Contents};
 use super::tree::{FileSource, ImageOptions, Inode, InodeKind};
 
 /// The only block size the kernel mounts on 4 KiB-page machines without trouble.
@@ -528,15 +529,16 @@ impl Layout {
             let ino = u32::try_from(seq + 1)
                 .map_err(|_| WriteError::at(idx, invalid("more than 2^32 inodes")))?;
             if let Some(Some(file)) = compressed.get(idx) {
+                let indexes = CompressedFile::meta_bytes(size, block);
                 let tail = file.tail_len();
                 let inline_tail = if options.ztailpacking
-                    && CompressedFile::tail_fits(size, block, isize as usize, tail)
+                    && inline::tail_fits(isize + indexes as u64, tail as u64, block)
                 {
                     tail
                 } else {
                     0
                 };
-                let extra_meta = CompressedFile::meta_bytes(size, block) + inline_tail;
+                let extra_meta = indexes + inline_tail;
                 let offset = packer.place(isize + extra_meta as u64);
                 placements[idx] = Placement {
                     nid: offset / INODE_SLOT_SIZE,
@@ -553,14 +555,7 @@ impl Layout {
                 };
                 continue;
             }
-            // Inline the tail whenever inode and tail fit in one block: the packer never
-            // lets a unit cross a block boundary, which the kernel refuses.
-            let tail = size % block;
-            let inline_len = if tail > 0 && isize + tail <= block {
-                tail
-            } else {
-                0
-            };
+            let inline_len = inline::plain_inline_len(size, block, isize);
             let offset = packer.place(isize + inline_len);
             placements[idx] = Placement {
                 nid: offset / INODE_SLOT_SIZE,
@@ -909,19 +904,12 @@ impl<'a> ImageWriter<'a> {
                 self.put_inode(place, &raw).copy_from_slice(tail);
             }
             InodeKind::Symlink { target } => self.put_bytes(place, &raw, target)?,
-            InodeKind::RegularFile { size, source } => match source {
-                FileSource::Bytes(bytes) => self.put_bytes(place, &raw, bytes)?,
-                FileSource::Fd(fd) => self.put_file(place, &raw, fd.as_fd(), *size)?,
-                FileSource::Path(path) => {
-                    let file = File::open(path).map_err(|e| with_path(path, e))?;
-                    self.put_file(place, &raw, file.as_fd(), *size)
-                        .map_err(|e| with_path(path, e))?;
-                }
-                FileSource::Open(opener) => {
-                    let fd = opener.open()?;
-                    self.put_file(place, &raw, fd.as_fd(), *size)?;
-                }
-            },
+            InodeKind::RegularFile { size, source } => {
+                read_source(source, *size, |contents| match contents {
+                    Contents::Bytes(bytes) => self.put_bytes(place, &raw, bytes),
+                    Contents::Fd(fd) => self.put_file(place, &raw, fd),
+                })?
+            }
             _ => {
                 self.put_inode(place, &raw);
             }
@@ -966,24 +954,15 @@ impl<'a> ImageWriter<'a> {
         Ok(())
     }
 
-    /// Streams a regular file of `size` bytes from `src`: blocks by `copy_file_range`,
-    /// tail into the metadata area. Fails if the source does not have exactly `size` bytes,
-    /// before or after.
-    fn put_file(
-        &mut self,
-        place: &Placement,
-        raw: &[u8],
-        src: BorrowedFd<'_>,
-        size: u64,
-    ) -> io::Result<()> {
-        check_source_size(src, size, "")?;
+    /// Streams a regular file from `src` (checked to have the inode's size): blocks by
+    /// `copy_file_range`, tail into the metadata area.
+    fn put_file(&mut self, place: &Placement, raw: &[u8], src: BorrowedFd<'_>) -> io::Result<()> {
         let in_blocks = place.block_bytes();
         let at = (place.start_blk as u64) << self.layout.bits;
         self.copy_range(src, 0, at, in_blocks)?;
         self.pad_blocks(place)?;
         let tail = self.put_inode(place, raw);
-        read_exact_at(src, tail, in_blocks)?;
-        check_source_size(src, size, " after it was read")
+        read_exact_at(src, tail, in_blocks)
     }
 
     /// Copies `len` bytes from `src` at `src_at` to the image at `out_at`, inside the kernel
@@ -1048,54 +1027,6 @@ impl<'a> ImageWriter<'a> {
         }
         Ok(())
     }
-}
-
-/// Fails unless `src` is a regular file of `size` bytes.
-pub(super) fn check_source_size(src: BorrowedFd<'_>, size: u64, when: &str) -> io::Result<()> {
-    let stat = rustix::fs::fstat(src)?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(invalid("the source is not a regular file"));
-    }
-    if stat.st_size as u64 != size {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "the source has {} bytes{when}, but the inode's size is {size}",
-                stat.st_size
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn source_ended(at: u64) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("the source ended at byte {at}, before the inode's size"),
-    )
-}
-
-pub(super) fn read_exact_at(
-    src: BorrowedFd<'_>,
-    mut buffer: &mut [u8],
-    mut at: u64,
-) -> io::Result<()> {
-    while !buffer.is_empty() {
-        match rustix::io::pread(src, &mut *buffer, at) {
-            Ok(0) => return Err(source_ended(at)),
-            Ok(n) => {
-                buffer = &mut buffer[n..];
-                at += n as u64;
-            }
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-fn with_path(path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// The metadata blocks, assembled in memory and written out in large pieces. Block 0

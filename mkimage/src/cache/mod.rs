@@ -20,6 +20,10 @@
 //! directory's descriptor without following symlinks, checked to be a regular file of
 //! the caller's, and then read, sealed, served or touched through its own descriptor.
 //!
+//! [`Cache::serve_or_build`] is one use of the cache, in that order: the check under the
+//! shared lock, the check again and the build and seal under the exclusive lock, serving
+//! OUTPUT, then the eviction.
+//!
 //! An image being built is `.KEY.img.*.tmp` until it is sealed, under the key's lock; a
 //! run that dies leaves it behind, and the next eviction pass removes it once that lock
 //! is free. Until then it counts toward the size limit.
@@ -38,7 +42,11 @@ use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::erofs::format::{superblock_checksum, SuperBlock, SUPER_OFFSET, SUPER_SIZE};
-use crate::output::{copy_image, refuse_device, AtomicOutput, RemoveOnSignal};
+use crate::output::{copy_image, refuse_device, temp_beside, AtomicOutput, RemoveOnSignal};
+
+mod serve_or_build;
+
+pub use serve_or_build::{CacheError, Served, Step};
 
 /// Version of the image bytes for a given input: bumped whenever the writer's output for
 /// the same tree and options changes, so that older entries are never served. The
@@ -90,7 +98,7 @@ pub fn digest(bytes: &[u8]) -> String {
 
 /// How OUTPUT was made from a cache entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Served {
+pub enum Delivery {
     /// A copy-on-write clone: writing to OUTPUT leaves the entry alone.
     Reflink,
     /// A hard link: OUTPUT is the entry, read-only; a write to it is caught by the seal.
@@ -101,14 +109,14 @@ pub enum Served {
     Device,
 }
 
-impl Served {
+impl Delivery {
     /// A word for the summary line.
     pub fn as_str(self) -> &'static str {
         match self {
-            Served::Reflink => "reflink",
-            Served::HardLink => "hard link",
-            Served::Copy => "copy",
-            Served::Device => "written to the device",
+            Delivery::Reflink => "reflink",
+            Delivery::HardLink => "hard link",
+            Delivery::Copy => "copy",
+            Delivery::Device => "written to the device",
         }
     }
 }
@@ -520,17 +528,17 @@ impl Cache {
     /// symlink to one) is written in place, its size checked first and its superblock
     /// last. Anything else is replaced atomically: by a reflink where the filesystem has
     /// them, else a hard link where the cache shares the filesystem, else a copy.
-    pub fn serve(&self, key: &str, entry: &Entry, output: &Path) -> io::Result<Served> {
+    pub fn serve(&self, key: &str, entry: &Entry, output: &Path) -> io::Result<Delivery> {
         let out = AtomicOutput::create(output)?;
         if out.is_device() {
             copy_image(&entry.file, entry.size, out.file())?;
             out.commit()?;
-            return Ok(Served::Device);
+            return Ok(Delivery::Device);
         }
         match rustix::fs::ioctl_ficlone(out.file(), &entry.file) {
             Ok(()) => {
                 out.commit()?;
-                return Ok(Served::Reflink);
+                return Ok(Delivery::Reflink);
             }
             Err(e) => tracing::debug!("no reflink from {}: {e}", self.image_path(key).display()),
         }
@@ -538,11 +546,11 @@ impl Cache {
             drop(out);
             refuse_device(output)?;
             linked.persist(output).map_err(|e| e.error)?;
-            return Ok(Served::HardLink);
+            return Ok(Delivery::HardLink);
         }
         copy_image(&entry.file, entry.size, out.file())?;
         out.commit()?;
-        Ok(Served::Copy)
+        Ok(Delivery::Copy)
     }
 
     /// A hard link to the entry under a temporary name beside `output`; `None` if the two
@@ -555,16 +563,7 @@ impl Cache {
         entry: &Entry,
         output: &Path,
     ) -> io::Result<Option<tempfile::TempPath>> {
-        let dir = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = output
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "OUTPUT names no file"))?;
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(name);
-        prefix.push(".");
+        let (dir, prefix) = temp_beside(output)?;
         let image = format!("{key}.img");
         let made = tempfile::Builder::new()
             .prefix(&prefix)
