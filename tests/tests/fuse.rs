@@ -63,6 +63,46 @@ fn root_lists_exactly_the_closure() {
     assert!(root.is_dir());
 }
 
+/// The mount's daemon serves from inside its sandbox: no new privileges, a seccomp filter,
+/// no capability but CAP_SYS_ADMIN (which passthrough needs), and no way back.
+#[test]
+fn the_mount_daemon_is_sandboxed() {
+    let (_d, s) = sample::temp(&SampleOptions::small());
+    let m = mount(&s, &[]);
+    assert_same_tree(&s, m.mountpoint());
+    let pid = m.pid().expect("a foreground daemon");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2");
+    let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(
+        cap_eff & !(1 << 21),
+        0,
+        "capabilities beyond CAP_SYS_ADMIN: {cap_eff:x}"
+    );
+    let limit = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limit
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a descriptor limit");
+    let hard: u64 = open_files
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hard < 4096, "descriptor limit not lowered: {open_files}");
+    // Still serves, and unmounts cleanly through its unmounter on SIGTERM.
+    drop(m);
+}
+
 #[test]
 fn noise_and_other_names_are_enoent() {
     let (_d, s) = sample::temp(&SampleOptions::small());
