@@ -322,7 +322,7 @@ impl<X> Session<X> {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes one unit of `counter` if that stays within `max`.
+    /// Takes `amount` of `counter` if that stays within `max`.
     fn take(counter: &AtomicUsize, amount: usize, max: usize) -> bool {
         counter
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
