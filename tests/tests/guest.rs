@@ -2,9 +2,11 @@
 //! initramfs's /init mounting a sample closure from a virtiofs share of a nixstorefs mount,
 //! or from erofs images written by mkimage.
 //!
-//! Every case boots two kernels: Debian 12's 6.1, whose modules are plain `.ko` files, and
+//! Every case boots three kernels: Debian 12's 6.1, whose modules are plain `.ko` files;
 //! Debian's 6.12 ([`Kernel::compressed_modules`]), whose modules are `.ko.xz` as the
-//! package ships them and which has MOVE_MOUNT_BENEATH.
+//! package ships them and which has MOVE_MOUNT_BENEATH; and the newest Linux Debian 13's
+//! backports carry ([`Kernel::newest`], 7.3 when this was written), `.ko.xz` too, with
+//! virtio-fs and fuse built in and crc32c library code instead of modules.
 //!
 //! The guest's init is a busybox script in the sample store ([`vm::add_guest_program`]);
 //! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
@@ -51,7 +53,7 @@ enum Share {
 }
 
 /// Declares `mod $name` with one test per guest kernel, each calling `fn $name(kernel)`.
-macro_rules! on_both_kernels {
+macro_rules! on_every_kernel {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[test]
@@ -63,11 +65,16 @@ macro_rules! on_both_kernels {
             fn linux_6_12() {
                 super::$name(nixstorefs_tests::vm::Kernel::compressed_modules());
             }
+
+            #[test]
+            fn linux_newest() {
+                super::$name(nixstorefs_tests::vm::Kernel::newest());
+            }
         }
     )*};
 }
 
-on_both_kernels!(
+on_every_kernel!(
     virtiofs_share_of_a_nixstorefs_mount,
     native_backend_share,
     native_backend_wrong_tag_fails_and_powers_off,
