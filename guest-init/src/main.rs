@@ -35,6 +35,8 @@ As PID 1 (the /init of an initramfs), guest-init reads the kernel command line:
   root=/dev/X | LABEL=L | UUID=U | PARTUUID=P | /dev/disk/by-{label,uuid,partuuid}/N
                                   a real root to switch to (default: stay in the initramfs)
   rootfstype= rootflags= ro|rw    its type (default: read from it), options, ro (default) or rw
+                                  (a read-only root lacking /nix/store or /nix/.ro-store gets
+                                  them on a read-only tmpfs at its /nix, which must exist)
   regInfo=PATH                    a registration for nix-store --load-db
   other words (single, what follows --) are passed on to init
 

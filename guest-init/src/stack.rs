@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 
 use rustix::fs::CWD;
@@ -38,7 +39,14 @@ const STORE: &str = "nix/store";
 const POLL: Duration = Duration::from_millis(50);
 
 fn mkdir_p(path: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+    std::fs::create_dir_all(path).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) {
+            "; add that directory to the read-only filesystem, or make it writable"
+        } else {
+            ""
+        };
+        format!("cannot create {}: {e}{hint}", path.display())
+    })
 }
 
 fn mount(
@@ -211,18 +219,214 @@ fn mount_read_only<M: Send + 'static>(
     }
 }
 
-/// Mounts the whole stack below `root` (which already has the mount points' parents).
+/// The directories below `/nix` the stack mounts on, for `writable`.
+fn mount_points(writable: Writable) -> &'static [&'static str] {
+    match writable {
+        Writable::Tmpfs => &["store", ".ro-store", ".rw-store"],
+        Writable::None => &["store", ".ro-store"],
+    }
+}
+
+/// Every directory below `/nix` the stack may mount on, whichever `writable` a later
+/// `mount-store` asks for.
+const ALL_MOUNT_POINTS: [&str; 3] = ["store", ".ro-store", ".rw-store"];
+
+/// Gives a read-only root's `/nix` the stack's mount points without writing to the root.
+///
+/// The rule: mount points that exist are used as they are, and a writable root gets the
+/// missing ones created. A read-only root is never written to: if it has a `/nix`
+/// directory, a small read-only tmpfs is mounted on it holding the mount points, with each
+/// entry the root's `/nix` held (`var`, say) bound back into it, so that it stays visible
+/// and, once the root is remounted read-write, writable on the root as before. What is
+/// made later at `/nix`'s top level would be on that tmpfs, so it stays read-only. A
+/// read-only root without a `/nix` directory is an error naming what to add.
+///
+/// Returns whether `/nix` is now that tmpfs (a mount of its own).
+fn nix_on_read_only_root(root: &Path, writable: Writable) -> Result<bool, String> {
+    let nix = root.join("nix");
+    let missing: Vec<&str> = mount_points(writable)
+        .iter()
+        .copied()
+        .filter(|p| !nix.join(p).is_dir())
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    // /nix's own filesystem where it exists: it may be a mount of its own.
+    let at = if nix.is_dir() { &nix } else { root };
+    let read_only = rustix::fs::statvfs(at)
+        .map_err(|e| format!("cannot statvfs {}: {e}", at.display()))?
+        .f_flag
+        .contains(rustix::fs::StatVfsMountFlags::RDONLY);
+    if !read_only {
+        return Ok(false);
+    }
+    let list = missing
+        .iter()
+        .map(|p| format!("/nix/{p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match std::fs::symlink_metadata(&nix) {
+        Ok(m) if m.is_dir() => {}
+        found => {
+            let what = match found {
+                Ok(_) => "whose /nix is not a directory",
+                Err(_) => "without a /nix directory",
+            };
+            return Err(format!(
+                "the root is mounted read-only (no `rw` on the kernel command line), {what}: \
+                 add an empty directory /nix to the root's filesystem (or {list}), or boot \
+                 with `rw`"
+            ));
+        }
+    }
+    let kept = nix_tmpfs(&nix)?;
+    say(&format!(
+        "the read-only root has no {list}: a read-only tmpfs at /nix holds the mount \
+         points{}",
+        match kept {
+            0 => String::new(),
+            1 => ", with the one entry of the root's /nix bound into it".into(),
+            n => format!(", with the {n} entries of the root's /nix bound into it"),
+        }
+    ));
+    Ok(true)
+}
+
+/// An entry of the root's `/nix` carried onto the tmpfs that covers it.
+enum Kept {
+    /// A directory or file, as a detached clone of its mount, and whether a directory.
+    Tree(OwnedFd, bool),
+    /// A symbolic link, recreated with its target.
+    Link(CString),
+}
+
+/// Mounts a tmpfs on `nix` (the root's `/nix`, a directory on a read-only root) holding
+/// every mount point of the stack and, bound in, what `nix` held; then makes it
+/// read-only. Returns how many entries were carried over.
+fn nix_tmpfs(nix: &Path) -> Result<usize, String> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let failed = |what: &str, e: rustix::io::Errno| format!("{what} {}: {e}", nix.display());
+    // Held open: once the tmpfs covers it, the root's /nix is reached only through this.
+    let dir = rustix::fs::open(
+        nix,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| failed("cannot open", e))?;
+    let st = rustix::fs::fstat(&dir).map_err(|e| failed("cannot stat", e))?;
+    let names: Vec<CString> = rustix::fs::Dir::read_from(&dir)
+        .map_err(|e| failed("cannot list", e))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        // A mount point the stack covers anyway starts empty on the tmpfs.
+        .filter(|n| {
+            !ALL_MOUNT_POINTS
+                .iter()
+                .any(|p| p.as_bytes() == n.as_bytes())
+        })
+        .collect();
+    // Cloned before the tmpfs hides them.
+    let mut kept = Vec::new();
+    for name in names {
+        let shown = name.to_string_lossy().into_owned();
+        let entry = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| failed(&format!("cannot stat {shown} in"), e))?;
+        let carried = match FileType::from_raw_mode(entry.st_mode) {
+            t @ (FileType::Directory | FileType::RegularFile) => rustix::mount::open_tree(
+                &dir,
+                &name,
+                OpenTreeFlags::OPEN_TREE_CLONE
+                    | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                    | OpenTreeFlags::AT_RECURSIVE
+                    | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map(|fd| Kept::Tree(fd, t == FileType::Directory)),
+            FileType::Symlink => rustix::fs::readlinkat(&dir, &name, Vec::new()).map(Kept::Link),
+            _ => {
+                say(&format!(
+                    "not carrying {shown} of the root's /nix onto its tmpfs: neither a \
+                     directory, a file nor a symbolic link"
+                ));
+                continue;
+            }
+        }
+        .map_err(|e| failed(&format!("cannot carry {shown} of"), e))?;
+        kept.push((name, carried));
+    }
+    // Owned and mode as the root's /nix. Small: only mount points and their parents live
+    // in it.
+    let options = format!(
+        "mode={:o},uid={},gid={},size=1m,nr_inodes=4k",
+        st.st_mode & 0o7777,
+        st.st_uid,
+        st.st_gid
+    );
+    mount(
+        "tmpfs",
+        nix,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(&options),
+    )
+    .map_err(|e| failed("cannot mount a tmpfs at", e))?;
+    for p in ALL_MOUNT_POINTS {
+        mkdir_p(&nix.join(p))?;
+    }
+    let count = kept.len();
+    for (name, carried) in kept {
+        let at = nix.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+        match carried {
+            Kept::Link(target) => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target.as_bytes()), &at)
+                    .map_err(|e| format!("cannot recreate the link {}: {e}", at.display()))?;
+            }
+            Kept::Tree(fd, is_dir) => {
+                if is_dir {
+                    mkdir_p(&at)?;
+                } else {
+                    std::fs::File::create(&at)
+                        .map_err(|e| format!("cannot create {}: {e}", at.display()))?;
+                }
+                rustix::mount::move_mount(
+                    &fd,
+                    "",
+                    CWD,
+                    &at,
+                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+                )
+                .map_err(|e| format!("cannot bind the root's {} there: {e}", at.display()))?;
+            }
+        }
+    }
+    // As read-only as the root it stands in for: nothing written to /nix's top level is
+    // silently lost with the tmpfs.
+    rustix::mount::mount_remount(
+        nix,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    )
+    .map_err(|e| failed("cannot make read-only the tmpfs at", e))?;
+    Ok(count)
+}
+
+/// Mounts the whole stack below `root` (which already has the mount points' parents, or
+/// at least `/nix`: see [`nix_on_read_only_root`]).
 pub fn mount_stack(root: &Path, config: &Config) -> Result<String, String> {
     let ro_store = root.join(RO_STORE);
     let store = root.join(STORE);
-    mkdir_p(&ro_store)?;
-    mkdir_p(&store)?;
-    // /nix its own mount: the kernel puts nothing beneath a child of the namespace root,
-    // and an initramfs that stays the root is that root. A later `mount-store` can then
-    // switch /nix/store with MOVE_MOUNT_BENEATH.
     let nix = root.join("nix");
-    rustix::mount::mount_bind(&nix, &nix)
-        .map_err(|e| format!("bind-mounting {} on itself: {e}", nix.display()))?;
+    if !nix_on_read_only_root(root, config.writable)? {
+        mkdir_p(&ro_store)?;
+        mkdir_p(&store)?;
+        // /nix its own mount: the kernel puts nothing beneath a child of the namespace
+        // root, and an initramfs that stays the root is that root. A later `mount-store`
+        // can then switch /nix/store with MOVE_MOUNT_BENEATH. (A tmpfs at /nix is already
+        // a mount of its own.)
+        rustix::mount::mount_bind(&nix, &nix)
+            .map_err(|e| format!("bind-mounting {} on itself: {e}", nix.display()))?;
+    }
     let from = mount_source(&config.store, &ro_store, config.timeout)?;
     match config.writable {
         Writable::Tmpfs => {

@@ -39,15 +39,20 @@ pub const STORE_MODULES: &[&str] = &[
     "virtiofs",
     "fuse",
     "erofs",
-    "libcrc32c",
-    "crc32c_generic",
     "overlay",
 ];
-/// Modules included when the kernel has them: crc32c-intel (it needs SSE 4.2 to load),
-/// loop (for images attached with losetup), virtio-mmio (microvm-style machines).
-pub const OPTIONAL_STORE_MODULES: &[&str] = &["crc32c_intel", "loop", "virtio_mmio"];
-/// Where scripts/install-deps.sh extracts the second guest kernel; overridden by
-/// `NIXSTOREFS_KERNELS`.
+/// Modules included when the kernel has them: erofs's libcrc32c and its crc32c (modules
+/// up to 6.1, library code built in since), crc32c-intel (it needs SSE 4.2 to load), loop
+/// (for images attached with losetup), virtio-mmio (microvm-style machines).
+pub const OPTIONAL_STORE_MODULES: &[&str] = &[
+    "libcrc32c",
+    "crc32c_generic",
+    "crc32c_intel",
+    "loop",
+    "virtio_mmio",
+];
+/// Where scripts/install-deps.sh extracts the other guest kernels (`6.12/`, `newest/`);
+/// overridden by `NIXSTOREFS_KERNELS`.
 pub const KERNELS_DIR: &str = "/var/tmp/nixstorefs-kernels";
 /// The `modules.*` files copied unchanged into initramfs images, when the host has them.
 pub const MODULE_INDEX_FILES: &[&str] = &[
@@ -197,14 +202,34 @@ impl Kernel {
     /// scripts/install-deps.sh extracts it under [`KERNELS_DIR`]. Panics, saying how to get
     /// it, when it is missing.
     pub fn compressed_modules() -> Kernel {
+        Kernel::extracted(
+            "6.12",
+            "Debian's linux-image-6.12 package (bookworm-backports)",
+        )
+    }
+
+    /// The newest Linux Debian 13's backports carry (7.3 when this was written), with its
+    /// `.ko.xz` modules and virtio-fs built in, as scripts/install-deps.sh extracts it
+    /// under [`KERNELS_DIR`]`/newest`. Panics, saying how to get it, when it is missing.
+    pub fn newest() -> Kernel {
+        Kernel::extracted(
+            "newest",
+            "the newest linux-binary, linux-modules and linux-base packages of \
+             trixie-backports",
+        )
+    }
+
+    /// A kernel scripts/install-deps.sh extracted into `name` below [`KERNELS_DIR`] from
+    /// `packages`.
+    fn extracted(name: &str, packages: &str) -> Kernel {
         let base = std::env::var_os("NIXSTOREFS_KERNELS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(KERNELS_DIR))
-            .join("6.12");
+            .join(name);
         Kernel::find_in(&base.join("boot"), &base.join("lib/modules")).unwrap_or_else(|e| {
             panic!(
-                "no 6.12 guest kernel: {e}; scripts/install-deps.sh extracts Debian's \
-                 linux-image-6.12 package there"
+                "no {name} guest kernel: {e}; run scripts/install-deps.sh, which extracts \
+                 {packages} there"
             )
         })
     }

@@ -2,9 +2,11 @@
 //! initramfs's /init mounting a sample closure from a virtiofs share of a nixstorefs mount,
 //! or from erofs images written by mkimage.
 //!
-//! Every case boots two kernels: Debian 12's 6.1, whose modules are plain `.ko` files, and
+//! Every case boots three kernels: Debian 12's 6.1, whose modules are plain `.ko` files;
 //! Debian's 6.12 ([`Kernel::compressed_modules`]), whose modules are `.ko.xz` as the
-//! package ships them and which has MOVE_MOUNT_BENEATH.
+//! package ships them and which has MOVE_MOUNT_BENEATH; and the newest Linux Debian 13's
+//! backports carry ([`Kernel::newest`], 7.3 when this was written), `.ko.xz` too, with
+//! virtio-fs and fuse built in and crc32c library code instead of modules.
 //!
 //! The guest's init is a busybox script in the sample store ([`vm::add_guest_program`]);
 //! it prints markers on the serial console and powers the VM off. Needs root, qemu, virtiofsd,
@@ -51,7 +53,7 @@ enum Share {
 }
 
 /// Declares `mod $name` with one test per guest kernel, each calling `fn $name(kernel)`.
-macro_rules! on_both_kernels {
+macro_rules! on_every_kernel {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[test]
@@ -63,11 +65,16 @@ macro_rules! on_both_kernels {
             fn linux_6_12() {
                 super::$name(nixstorefs_tests::vm::Kernel::compressed_modules());
             }
+
+            #[test]
+            fn linux_newest() {
+                super::$name(nixstorefs_tests::vm::Kernel::newest());
+            }
         }
     )*};
 }
 
-on_both_kernels!(
+on_every_kernel!(
     virtiofs_share_of_a_nixstorefs_mount,
     native_backend_share,
     native_backend_wrong_tag_fails_and_powers_off,
@@ -75,6 +82,9 @@ on_both_kernels!(
     erofs_image_found_by_uuid,
     real_root_is_switched_into,
     real_root_by_label_read_only,
+    real_root_read_only_with_empty_nix,
+    real_root_read_only_keeps_what_nix_held,
+    real_root_read_only_without_nix_says_what_to_add,
     writable_overlay_keeps_image_and_host_store_unchanged,
     mount_store_twice_changes_nothing,
     mount_store_switches_closures_atomically,
@@ -421,6 +431,101 @@ fn real_root_by_label_read_only(kernel: Kernel) {
     boot.assert_marker("ROOT-READ-ONLY");
     boot.assert_marker("STORE-OK");
     boot.assert_no_marker("cannot move");
+}
+
+/// A read-only root (no `rw`) whose `/nix` is empty, as a freshly made root image has
+/// it: guest-init writes nothing to it, puts the mount points on a read-only tmpfs at
+/// `/nix`, and the store is mounted there.
+fn real_root_read_only_with_empty_nix(kernel: Kernel) {
+    let boot = read_only_root_boot(kernel, &[]);
+    assert_booted_ok(&boot);
+    boot.assert_marker("guest-init: the read-only root has no /nix/store, /nix/.ro-store");
+    boot.assert_marker("ROOT-READ-ONLY");
+    boot.assert_marker("STORE-OK");
+    boot.assert_marker("NIXFS tmpfs");
+    boot.assert_marker("NIX-READ-ONLY");
+}
+
+/// The same with a `/nix` that holds something (`var`, a file, a link): it stays visible
+/// on the tmpfs, bound from the root, still read-only.
+fn real_root_read_only_keeps_what_nix_held(kernel: Kernel) {
+    let boot = read_only_root_boot(
+        kernel,
+        &[
+            ("nix/var/nix/kept", "kept on the root\n"),
+            ("nix/note", "a file\n"),
+        ],
+    );
+    assert_booted_ok(&boot);
+    boot.assert_marker("with the 3 entries of the root's /nix bound into it");
+    boot.assert_marker("STORE-OK");
+    boot.assert_marker("NIXFS tmpfs");
+    boot.assert_marker("NIX-READ-ONLY");
+    boot.assert_marker("KEPT kept on the root");
+    boot.assert_marker("NOTE a file");
+    boot.assert_marker("LINK var/nix");
+    boot.assert_marker("VAR-READ-ONLY");
+}
+
+/// Boots an ext4 root mounted read-only by label, with an empty `/nix` and the API
+/// filesystems' mount points, plus `files` (path below the root, content) and a symbolic
+/// link `nix/link` to `var/nix` when there are any.
+fn read_only_root_boot(kernel: Kernel, files: &[(&str, &str)]) -> Boot {
+    let t = Setup::new(kernel, |s| {
+        format!(
+            "{}\
+             echo \"NIXFS $(awk '$2 == \"/nix\" {{print $3}}' /proc/mounts | tail -n 1)\"\n\
+             if mkdir /nix/probe 2>/dev/null; then echo NIX-WRITABLE; else echo NIX-READ-ONLY; fi\n\
+             [ -e /nix/var/nix/kept ] && echo \"KEPT $(cat /nix/var/nix/kept)\"\n\
+             [ -e /nix/note ] && echo \"NOTE $(cat /nix/note)\"\n\
+             [ -L /nix/link ] && echo \"LINK $(readlink /nix/link)\"\n\
+             if [ -d /nix/var ]; then\n\
+               if touch /nix/var/probe 2>/dev/null; then echo VAR-WRITABLE; else echo VAR-READ-ONLY; fi\n\
+             fi\n",
+            real_root_script(s).replace("echo GUEST-OK\n", "")
+        ) + "echo GUEST-OK\n"
+    });
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let tree = t.dir.path().join("root-tree");
+    for (path, content) in files {
+        let p = tree.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, content).unwrap();
+    }
+    if !files.is_empty() {
+        std::os::unix::fs::symlink("var/nix", tree.join("nix/link")).unwrap();
+    }
+    let root_img = ext4_root(&t, &["nix", "dev", "proc", "sys", "run"]);
+    Guest::new(&t.kernel, initramfs_with_ext4(&t))
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=LABEL=root")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&root_img)
+        .boot()
+}
+
+/// A read-only root without `/nix` cannot take the store without being written to:
+/// guest-init says what to add and powers off.
+fn real_root_read_only_without_nix_says_what_to_add(kernel: Kernel) {
+    let t = Setup::new(kernel, real_root_script);
+    let img = t.image(&t.s.closure_file, "store.img", &[]);
+    let root_img = ext4_root(&t, &["dev", "proc", "sys", "run"]);
+    let boot = Guest::new(&t.kernel, initramfs_with_ext4(&t))
+        .cmdline(KERNEL_LOGLEVEL)
+        .cmdline("nixstore=erofs:LABEL=nix-store root=LABEL=root")
+        .cmdline(&t.prog.init_arg())
+        .disk(&img)
+        .writable_disk(&root_img)
+        .boot();
+    boot.assert_stopped();
+    boot.assert_error(&[
+        "the root is mounted read-only",
+        "without a /nix directory",
+        "add an empty directory /nix",
+        "boot with `rw`",
+    ]);
+    boot.assert_no_marker("GUEST-START");
 }
 
 fn writable_overlay_keeps_image_and_host_store_unchanged(kernel: Kernel) {
