@@ -1039,20 +1039,23 @@ impl<'a> ImageWriter<'a> {
     }
 
     /// Writes the rest of the metadata and the superblock, and trims a regular file `out`
-    /// to the image (which leaves a DAX image's padding a hole that reads as zeros), or
-    /// zero-fills the padding on a block device.
+    /// to the image (which leaves a DAX image's padding a hole that reads as zeros).
     fn finish(self, superblock: SuperBlock, image_bytes: u64) -> io::Result<()> {
-        self.meta
-            .finish(self.out, self.layout.meta_end, superblock)?;
-        if self.out.metadata()?.file_type().is_file() {
-            self.out.set_len(image_bytes)?;
-        } else {
+        let is_file = self.out.metadata()?.file_type().is_file();
+        if !is_file {
+            // A device keeps what it held: the padding is written, before the superblock
+            // as everything else.
             let mut at = self.layout.used_blocks << self.layout.bits;
             while at < image_bytes {
                 let len = (image_bytes - at).min(ZERO_BLOCK.len() as u64) as usize;
                 self.out.write_all_at(&ZERO_BLOCK[..len], at)?;
                 at += len as u64;
             }
+        }
+        self.meta
+            .finish(self.out, self.layout.meta_end, superblock)?;
+        if is_file {
+            self.out.set_len(image_bytes)?;
         }
         Ok(())
     }
