@@ -31,6 +31,9 @@ Examples:
   # Compressed with LZ4HC, as mkfs.erofs -zlz4hc, on all CPUs:
   mkimage -z lz4hc closure.txt store.img
 
+  # For a guest that maps the image over virtio-pmem with DAX:
+  mkimage --dax closure.txt store.img
+
   # In the guest:
   mount -t erofs -o ro /dev/vdb /nix/.ro-store
 
@@ -114,6 +117,13 @@ struct Args {
     /// images that need Linux 5.17 or later.
     #[arg(long, requires = "compression")]
     ztailpacking: bool,
+
+    /// Lay the image out for DAX (a guest mapping it over virtio-pmem, mounted with -o
+    /// dax=always): every file of 4 KiB or more in whole blocks of its own with no inline
+    /// tail, and the image padded to a multiple of 2 MiB. Not with -z: erofs serves only
+    /// uncompressed files through DAX.
+    #[arg(long)]
+    dax: bool,
 
     /// Threads compressing files [default: the machine's CPUs]. The image does not depend
     /// on it.
@@ -239,6 +249,15 @@ fn run(args: &Args) -> Result<(), Failure> {
             args.label.len()
         )));
     }
+    if args.dax {
+        if let Some(compression) = &args.compression {
+            return Err(input(format!(
+                "--dax and -z {compression} cannot be combined: erofs serves only \
+                 uncompressed files through DAX, a compressed one would be read into the \
+                 guest's page cache"
+            )));
+        }
+    }
     if args.dir.is_some() && args.cache.is_some() {
         return Err(input(
             "--cache keys images by their closure; a --dir tree can change, so it is not cached",
@@ -297,6 +316,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         ztailpacking: args.ztailpacking,
+        dax: args.dax,
     };
     let cache_dir = match (&args.cache, args.no_cache, &paths) {
         (_, true, _) | (_, _, None) => None,
@@ -448,8 +468,13 @@ fn cache_key(
         .field("strip-case-hack", args.strip_case_hack.to_string())
         .field("block-size-bits", options.block_size_bits.to_string())
         .field("compression", compression)
-        .field("ztailpacking", options.ztailpacking.to_string())
-        .field("cross-mounts", args.cross_mounts.to_string())
+        .field("ztailpacking", options.ztailpacking.to_string());
+    // Only when set, so the keys of other images, and the entries cached under them, stay
+    // as they were.
+    if options.dax {
+        key.field("dax", "true");
+    }
+    key.field("cross-mounts", args.cross_mounts.to_string())
         .field(
             "registration",
             registrations.image.map_or("none".to_owned(), cache::digest),

@@ -956,3 +956,221 @@ fn cache_key_follows_mounts_and_store_path_contents() {
     assert!(text.contains("cache hit"), "{text}");
     drop(m);
 }
+
+/// mkimage's threshold for DAX: regular files of at least this many bytes are plain.
+const DAX_MIN_FILE_SIZE: u64 = 4096;
+/// A DAX image's size is a multiple of this.
+const DAX_IMAGE_ALIGN: u64 = 2 << 20;
+
+/// The data layout dump.erofs shows for `path` inside `image` (its `i_format` bits 1..=3:
+/// 0 plain, 1 compressed, 2 plain with an inline tail). `path` is any bytes, as in the
+/// image.
+fn data_layout(image: &Path, path: &[u8]) -> u64 {
+    use std::os::unix::ffi::OsStringExt;
+    let arg = std::ffi::OsString::from_vec([b"--path=/", path].concat());
+    let o = harness::run(Command::new("dump.erofs").arg(arg).arg(image), TIMEOUT);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "dump.erofs {}: {text}{}",
+        String::from_utf8_lossy(path),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let at = text
+        .find("Layout: ")
+        .unwrap_or_else(|| panic!("no layout:\n{text}"))
+        + 8;
+    text[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The regular files below `root`, as paths relative to it and sizes.
+fn regular_files(root: &Path) -> Vec<(Vec<u8>, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut found = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in fs::read_dir(root.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let path = rel.join(entry.file_name());
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() {
+                found.push((path.as_os_str().as_bytes().to_vec(), meta.len()));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// `--dax`: fsck.erofs passes, the image is a whole number of 2 MiB, two runs give the
+/// same bytes, the kernel mounts it and reads the tree back, and every regular file of a
+/// page or more is plain (no inline tail), while smaller ones keep theirs.
+#[test]
+fn dax_image_of_a_generated_tree() {
+    let opts = nixstorefs_tests::random_tree::TreeOptions {
+        wide_entries: 300,
+        depth: 10,
+        random_entries: 400,
+        long_names: true,
+    };
+    let (d, img) = round_trip("dax", &opts, &["--dax"]);
+    let tree = d.path().join("tree");
+    let size = fs::metadata(&img).unwrap().len();
+    assert!(
+        size > 0 && size % DAX_IMAGE_ALIGN == 0,
+        "{size} bytes: not a multiple of 2 MiB"
+    );
+
+    let again = d.path().join("again.img");
+    let o = mkimage(&[
+        "--preserve-hardlinks".as_ref(),
+        "--dax".as_ref(),
+        "--dir".as_ref(),
+        tree.as_os_str(),
+        again.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256(&img), sha256(&again), "two runs, same bytes");
+
+    let m = ImageMount::new(&img);
+    let mut check = TreeCheck::with(Expect {
+        mtime: Some((0, 0)),
+        links: Links::Shared,
+        dir_sizes: false,
+    });
+    for entry in fs::read_dir(&tree).unwrap() {
+        let name = entry.unwrap().file_name();
+        check.walk(&tree.join(&name), &m.path().join(&name));
+    }
+    check.assert_clean("--dax image of a random tree");
+    drop(m);
+
+    let files = regular_files(&tree);
+    let large: Vec<_> = files
+        .iter()
+        .filter(|(_, size)| *size >= DAX_MIN_FILE_SIZE)
+        .collect();
+    assert!(large.len() > 50, "only {} files to check", large.len());
+    for (path, size) in large {
+        assert_eq!(
+            data_layout(&img, path),
+            0,
+            "{} ({size} bytes) is not plain",
+            String::from_utf8_lossy(path)
+        );
+    }
+    // Below the threshold nothing changes: a 1-byte file stays inline.
+    assert_eq!(data_layout(&img, b"edges/size-1"), 2);
+    // Without --dax, the same files of a page or more keep their inline tails.
+    let plain = d.path().join("plain.img");
+    let o = mkimage(&[
+        "--preserve-hardlinks".as_ref(),
+        "--dir".as_ref(),
+        tree.as_os_str(),
+        plain.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(data_layout(&plain, b"edges/size-4097"), 2);
+    assert_eq!(data_layout(&img, b"edges/size-4097"), 0);
+}
+
+/// erofs does not serve compressed files through DAX: `--dax` with `-z` is bad input,
+/// refused before anything is written.
+#[test]
+fn dax_refuses_compression() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let out_dir = d.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let img = out_dir.join("store.img");
+    for z in ["lz4", "lz4hc,12"] {
+        let o = mkimage(&[
+            "--store-dir".as_ref(),
+            s.store_dir.as_os_str(),
+            "--dax".as_ref(),
+            "-z".as_ref(),
+            z.as_ref(),
+            s.closure_file.as_os_str(),
+            img.as_os_str(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stderr.contains("--dax") && stderr.contains(&format!("-z {z}")),
+            "{stderr}"
+        );
+        assert!(!img.exists());
+        assert!(leftovers(&out_dir).is_empty(), "{:?}", leftovers(&out_dir));
+    }
+}
+
+/// `--dax` is part of the cache key: a cached plain image is not served for it, nor a
+/// DAX one for a plain run.
+#[test]
+fn dax_changes_the_cache_key() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let cache = d.path().join("cache");
+    let run = |out: &str, extra: &[&str]| -> (String, PathBuf) {
+        let out = d.path().join(out);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
+        args.extend(["--cache".as_ref(), cache.as_os_str()]);
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        args.extend([s.closure_file.as_os_str(), out.as_os_str()]);
+        let o = mkimage(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "mkimage {args:?}: {stderr}");
+        (stderr, out)
+    };
+    let (text, plain) = run("plain.img", &[]);
+    assert!(text.contains("cache miss"), "{text}");
+    let (text, dax) = run("dax.img", &["--dax"]);
+    assert!(
+        text.contains("cache miss"),
+        "--dax after a plain image: {text}"
+    );
+    assert_eq!(fs::metadata(&dax).unwrap().len() % DAX_IMAGE_ALIGN, 0);
+    assert_ne!(sha256(&plain), sha256(&dax));
+    fsck(&dax);
+    let (text, dax_again) = run("dax-again.img", &["--dax"]);
+    assert!(text.contains("cache hit"), "{text}");
+    assert_eq!(sha256(&dax), sha256(&dax_again));
+    let (text, plain_again) = run("plain-again.img", &[]);
+    assert!(text.contains("cache hit"), "{text}");
+    assert_eq!(sha256(&plain), sha256(&plain_again));
+}
+
+/// On a block device, a DAX image's padding is written as zeros over whatever the device
+/// held: the device reads exactly as the image a file gets.
+#[test]
+fn dax_image_on_a_block_device_is_padded_with_zeros() {
+    let (d, s) = sample::temp(&SampleOptions::small());
+    let file_img = d.path().join("file.img");
+    image_of(&s, &file_img, &["--dax"]);
+    let image_len = fs::metadata(&file_img).unwrap().len();
+    assert_eq!(image_len % DAX_IMAGE_ALIGN, 0);
+
+    let dev = LoopDevice::new(d.path(), "disk", image_len + (1 << 20));
+    fs::write(&dev.0, vec![0xa5; (image_len + (1 << 20)) as usize]).unwrap();
+    image_of(&s, &dev.0, &["--dax"]);
+    assert!(is_block_device(&dev.0), "{:?} was replaced", dev.0);
+    let written = {
+        use std::io::Read;
+        let mut buf = vec![0u8; image_len as usize];
+        fs::File::open(&dev.0)
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+        buf
+    };
+    assert!(
+        written == fs::read(&file_img).unwrap(),
+        "device and file images differ"
+    );
+    fsck(&dev.0);
+}

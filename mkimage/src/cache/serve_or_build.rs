@@ -232,6 +232,7 @@ mod tests {
             compression: None,
             threads: 1,
             ztailpacking: false,
+            dax: false,
         };
         erofs::write_image(&[root], &options, building.file())
             .map(|stats| stats.image_bytes)

@@ -3,12 +3,14 @@
 //! The caller describes the tree as an arena of [`Inode`]s (index 0 is the root directory)
 //! and [`write_image`] lays it out deterministically: the same tree and options give the
 //! same bytes. [`format`](mod@format) holds the on-disk structures, [`writer`] the layout and writing,
-//! [`compress`] the compressed files. Both the writer and the compressor read a file's
-//! contents through `source` and decide which tails go inline by the rule in `inline`.
+//! [`compress`] the compressed files, [`dax`] what changes in images meant for DAX. Both
+//! the writer and the compressor read a file's contents through `source` and decide which
+//! tails go inline by the rule in `inline`.
 
 #![warn(missing_docs)]
 
 pub mod compress;
+pub mod dax;
 pub mod format;
 mod inline;
 mod source;

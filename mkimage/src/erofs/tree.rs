@@ -106,4 +106,10 @@ pub struct ImageOptions {
     /// Put each compressed file's last extent right after its indexes instead of in a
     /// block of its own, where it does not cross a block (`ztailpacking`, Linux 5.17+).
     pub ztailpacking: bool,
+    /// Lay the image out for DAX (see [`dax`](super::dax)): every regular file of
+    /// [`DAX_MIN_FILE_SIZE`](super::dax::DAX_MIN_FILE_SIZE) bytes or more in plain blocks
+    /// without an inline tail, and the image padded to a multiple of
+    /// [`DAX_IMAGE_ALIGN`](super::dax::DAX_IMAGE_ALIGN). Needs 4 KiB blocks; refused with
+    /// `compression`, since erofs does not serve compressed files through DAX.
+    pub dax: bool,
 }

@@ -6,7 +6,8 @@
 //! |---|---|
 //! | `0` | 1 KiB of zeros, the superblock, then the first inodes |
 //! | `0..meta_end` | the metadata area: inodes, 32-byte aligned, each with its inline tail |
-//! | `meta_end..blocks` | the data blocks of directories, symlinks and files, in walk order |
+//! | `meta_end..used` | the data blocks of directories, symlinks and files, in walk order |
+//! | `used..blocks` | zeros up to a 2 MiB multiple, in DAX images only ([`dax`](super::dax)) |
 //!
 //! `meta_blkaddr` is 0, so a nid is an inode's byte offset divided by 32; the root is placed
 //! first and gets nid 36, as with mkfs.erofs. Inodes are packed into the metadata area by
@@ -36,6 +37,7 @@ use rustix::io::Errno;
 use super::compress::{
     self, CompressedFile, FEATURE_INCOMPAT_LZ4_0PADDING, FEATURE_INCOMPAT_ZTAILPACKING,
 };
+use super::dax;
 use super::format::{
     i_format, mode, superblock_checksum, DataLayout, Dirent, FileType, InodeCompact, InodeExtended,
     InodeVersion, SuperBlock, DIRENT_SIZE, FEATURE_COMPAT_MTIME, FEATURE_COMPAT_SB_CHKSUM,
@@ -231,6 +233,11 @@ fn check_options(options: &ImageOptions) -> io::Result<[u8; 16]> {
             "block size bits {} unsupported, only {BLOCK_SIZE_BITS}",
             options.block_size_bits
         )));
+    }
+    if options.dax && options.compression.is_some() {
+        return Err(invalid(
+            "a DAX image cannot be compressed: erofs serves only plain files through DAX",
+        ));
     }
     let label = options.label.as_bytes();
     if label.len() > 15 || label.contains(&0) {
@@ -482,6 +489,9 @@ struct Layout {
     placements: Vec<Placement>,
     /// Image offset where the metadata area ends, block-aligned.
     meta_end: u64,
+    /// Blocks up to the end of the last inode's data.
+    used_blocks: u64,
+    /// Blocks of the image: `used_blocks`, and in a DAX image zeros up to 2 MiB.
     total_blocks: u64,
 }
 
@@ -555,7 +565,11 @@ impl Layout {
                 };
                 continue;
             }
-            let inline_len = inline::plain_inline_len(size, block, isize);
+            let inline_len = match inode.kind {
+                // DAX maps only files whose data is all in blocks.
+                InodeKind::RegularFile { .. } if options.dax && dax::laid_out_plain(size) => 0,
+                _ => inline::plain_inline_len(size, block, isize),
+            };
             let offset = packer.place(isize + inline_len);
             placements[idx] = Placement {
                 nid: offset / INODE_SLOT_SIZE,
@@ -599,14 +613,20 @@ impl Layout {
                 next_blk += placement.blocks;
             }
         }
-        if u32::try_from(next_blk).is_err() {
+        let total_blocks = if options.dax {
+            dax::padded_blocks(next_blk, block)
+        } else {
+            next_blk
+        };
+        if u32::try_from(total_blocks).is_err() {
             return Err(image_error(invalid("image exceeds 2^32 blocks")));
         }
         Ok(Layout {
             bits,
             placements,
             meta_end,
-            total_blocks: next_blk,
+            used_blocks: next_blk,
+            total_blocks,
         })
     }
 }
@@ -1018,11 +1038,23 @@ impl<'a> ImageWriter<'a> {
         Ok(())
     }
 
-    /// Writes the rest of the metadata and the superblock, and trims a regular file `out`.
+    /// Writes the rest of the metadata and the superblock, and trims a regular file `out`
+    /// to the image (which leaves a DAX image's padding a hole that reads as zeros).
     fn finish(self, superblock: SuperBlock, image_bytes: u64) -> io::Result<()> {
+        let is_file = self.out.metadata()?.file_type().is_file();
+        if !is_file {
+            // A device keeps what it held: the padding is written, before the superblock
+            // as everything else.
+            let mut at = self.layout.used_blocks << self.layout.bits;
+            while at < image_bytes {
+                let len = (image_bytes - at).min(ZERO_BLOCK.len() as u64) as usize;
+                self.out.write_all_at(&ZERO_BLOCK[..len], at)?;
+                at += len as u64;
+            }
+        }
         self.meta
             .finish(self.out, self.layout.meta_end, superblock)?;
-        if self.out.metadata()?.file_type().is_file() {
+        if is_file {
             self.out.set_len(image_bytes)?;
         }
         Ok(())
@@ -1134,12 +1166,24 @@ mod tests {
             compression: None,
             threads: 1,
             ztailpacking: false,
+            dax: false,
         }
     }
 
     fn plan(tree: &[Inode]) -> Layout {
+        plan_with(tree, &options())
+    }
+
+    fn plan_with(tree: &[Inode], options: &ImageOptions) -> Layout {
         let walk = Walk::new(tree).unwrap();
-        Layout::new(tree, &walk, &options(), &[]).unwrap()
+        Layout::new(tree, &walk, options, &[]).unwrap()
+    }
+
+    fn dax() -> ImageOptions {
+        ImageOptions {
+            dax: true,
+            ..options()
+        }
     }
 
     #[test]
@@ -1170,6 +1214,97 @@ mod tests {
             ]
         );
         assert_eq!(layout.placements[0].nid, 36);
+    }
+
+    /// For DAX, files of a page or more keep no tail inline; smaller ones, directories
+    /// and symlinks are laid out as in any image.
+    #[test]
+    fn dax_data_layout_by_size() {
+        let sizes = [0, 1, 4064, 4065, 4095, 4096, 4097, 8192, 3 * 4096 + 1];
+        let mut tree = vec![root(sizes.len() + 2)];
+        tree.extend(sizes.iter().map(|&size| file(size)));
+        tree.push(Inode {
+            kind: InodeKind::Symlink {
+                target: b"00001".to_vec(),
+            },
+            ..file(0)
+        });
+        tree.push(Inode {
+            kind: InodeKind::Directory { entries: vec![] },
+            ..file(0)
+        });
+        let layout = plan_with(&tree, &dax());
+        let got: Vec<_> = (0..tree.len())
+            .map(|i| {
+                let p = &layout.placements[i];
+                (p.layout, p.inline_len, p.blocks)
+            })
+            .collect();
+        use DataLayout::{FlatInline as I, FlatPlain as P};
+        let root_len = layout.placements[0].size as usize;
+        assert_eq!(
+            got,
+            [
+                (I, root_len, 0),
+                (P, 0, 0),
+                (I, 1, 0),
+                (I, 4064, 0),
+                (P, 0, 1),
+                (P, 0, 1),
+                (P, 0, 1),
+                (P, 0, 2),
+                (P, 0, 2),
+                (P, 0, 4),
+                (I, 5, 0),
+                (I, 27, 0),
+            ]
+        );
+        // Files of a page or more: all their bytes in blocks of their own.
+        for p in &layout.placements[1..=sizes.len()] {
+            if p.size >= 4096 {
+                assert_eq!(p.block_bytes(), p.size);
+                assert_eq!(p.blocks, p.size.div_ceil(4096));
+            }
+        }
+    }
+
+    /// A DAX image ends on a 2 MiB boundary; the padding comes after every inode's data.
+    #[test]
+    fn dax_images_are_padded_to_2_mib() {
+        for sizes in [&[][..], &[1], &[4097, 100_000], &[(2 << 20) - 4096 * 3]] {
+            let mut tree = vec![root(sizes.len())];
+            tree.extend(sizes.iter().map(|&size| file(size)));
+            let plain = plan(&tree);
+            assert_eq!(plain.used_blocks, plain.total_blocks);
+            let layout = plan_with(&tree, &dax());
+            assert_eq!(layout.total_blocks % 512, 0, "{sizes:?}");
+            assert!(layout.total_blocks > 0);
+            assert!(layout.total_blocks - layout.used_blocks < 512, "{sizes:?}");
+            let end = layout
+                .placements
+                .iter()
+                .map(|p| p.start_blk as u64 + p.blocks)
+                .max()
+                .unwrap();
+            assert!(end <= layout.used_blocks, "{sizes:?}");
+        }
+        // Exactly 2 MiB of contents gets no padding: metadata, then data to the boundary.
+        let mut tree = vec![root(1), file(0)];
+        let meta_blocks = plan_with(&tree, &dax()).used_blocks;
+        tree[1] = file((512 - meta_blocks) * 4096);
+        let layout = plan_with(&tree, &dax());
+        assert_eq!((layout.used_blocks, layout.total_blocks), (512, 512));
+    }
+
+    #[test]
+    fn dax_images_are_not_compressed() {
+        let options = ImageOptions {
+            compression: Some(crate::erofs::Compression::Lz4),
+            ..dax()
+        };
+        let e = check_options(&options).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("DAX"), "{e}");
     }
 
     #[test]
