@@ -438,7 +438,7 @@ impl Cleaner {
             -1 => Err(std::io::Error::last_os_error()),
             0 => unsafe {
                 // Its pipes and the locks only: not the listening socket.
-                become_helper(&keep);
+                nixstorefs::sandbox::helper::become_helper(&keep);
                 // A byte (asked) or end of file (the daemon died): either way, clean up.
                 let mut byte = 0u8;
                 read_byte(request_read.as_raw_fd(), &mut byte);
@@ -503,33 +503,6 @@ pub fn inherited_listener(fd: i32) -> Result<vhost::vhost_user::Listener, String
     let _ = rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC);
     // SAFETY: the descriptor is open, a listening Unix socket, and ours from here on.
     Ok(unsafe { vhost::vhost_user::Listener::from_raw_fd(fd) })
-}
-
-/// Makes a freshly forked child a helper: every signal blocked (a terminal's signals to
-/// the process group must not end it before its job), every descriptor closed but `keep`
-/// (sorted), so that it holds no terminal, no pipe whoever started the daemon waits on,
-/// and nothing of the daemon's. Only async-signal-safe calls.
-///
-/// # Safety
-///
-/// To be called in the child of a fork, before anything else; `keep` must be sorted.
-unsafe fn become_helper(keep: &[std::os::fd::RawFd]) {
-    // SAFETY: signal-set calls on a local set, and close_range on whole ranges of this
-    // process's descriptor table, which no Rust object of the child uses any more.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-        let mut first = 0u32;
-        for &fd in keep {
-            let fd = fd as u32;
-            if fd > first {
-                libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
-            }
-            first = fd + 1;
-        }
-        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
-    }
 }
 
 /// Reads one byte from `fd`, retrying on EINTR; returns what read(2) returned.
@@ -624,7 +597,7 @@ impl Unmounter {
             -1 => Err(std::io::Error::last_os_error()),
             0 => unsafe {
                 // Its pipes only: not /dev/fuse (the connection must end with the daemon).
-                become_helper(&keep);
+                nixstorefs::sandbox::helper::become_helper(&keep);
                 let mut byte = 0u8;
                 let got = read_byte(request_read.as_raw_fd(), &mut byte);
                 if got != 1 {

@@ -530,23 +530,12 @@ fn detach_from_daemon(dev_null: &std::fs::File, keep_stderr: bool, keep: &[RawFd
     // SAFETY: plain system calls on descriptors this process owns; nothing else runs in
     // the keeper, and the descriptors closed are never used (nor dropped) again.
     unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
         libc::dup2(dev_null.as_raw_fd(), 0);
         libc::dup2(dev_null.as_raw_fd(), 1);
         if !keep_stderr {
             libc::dup2(dev_null.as_raw_fd(), 2);
         }
-        let mut first = 0u32;
-        for &fd in keep {
-            let fd = fd as u32;
-            if fd > first {
-                libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32);
-            }
-            first = fd + 1;
-        }
-        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32);
+        crate::sandbox::helper::become_helper(keep);
     }
     let _ = std::env::set_current_dir("/");
 }

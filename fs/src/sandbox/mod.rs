@@ -25,6 +25,7 @@
 //! must run while the process has one thread; it refuses otherwise. seccomp's filter is
 //! synchronised to every thread regardless.
 
+pub mod helper;
 pub mod landlock;
 pub mod seccomp;
 
