@@ -30,7 +30,7 @@ pub mod landlock;
 pub mod seccomp;
 
 use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// How much of the sandbox to enter (`--sandbox`, in virtiofsd's words).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -263,15 +263,4 @@ pub struct SandboxOptions {
     /// `log` such calls to the audit log, or `none`.
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill, value_name = "ACTION")]
     pub seccomp: SeccompMode,
-}
-
-/// Whether `path` names a descriptor-relative store directory the sandbox can grant: it
-/// must exist, since Landlock grants by an open descriptor.
-pub fn check_store_dir(path: &Path) -> Result<(), SandboxError> {
-    std::fs::metadata(path).map(|_| ()).map_err(|e| {
-        failed(
-            "opening the store directory",
-            format!("{}: {e}", path.display()),
-        )
-    })
 }
