@@ -1519,10 +1519,11 @@ const DAX_MIN_FILE_SIZE: u64 = 4096;
 /// The most the guest's `Cached:` may grow while it reads every file at or above the
 /// threshold from a DAX store: metadata is read before the first figure, so what is left
 /// is the kernel's own noise. Reading them through the page cache grows it by their size,
-/// over 33 MiB (the control, in the same boot, shows it).
+/// over 33 MiB (the control, in the same boot, shows it for the largest).
 const DAX_CACHE_GROWTH_LIMIT_KIB: u64 = 4 << 10;
-/// The bytes the control reads from the store's block device, around the page cache.
-const CONTROL_READ_MIB: u64 = 24;
+/// The size of the largest file [`add_dax_data`] adds, which the control reads through
+/// the page cache.
+const CONTROL_READ_BYTES: usize = 24 << 20;
 /// Size of the device a guest writes a tar of its store to.
 const SCRATCH_MIB: u64 = 96;
 
@@ -1536,7 +1537,7 @@ fn add_dax_data(t: &mut Setup) -> String {
         65_537,
         (1 << 20) + 3,
         8 << 20,
-        24 << 20,
+        CONTROL_READ_BYTES,
     ];
     let data: Vec<(String, Vec<u8>)> = sizes
         .iter()
@@ -1736,11 +1737,13 @@ fn assert_dax_on(boot: &Boot) {
 const RO_MOUNT: &str = "grep ' /nix/.ro-store ' /proc/self/mountinfo | sed 's/^/RO-MOUNT /'\n";
 
 /// A DAX image over virtio-pmem, found by label among pmem devices: the guest sees exactly
-/// the closure (a tar of its /nix/store, written to a second, writable pmem device,
-/// compared with the host's store paths) and DAX is on. While it reads every file at or
-/// above the threshold, its page cache (`Cached:`) does not grow; reading the store's
-/// block device in the same boot, which goes through the page cache, does (the control).
+/// the closure (a tar of its /nix/store, written to a writable pmem device, compared with
+/// the host's store paths) and DAX is on. While it reads every file at or above the
+/// threshold, its page cache (`Cached:`) does not grow. The control, in the same boot: a
+/// copy of the image on another pmem device, mounted with `dax=never`, whose largest file
+/// read through the page cache does grow it.
 fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kernel: Kernel) {
+    let data = sample::base_name("dax-data");
     let mut t = Setup::new(kernel, |_| {
         format!(
             "echo GUEST-START\n{RO_MOUNT}\
@@ -1752,8 +1755,13 @@ fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kerne
              while read -r f; do sha256sum \"$f\"; done < /tmp/big-files | sed 's/^/BIG /'\n\
              set -- $(grep '^Cached:' /proc/meminfo)\n\
              echo \"CACHED-AFTER $2\"\n\
-             store=$(awk '$2 == \"/nix/.ro-store\" {{print $1}}' /proc/mounts)\n\
-             dd if=$store of=/dev/null bs=1M count={CONTROL_READ_MIB} 2>/dev/null\n\
+             mkdir /tmp/control\n\
+             for d in /dev/pmem*; do\n\
+               grep -q \"^$d \" /proc/mounts || \
+             {{ mount -t erofs -o ro,dax=never $d /tmp/control 2>/dev/null && break; }}\n\
+             done\n\
+             grep ' /tmp/control ' /proc/self/mountinfo | sed 's/^/CONTROL-MOUNT /'\n\
+             cat /tmp/control/{data}/data-{CONTROL_READ_BYTES} > /dev/null\n\
              set -- $(grep '^Cached:' /proc/meminfo)\n\
              echo \"CACHED-CONTROL $2\"\n\
              {TAR_TO_SCRATCH}\
@@ -1761,8 +1769,13 @@ fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kerne
             below = DAX_MIN_FILE_SIZE - 1,
         )
     });
-    add_dax_data(&mut t);
+    assert_eq!(add_dax_data(&mut t), data);
     let img = t.image(&t.s.closure_file, "store.img", &["--dax"]);
+    let control_img = t.image(
+        &t.s.closure_file,
+        "control.img",
+        &["--dax", "-L", "control"],
+    );
     let scratch = scratch_file(&t, "scratch.img");
     let (sums, total) = big_file_sums(&t.s);
     assert!(
@@ -1772,6 +1785,7 @@ fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kerne
     let boot = t
         .guest("nixstore=pmem:LABEL=nix-store")
         .pmem(&img)
+        .pmem(&control_img)
         .writable_pmem(&scratch)
         .timeout(Duration::from_secs(240))
         .boot();
@@ -1787,9 +1801,10 @@ fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kerne
         kib(&boot, "CACHED-AFTER "),
         kib(&boot, "CACHED-CONTROL "),
     );
+    let control_kib = (CONTROL_READ_BYTES >> 10) as u64;
     println!(
-        "Cached: {before} KiB before reading {} files ({} KiB), {after} KiB after, \
-         {control} KiB after the control read of {CONTROL_READ_MIB} MiB",
+        "Cached: {before} KiB before reading {} files ({} KiB) over DAX, {after} KiB after; \
+         {control} KiB after the control read of {control_kib} KiB through the page cache",
         sums.len(),
         total >> 10
     );
@@ -1798,32 +1813,41 @@ fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kerne
         "the page cache grew from {before} to {after} KiB while reading {} KiB over DAX",
         total >> 10
     );
+    let control_mount = boot.expect_value("CONTROL-MOUNT ");
     assert!(
-        control >= after + (CONTROL_READ_MIB << 10) * 3 / 4,
-        "the control read of {CONTROL_READ_MIB} MiB through the block device grew the page \
-         cache only from {after} to {control} KiB: the figures cannot tell DAX apart"
+        control_mount.contains(" erofs /dev/pmem") && !control_mount.contains("dax=always"),
+        "the control's mount: {control_mount}"
+    );
+    assert!(
+        control >= after + control_kib * 3 / 4,
+        "the control read of {control_kib} KiB through the page cache grew it only from \
+         {after} to {control} KiB: the figures cannot tell DAX apart"
     );
     boot.assert_marker("TAR-OK /dev/pmem");
     assert_tar_is_the_closure(&scratch, &t.s, &t.dir.path().join("seen"));
 }
 
-/// Writes through the device never change the image on the host: `dd` to /dev/pmem0
-/// (superblock and file data), a remount read-write of the store, on a writable overlay
-/// that takes the guest's own writes. The store the guest reads stays intact too.
+/// Writes through the device never change the image on the host: a remount read-write of
+/// the store, then `dd` to /dev/pmem0 (file data, then the superblock and metadata), with
+/// a writable overlay that takes the guest's own writes. The store the guest reads after
+/// dropping its caches is intact too. The remount and its probe come first, and nothing is
+/// looked up between the writes and the cache drop: until then the guest's cache of the
+/// device holds what it wrote.
 fn pmem_writes_never_reach_the_image(kernel: Kernel) {
     let t = Setup::new(kernel, |s| {
         format!(
             "echo GUEST-START\n{RO_MOUNT}\
              echo written-in-guest > /nix/store/new-file && echo \"READBACK $(cat /nix/store/new-file)\"\n\
-             dd if=/dev/zero of=/dev/pmem0 bs=64k count=64 conv=fsync 2>/dev/null\n\
-             echo \"DD-STATUS $?\"\n\
-             dd if=/dev/urandom of=/dev/pmem0 bs=4k count=16 seek=256 conv=fsync 2>/dev/null\n\
-             echo \"DD-DATA-STATUS $?\"\n\
+             touch /tmp/probe && echo TOUCH-WORKS\n\
              mount -o remount,rw /nix/.ro-store 2>/dev/null\n\
              echo \"REMOUNT-STATUS $?\"\n\
              if touch /nix/.ro-store/probe 2>/dev/null; then echo RO-STORE-WRITABLE; else echo RO-STORE-READ-ONLY; fi\n\
-             sync\n\
+             dd if=/dev/urandom of=/dev/pmem0 bs=4k count=16 seek=256 conv=fsync 2>/dev/null\n\
+             data=$?\n\
+             dd if=/dev/zero of=/dev/pmem0 bs=64k count=64 conv=fsync 2>/dev/null\n\
+             head=$?\n\
              echo 3 > /proc/sys/vm/drop_caches\n\
+             echo \"DD-STATUS $data $head\"\n\
              set -- $(sha256sum /nix/.ro-store/{big})\n\
              echo \"SHA256-AFTER $1\"\n\
              echo GUEST-OK\n",
@@ -1841,12 +1865,17 @@ fn pmem_writes_never_reach_the_image(kernel: Kernel) {
     assert_dax_on(&boot);
     assert_eq!(boot.expect_value("READBACK "), "written-in-guest");
     println!(
-        "guest: dd status {}, on file data {}, remount status {}",
-        boot.expect_value("DD-STATUS "),
-        boot.expect_value("DD-DATA-STATUS "),
+        "guest: remount read-write exited {}",
         boot.expect_value("REMOUNT-STATUS ")
     );
+    boot.assert_marker("TOUCH-WORKS");
     boot.assert_marker("RO-STORE-READ-ONLY");
+    // Both writes went through the device as far as the guest can tell: they reached qemu.
+    assert_eq!(
+        boot.expect_value("DD-STATUS "),
+        "0 0",
+        "dd to /dev/pmem0 (file data, then the first 4 MiB)"
+    );
     assert_eq!(sha256_hex(&img), before, "the image changed on the host");
     assert_eq!(
         fs::metadata(&img).unwrap().modified().unwrap(),
