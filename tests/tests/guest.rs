@@ -2027,6 +2027,12 @@ fn two_guests_share_one_pmem_image(kernel: Kernel) {
         )
     };
     let ((s0, d0), (s1, d1)) = (instants(0), instants(1));
+    println!(
+        "the guests read the store at the same time for {:.1} s",
+        d0.min(d1)
+            .saturating_duration_since(s0.max(s1))
+            .as_secs_f64()
+    );
     assert!(
         s0.max(s1) < d0.min(d1),
         "the guests did not read at the same time: guest 1 started {:.1} s after guest 0 \
