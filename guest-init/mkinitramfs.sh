@@ -36,12 +36,15 @@ done
 
 # The store's modules, what they depend on and their soft dependencies, as modprobe would
 # load them; built-in ones have no file. Optional ones (missing from this kernel) are
-# skipped one by one.
-wanted=(virtio_pci virtio_mmio virtio_blk virtiofs fuse erofs overlay loop crc32c_generic "$@")
+# skipped one by one. virtio_pmem (with libnvdimm and nd_virtio) and nd_pmem serve
+# nixstore=pmem: an image mapped with DAX from a virtio-pmem device.
+wanted=(virtio_pci virtio_mmio virtio_blk virtiofs fuse erofs overlay loop crc32c_generic
+  virtio_pmem nd_pmem "$@")
 for module in "${wanted[@]}"; do
   if ! deps=$(modprobe -d "$base" -S "$version" --show-depends "$module" 2>/dev/null); then
     # crc32c_generic: erofs's checksum, a module up to Linux 6.1, library code since.
-    case " virtio_mmio loop crc32c_generic " in
+    # virtio_pmem, nd_pmem: a kernel without them still serves every other store.
+    case " virtio_mmio loop crc32c_generic virtio_pmem nd_pmem " in
       *" $module "*) continue ;;
     esac
     echo "$0: kernel $version has no module $module" >&2

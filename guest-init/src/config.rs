@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `nixstore=virtiofs:TAG` | the virtiofs share with tag TAG | (required) |
 //! | `nixstore=erofs:DEV` | an erofs image on a block device (DEV as for `root=`) | |
+//! | `nixstore=pmem`, `nixstore=pmem:DEV` | an erofs image on a virtio-pmem device, mapped with DAX | `/dev/pmem0` |
 //! | `nixstore.writable=tmpfs\|none` | a tmpfs overlay on top, or read-only | `none` |
 //! | `nixstore.timeout=SECONDS` | how long to wait for the device or tag | `10` |
 //! | `nixstore.rescue=PATH` | a shell to start when mounting fails | power off |
@@ -29,7 +30,14 @@ pub enum StoreSource {
     Virtiofs(String),
     /// An erofs image on a block device.
     Erofs(Device),
+    /// An erofs image on a persistent-memory device (virtio-pmem), mounted with
+    /// `dax=always` so that its files are mapped, not copied into the page cache. A label
+    /// or UUID is looked for on pmem devices only.
+    Pmem(Device),
 }
+
+/// The device `nixstore=pmem` names: the first persistent-memory namespace.
+pub const FIRST_PMEM: &str = "/dev/pmem0";
 
 /// How a block device is named.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +58,7 @@ impl fmt::Display for StoreSource {
         match self {
             StoreSource::Virtiofs(tag) => write!(f, "virtiofs:{tag}"),
             StoreSource::Erofs(dev) => write!(f, "erofs:{dev}"),
+            StoreSource::Pmem(dev) => write!(f, "pmem:{dev}"),
         }
     }
 }
@@ -177,8 +186,15 @@ impl std::str::FromStr for StoreSource {
         if let Some(dev) = spec.strip_prefix("erofs:") {
             return Ok(StoreSource::Erofs(dev.parse()?));
         }
+        if spec == "pmem" {
+            return Ok(StoreSource::Pmem(Device::Path(FIRST_PMEM.into())));
+        }
+        if let Some(dev) = spec.strip_prefix("pmem:") {
+            return Ok(StoreSource::Pmem(dev.parse()?));
+        }
         Err(format!(
-            "`{spec}`: expected virtiofs:TAG or erofs:LABEL=.../UUID=.../DEVICE"
+            "`{spec}`: expected virtiofs:TAG, erofs:LABEL=.../UUID=.../DEVICE, pmem or \
+             pmem:LABEL=.../UUID=.../DEVICE"
         ))
     }
 }
@@ -335,8 +351,8 @@ impl Config {
             }
         }
         let store = store.ok_or_else(|| {
-            "the kernel command line has no nixstore= (e.g. nixstore=virtiofs:nix-store or \
-             nixstore=erofs:LABEL=nix-store)"
+            "the kernel command line has no nixstore= (e.g. nixstore=virtiofs:nix-store, \
+             nixstore=erofs:LABEL=nix-store or nixstore=pmem)"
                 .to_string()
         })?;
         Ok(Config {
@@ -405,6 +421,56 @@ mod tests {
         ] {
             assert!(bad.parse::<StoreSource>().is_err(), "{bad}");
         }
+    }
+
+    /// `pmem` alone is the first pmem device; `pmem:` takes every device form `erofs:`
+    /// takes, and nothing else.
+    #[test]
+    fn pmem_specs() {
+        assert_eq!(
+            "pmem".parse::<StoreSource>().unwrap(),
+            StoreSource::Pmem(Device::Path("/dev/pmem0".into()))
+        );
+        assert_eq!(
+            "pmem:/dev/pmem1".parse::<StoreSource>().unwrap(),
+            StoreSource::Pmem(Device::Path("/dev/pmem1".into()))
+        );
+        assert_eq!(
+            "pmem:LABEL=nix-store".parse::<StoreSource>().unwrap(),
+            StoreSource::Pmem(Device::Label("nix-store".into()))
+        );
+        assert_eq!(
+            "pmem:/dev/disk/by-uuid/8F1B6C3E-2A4D-4E5F-9A7B-0C1D2E3F4A5B"
+                .parse::<StoreSource>()
+                .unwrap(),
+            StoreSource::Pmem(Device::Uuid(
+                parse_uuid("8f1b6c3e-2a4d-4e5f-9a7b-0c1d2e3f4a5b").unwrap()
+            ))
+        );
+        // Printed as it is read back, so that mount-store's messages can be pasted.
+        for spec in ["pmem:/dev/pmem0", "pmem:LABEL=nix-store", "erofs:/dev/vda"] {
+            let parsed: StoreSource = spec.parse().unwrap();
+            assert_eq!(parsed.to_string(), spec);
+            assert_eq!(parsed.to_string().parse::<StoreSource>().unwrap(), parsed);
+        }
+        for bad in [
+            "pmem:",
+            "pmem0",
+            "pmem:pmem0",
+            "pmem:/dev/",
+            "pmem:PARTLABEL=x",
+            "pmem:UUID=xyz",
+            "PMEM",
+            "pmem=1",
+        ] {
+            let e = bad.parse::<StoreSource>().unwrap_err();
+            assert!(e.contains('`'), "{bad}: {e}");
+        }
+        let c = Config::from_cmdline("nixstore=pmem nixstore.writable=tmpfs").unwrap();
+        assert_eq!(c.store, StoreSource::Pmem(Device::Path(FIRST_PMEM.into())));
+        assert_eq!(c.writable, Writable::Tmpfs);
+        let e = Config::from_cmdline("nixstore=pmem:vda").unwrap_err();
+        assert!(e.contains("nixstore=pmem:vda"), "{e}");
     }
 
     #[test]

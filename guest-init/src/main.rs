@@ -6,6 +6,7 @@
 //! one in place atomically (soft-reboot, switching closures).
 
 mod config;
+mod dax;
 mod modules;
 mod overlay;
 mod probe;
@@ -28,6 +29,9 @@ const HELP: &str = "\
 As PID 1 (the /init of an initramfs), guest-init reads the kernel command line:
   nixstore=virtiofs:TAG | erofs:LABEL=L | erofs:UUID=U | erofs:/dev/X   (required)
                                   (erofs: takes every device form root= takes)
+           | pmem | pmem:DEV      an erofs image on a virtio-pmem device (/dev/pmem0, or DEV
+                                  as for erofs:, looked for among pmem devices), mounted with
+                                  dax=always; the console says whether DAX is really on
   nixstore.writable=tmpfs|none    a tmpfs overlay on /nix/store, or read-only (default)
   nixstore.timeout=SECONDS        wait for the device or tag (default 10)
   nixstore.rescue=PATH            a shell to start if mounting fails (else power off)
@@ -43,7 +47,8 @@ As PID 1 (the /init of an initramfs), guest-init reads the kernel command line:
 The store is mounted read-only at /nix/.ro-store; /nix/store is an overlay with a tmpfs
 at /nix/.rw-store (writable=tmpfs) or a read-only bind mount of it.";
 
-/// Mounts the Nix store in a VM guest (virtiofs share or erofs image).
+/// Mounts the Nix store in a VM guest (virtiofs share, or erofs image on a disk or a
+/// virtio-pmem device).
 #[derive(Parser, Debug)]
 #[command(version, after_help = HELP)]
 struct Cli {
@@ -60,7 +65,8 @@ enum Commands {
     /// Mount the store on a running system, or switch it atomically to another source.
     /// A second run with the same options changes nothing.
     MountStore {
-        /// The store: virtiofs:TAG, erofs:LABEL=L, erofs:UUID=U or erofs:/dev/X.
+        /// The store: virtiofs:TAG, erofs:LABEL=L, erofs:UUID=U, erofs:/dev/X, pmem
+        /// (/dev/pmem0, with DAX) or pmem:LABEL=L, pmem:UUID=U, pmem:/dev/X.
         #[arg(long, value_name = "SPEC")]
         store: StoreSource,
         /// tmpfs: a writable overlay on /nix/store; none: read-only.

@@ -268,6 +268,38 @@ pub fn find(device: &Device) -> Result<Probed, NotFound> {
     choose(device, found)
 }
 
+/// Whether `node` is a persistent-memory block device (`/dev/pmem0`, `/dev/pmem1s`, ...).
+pub fn is_pmem(node: &Path) -> bool {
+    node.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("pmem"))
+}
+
+/// Like [`find`], among persistent-memory devices only: a label or UUID that a virtio disk
+/// carries too (the same image attached both ways) names the pmem device. A device node is
+/// taken as given.
+pub fn find_pmem(device: &Device) -> Result<Probed, NotFound> {
+    if let Device::Path(_) = device {
+        return find(device);
+    }
+    let all = block_devices();
+    if !all.iter().any(|p| is_pmem(&p.node)) {
+        let others: Vec<String> = all.iter().map(|p| p.to_string()).collect();
+        return Err(NotFound::Absent(format!(
+            "no pmem device yet (other block devices: {})",
+            if others.is_empty() {
+                "none".to_string()
+            } else {
+                others.join(", ")
+            }
+        )));
+    }
+    choose(
+        device,
+        all.into_iter().filter(|p| is_pmem(&p.node)).collect(),
+    )
+}
+
 fn choose(device: &Device, found: Vec<Probed>) -> Result<Probed, NotFound> {
     let mut hits: Vec<Probed> = found
         .iter()
@@ -430,5 +462,21 @@ mod tests {
             choose(&Device::Label("y".into()), found),
             Err(NotFound::Absent(_))
         ));
+    }
+
+    #[test]
+    fn pmem_nodes() {
+        for yes in ["/dev/pmem0", "/dev/pmem12", "/dev/pmem0p1", "/dev/pmem1s"] {
+            assert!(is_pmem(Path::new(yes)), "{yes}");
+        }
+        for no in [
+            "/dev/vda",
+            "/dev/loop0",
+            "/dev/",
+            "/dev/nvme0n1",
+            "/dev/dax0.0",
+        ] {
+            assert!(!is_pmem(Path::new(no)), "{no}");
+        }
     }
 }

@@ -24,7 +24,8 @@ use rustix::mount::{
     OpenTreeFlags, UnmountFlags,
 };
 
-use crate::config::{deadline, Config, StoreSource, Writable};
+use crate::config::{deadline, Config, Device, StoreSource, Writable};
+use crate::dax;
 use crate::modules::Modules;
 use crate::overlay::{self, OverlayOptions};
 use crate::probe::{self, NotFound};
@@ -70,6 +71,9 @@ pub fn load_modules(modules: &mut Modules, source: &StoreSource, writable: Writa
         // erofs's libcrc32c names its crc32c through a soft dependency, resolved through
         // modules.alias; loop lets an image attached later with losetup be found.
         StoreSource::Erofs(_) => wanted.extend(["virtio_blk", "erofs", "loop"]),
+        // virtio_pmem registers the device's memory as an nvdimm region (with libnvdimm and
+        // nd_virtio, its dependencies); nd_pmem makes a block device of it that can do DAX.
+        StoreSource::Pmem(_) => wanted.extend(["virtio_pmem", "nd_pmem", "erofs"]),
     }
     if writable == Writable::Tmpfs {
         wanted.push("overlay");
@@ -153,15 +157,68 @@ pub fn mount_source(
     target: &Path,
     timeout: Duration,
 ) -> Result<String, String> {
-    let target = target.to_owned();
+    let at = target.to_owned();
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
-    let ((), from) = mount_read_only(source, timeout, move |fstype, from| {
-        mount(from, &target, fstype, ro, None)?;
+    let ((), from) = mount_read_only(source, timeout, move |fstype, from, options| {
+        let data = options
+            .iter()
+            .map(|(key, value)| match value {
+                Some(value) => format!("{key}={value}"),
+                None => (*key).to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = (!data.is_empty()).then_some(data);
+        mount(from, &at, fstype, ro, data.as_deref())?;
         // A virtiofs mount returns before virtiofsd has answered FUSE_INIT; statfs waits
         // for it.
-        rustix::fs::statfs(&target).map(|_| ())
+        rustix::fs::statfs(&at).map(|_| ())
     })?;
+    if let StoreSource::Pmem(_) = source {
+        match rustix::fs::open(
+            target,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(store) => {
+                dax::report(std::os::fd::AsFd::as_fd(&store), &from);
+            }
+            Err(e) => say(&format!(
+                "warning: cannot tell whether DAX is on for {from}: opening {}: {e}",
+                target.display()
+            )),
+        }
+    }
     Ok(from)
+}
+
+/// Mount options (`fsconfig` keys and values) for the store's filesystem from `source`:
+/// `dax=always` for a pmem device, so that files are mapped rather than copied.
+fn store_options(source: &StoreSource) -> &'static [(&'static str, Option<&'static str>)] {
+    match source {
+        StoreSource::Pmem(_) => &[("dax", Some("always"))],
+        _ => &[],
+    }
+}
+
+/// Finds the device `device` of `source` names, among pmem devices only for a pmem store.
+fn find_device(source: &StoreSource, device: &Device) -> Result<probe::Probed, NotFound> {
+    match source {
+        StoreSource::Pmem(_) => probe::find_pmem(device),
+        _ => probe::find(device),
+    }
+}
+
+/// What is missing when no device matches, for the error message.
+fn not_found(source: &StoreSource, device: &Device, found: &str) -> String {
+    match source {
+        StoreSource::Pmem(_) => format!(
+            "no pmem device with {device}; found {found} (the VM needs a virtio-pmem device, \
+             e.g. qemu's -device virtio-pmem-pci, and the guest the virtio_pmem and nd_pmem \
+             modules)"
+        ),
+        _ => format!("no erofs image with {device}; found {found}"),
+    }
 }
 
 /// Mounts the store read-only with `mount`, given the filesystem type and the device node
@@ -171,7 +228,10 @@ pub fn mount_source(
 fn mount_read_only<M: Send + 'static>(
     source: &StoreSource,
     timeout: Duration,
-    mount: impl Fn(&str, &str) -> rustix::io::Result<M> + Clone + Send + 'static,
+    mount: impl Fn(&str, &str, &[(&str, Option<&str>)]) -> rustix::io::Result<M>
+        + Clone
+        + Send
+        + 'static,
 ) -> Result<(M, String), String> {
     let deadline = deadline(timeout)?;
     let no_filesystem = |fstype| format!("the kernel has no {fstype} filesystem (module missing?)");
@@ -179,8 +239,8 @@ fn mount_read_only<M: Send + 'static>(
         let why: String = match source {
             StoreSource::Virtiofs(tag) => {
                 let (t, m) = (tag.clone(), mount.clone());
-                let mounted =
-                    bounded(deadline, move || m("virtiofs", &t))?.ok_or_else(|| no_answer(tag))?;
+                let mounted = bounded(deadline, move || m("virtiofs", &t, &[]))?
+                    .ok_or_else(|| no_answer(tag))?;
                 match mounted {
                     Ok(mounted) => return Ok((mounted, tag.clone())),
                     // The device may not have been probed yet: the tag is unknown until then.
@@ -192,22 +252,36 @@ fn mount_read_only<M: Send + 'static>(
                     Err(e) => return Err(format!("mounting virtiofs tag `{tag}`: {e}")),
                 }
             }
-            StoreSource::Erofs(device) => match probe::find(device) {
-                Err(NotFound::Ambiguous(why)) => return Err(why),
-                Ok(found) => {
-                    let node = found.node.to_string_lossy().into_owned();
-                    return match mount("erofs", &node) {
-                        Ok(mounted) => Ok((mounted, node)),
-                        Err(rustix::io::Errno::NODEV) => Err(no_filesystem("erofs")),
-                        Err(e) => Err(format!(
-                            "{node} ({device}) does not mount as erofs: {e}; {found}"
-                        )),
-                    };
+            StoreSource::Erofs(device) | StoreSource::Pmem(device) => {
+                match find_device(source, device) {
+                    Err(NotFound::Ambiguous(why)) => return Err(why),
+                    Ok(found) => {
+                        let node = found.node.to_string_lossy().into_owned();
+                        let options = store_options(source);
+                        let mut mounted = mount("erofs", &node, options);
+                        if matches!(mounted, Err(rustix::io::Errno::INVAL)) && !options.is_empty() {
+                            // A kernel without filesystem DAX refuses the option outright
+                            // (where one that has it turns it off by itself): the store
+                            // still works without it, and the check that follows says so.
+                            mounted = mount("erofs", &node, &[]);
+                            if mounted.is_ok() {
+                                say(&format!(
+                                    "warning: erofs refused dax=always for {node} (a kernel \
+                                     without FS_DAX?): mounted without it"
+                                ));
+                            }
+                        }
+                        return match mounted {
+                            Ok(mounted) => Ok((mounted, node)),
+                            Err(rustix::io::Errno::NODEV) => Err(no_filesystem("erofs")),
+                            Err(e) => Err(format!(
+                                "{node} ({device}) does not mount as erofs: {e}; {found}"
+                            )),
+                        };
+                    }
+                    Err(NotFound::Absent(found)) => not_found(source, device, &found),
                 }
-                Err(NotFound::Absent(found)) => {
-                    format!("no erofs image with {device}; found {found}")
-                }
-            },
+            }
         };
         if Instant::now() >= deadline {
             return Err(format!(
@@ -487,6 +561,8 @@ struct MountEntry {
     mount_point: PathBuf,
     fstype: String,
     source: String,
+    /// The filesystem's own options (erofs shows `dax=always` while it is in effect).
+    super_options: Vec<String>,
 }
 
 /// The mount table, as far as deciding whether the store is mounted needs it.
@@ -498,6 +574,7 @@ fn mountinfo() -> Vec<MountEntry> {
             source: m.source_lossy(),
             mount_point: m.mount_point,
             fstype: m.fs_type,
+            super_options: m.super_options,
         })
         .collect()
 }
@@ -532,6 +609,12 @@ fn already_mounted(config: &Config, source: &str) -> bool {
     let same = match config.store {
         StoreSource::Virtiofs(_) => ro.fstype == "virtiofs" && ro.source == source,
         StoreSource::Erofs(_) => ro.fstype == "erofs" && mounted_from(ro_path, source),
+        // The same device mounted without DAX (as erofs:) is not the store asked for.
+        StoreSource::Pmem(_) => {
+            ro.fstype == "erofs"
+                && mounted_from(ro_path, source)
+                && ro.super_options.iter().any(|o| o == "dax=always")
+        }
     };
     if !same {
         return false;
@@ -550,16 +633,17 @@ fn already_mounted(config: &Config, source: &str) -> bool {
 fn resolved_source(source: &StoreSource, timeout: Duration) -> Result<String, String> {
     match source {
         StoreSource::Virtiofs(tag) => Ok(tag.clone()),
-        StoreSource::Erofs(device) => {
+        StoreSource::Erofs(device) | StoreSource::Pmem(device) => {
             let deadline = deadline(timeout)?;
             loop {
-                match probe::find(device) {
+                match find_device(source, device) {
                     Ok(found) => return Ok(found.node.to_string_lossy().into_owned()),
                     Err(NotFound::Ambiguous(why)) => return Err(why),
-                    Err(found) if Instant::now() >= deadline => {
+                    Err(NotFound::Absent(found)) if Instant::now() >= deadline => {
                         return Err(format!(
-                            "expected an erofs image with {device} within {:.1} s; found {found}",
-                            timeout.as_secs_f64()
+                            "expected {source} within {:.1} s: {}",
+                            timeout.as_secs_f64(),
+                            not_found(source, device, &found)
                         ))
                     }
                     Err(_) => std::thread::sleep(POLL),
@@ -648,8 +732,12 @@ const RO_ATTRS: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_RDONLY
 /// The store as a detached read-only mount, waiting up to `timeout` for its device or tag.
 /// Returns it with its source (device node or tag) for the log.
 fn detached_source(source: &StoreSource, timeout: Duration) -> Result<(OwnedFd, String), String> {
-    mount_read_only(source, timeout, |fstype, from| {
-        let fd = fs_mount(fstype, Some(from), &[("ro", None)], RO_ATTRS)?;
+    mount_read_only(source, timeout, |fstype, from, options| {
+        let options: Vec<(&str, Option<&str>)> = [("ro", None)]
+            .into_iter()
+            .chain(options.iter().copied())
+            .collect();
+        let fd = fs_mount(fstype, Some(from), &options, RO_ATTRS)?;
         // fstatfs waits for virtiofsd's answer to FUSE_INIT, as in stage 1.
         rustix::fs::fstatfs(&fd).map(|_| fd)
     })
@@ -771,6 +859,10 @@ pub fn mount_store(config: &Config, discard_writes: bool) -> Result<String, Stri
     // read-only store (and a new upper tmpfs) go beneath the old ones first, where nobody
     // sees them yet.
     attach(&ro, ro_path, occupied(ro_path), beneath)?;
+    if let StoreSource::Pmem(_) = config.store {
+        // Attached, the new mount is listed in mountinfo with its options.
+        dax::report(std::os::fd::AsFd::as_fd(&ro), &from);
+    }
     let mut replaced = vec![ro_path];
     let store = match config.writable {
         Writable::None => rustix::mount::open_tree(
@@ -885,6 +977,7 @@ mod tests {
             mount_point: p.into(),
             fstype: fs.into(),
             source: src.into(),
+            super_options: vec!["ro".into()],
         };
         let mounts = vec![
             m("/nix/store", "erofs", "/dev/vdb"),

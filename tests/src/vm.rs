@@ -1,6 +1,6 @@
 //! Booting a real Linux kernel under qemu (TCG) with an initramfs built here, to test
 //! `guest-init` and the store it mounts: nixstorefs shared with virtiofsd, or erofs images
-//! as virtio disks.
+//! as virtio disks or virtio-pmem devices.
 //!
 //! Every boot is bounded ([`BOOT_TIMEOUT`] unless told otherwise) and owns its processes
 //! and files: qemu and virtiofsd are killed and temporary files removed before
@@ -43,14 +43,20 @@ pub const STORE_MODULES: &[&str] = &[
 ];
 /// Modules included when the kernel has them: erofs's libcrc32c and its crc32c (modules
 /// up to 6.1, library code built in since), crc32c-intel (it needs SSE 4.2 to load), loop
-/// (for images attached with losetup), virtio-mmio (microvm-style machines).
+/// (for images attached with losetup), virtio-mmio (microvm-style machines), virtio-pmem
+/// and nd_pmem (images mapped with DAX).
 pub const OPTIONAL_STORE_MODULES: &[&str] = &[
     "libcrc32c",
     "crc32c_generic",
     "crc32c_intel",
     "loop",
     "virtio_mmio",
+    "virtio_pmem",
+    "nd_pmem",
 ];
+/// A virtio-pmem device's size must be a multiple of this: qemu's `align=2M` for the
+/// memory backend, and the guest's memory hot-plug, which adds memory in such sections.
+pub const PMEM_ALIGN: u64 = 2 << 20;
 /// Where scripts/install-deps.sh extracts the other guest kernels (`6.12/`, `newest/`);
 /// overridden by `NIXSTOREFS_KERNELS`.
 pub const KERNELS_DIR: &str = "/var/tmp/nixstorefs-kernels";
@@ -998,6 +1004,14 @@ struct Disk {
     readonly: bool,
 }
 
+/// An image file mapped into the guest as a virtio-pmem device.
+struct Pmem {
+    image: PathBuf,
+    /// Its size, a multiple of [`PMEM_ALIGN`].
+    size: u64,
+    readonly: bool,
+}
+
 /// A VM to boot: kernel, initramfs, command line, virtiofs shares and virtio disks.
 pub struct Guest {
     kernel: PathBuf,
@@ -1005,6 +1019,7 @@ pub struct Guest {
     cmdline: Vec<String>,
     shares: Vec<Share>,
     disks: Vec<Disk>,
+    pmems: Vec<Pmem>,
     timeout: Duration,
     mmio: bool,
     unshared_memory: bool,
@@ -1020,6 +1035,7 @@ impl Guest {
             cmdline: Vec::new(),
             shares: Vec::new(),
             disks: Vec::new(),
+            pmems: Vec::new(),
             timeout: BOOT_TIMEOUT,
             mmio: false,
             unshared_memory: false,
@@ -1114,6 +1130,39 @@ impl Guest {
         self
     }
 
+    /// Maps a raw image into the guest as a read-only virtio-pmem device (`/dev/pmem0`,
+    /// then `pmem1`, ...), as the README's recipe does: a file-backed memory object shared
+    /// with the host's page cache (`share=on`) that no guest write reaches
+    /// (`readonly=on`), aligned to 2 MiB. Panics unless the image's size is a non-zero
+    /// multiple of [`PMEM_ALIGN`] (`mkimage --dax` pads to it): qemu refuses others.
+    pub fn pmem(self, image: impl Into<PathBuf>) -> Guest {
+        self.add_pmem(image.into(), true)
+    }
+
+    /// Maps a file into the guest as a writable virtio-pmem device: what the guest writes
+    /// to it lands in the file (`share=on`), for the host to read once the guest is gone.
+    /// The same size rule as for [`Guest::pmem`].
+    pub fn writable_pmem(self, image: impl Into<PathBuf>) -> Guest {
+        self.add_pmem(image.into(), false)
+    }
+
+    fn add_pmem(mut self, image: PathBuf, readonly: bool) -> Guest {
+        let size = fs::metadata(&image)
+            .unwrap_or_else(|e| panic!("pmem image {}: {e}", image.display()))
+            .len();
+        assert!(
+            size > 0 && size % PMEM_ALIGN == 0,
+            "pmem image {} is {size} bytes, not a multiple of 2 MiB (mkimage --dax pads it)",
+            image.display()
+        );
+        self.pmems.push(Pmem {
+            image,
+            size,
+            readonly,
+        });
+        self
+    }
+
     /// Boots a qemu `microvm` machine: no PCI, its virtio devices on MMIO (described by
     /// ACPI), as minimal VMMs provide them.
     pub fn virtio_mmio(mut self) -> Guest {
@@ -1160,7 +1209,23 @@ impl Guest {
             // TCG needs the legacy timer and interrupt controller to calibrate its clocks.
             cmd.args(["-M", "microvm,pit=on,pic=on,rtc=on"]);
         }
-        cmd.args(["-accel", "tcg", "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
+        // virtio-pmem devices live in the machine's device memory, which exists only when
+        // the maximum memory exceeds the RAM (and qemu wants slots with it): room for them
+        // all, as the README's recipe gives it.
+        assert!(
+            !self.mmio || self.pmems.is_empty(),
+            "virtio-pmem-pci needs PCI, which a microvm machine has not"
+        );
+        let pmem_mib: u64 = self.pmems.iter().map(|p| p.size >> 20).sum();
+        let memory = if self.pmems.is_empty() {
+            MEMORY_MIB.to_string()
+        } else {
+            format!(
+                "{MEMORY_MIB}M,slots=2,maxmem={}M",
+                u64::from(MEMORY_MIB) + pmem_mib
+            )
+        };
+        cmd.args(["-accel", "tcg", "-m", &memory, "-smp", "1"])
             .args([
                 "-nographic",
                 "-no-reboot",
@@ -1262,6 +1327,18 @@ impl Guest {
                     qemu_value(&disk.image)
                 ));
             }
+        }
+        for (i, pmem) in self.pmems.iter().enumerate() {
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-file,id=pmem{i},mem-path={},size={},share=on,readonly={},\
+                     align=2M",
+                    qemu_value(&pmem.image),
+                    pmem.size,
+                    if pmem.readonly { "on" } else { "off" }
+                ))
+                .arg("-device")
+                .arg(format!("virtio-pmem-pci,memdev=pmem{i},id=pmemdev{i}"));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -19,10 +19,11 @@ use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nixstorefs_tests::harness::{self, Mount};
-use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
+use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
 use nixstorefs_tests::vm::{self, Boot, Guest, GuestProgram, Initramfs, Kernel};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -97,6 +98,10 @@ on_every_kernel!(
     real_root_on_btrfs_by_partuuid,
     real_root_on_xfs_by_uuid,
     erofs_image_on_a_virtio_mmio_machine,
+    pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache,
+    pmem_writes_never_reach_the_image,
+    mount_store_switches_to_a_pmem_image,
+    two_guests_share_one_pmem_image,
 );
 
 /// The erofs UUID the test images get (mkimage derives one from the closure otherwise).
@@ -1506,4 +1511,535 @@ fn files_digest(dir: &Path) -> String {
     let mut h = Sha256::new();
     walk(dir, &mut h);
     sample::hex(&h.finalize())
+}
+
+/// mkimage's DAX threshold: regular files of this many bytes or more are laid out plain in
+/// a `--dax` image, and mapped by a guest that mounts it with `dax=always`.
+const DAX_MIN_FILE_SIZE: u64 = 4096;
+/// The most the guest's `Cached:` may grow while it reads every file at or above the
+/// threshold from a DAX store: metadata is read before the first figure, so what is left
+/// is the kernel's own noise. Reading them through the page cache grows it by their size,
+/// over 33 MiB (the control, in the same boot, shows it for the largest).
+const DAX_CACHE_GROWTH_LIMIT_KIB: u64 = 4 << 10;
+/// The size of the largest file [`add_dax_data`] adds, which the control reads through
+/// the page cache.
+const CONTROL_READ_BYTES: usize = 24 << 20;
+/// Size of the device a guest writes a tar of its store to.
+const SCRATCH_MIB: u64 = 96;
+
+/// Adds to `t`'s closure a store path of files at and around the DAX threshold and large
+/// ones, so that the page cache test reads enough to see a difference.
+fn add_dax_data(t: &mut Setup) -> String {
+    let sizes = [
+        4096usize,
+        4097,
+        8191,
+        65_537,
+        (1 << 20) + 3,
+        8 << 20,
+        CONTROL_READ_BYTES,
+    ];
+    let data: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .map(|&n| {
+            let name = format!("data-{n}");
+            let bytes = PseudoRandom::bytes(&name, n);
+            (name, bytes)
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = data
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = vm::add_store_path(&t.s, "dax-data", &files).expect("add the DAX data path");
+    vm::append_to_closure(&mut t.s, &base).expect("add it to the closure");
+    base
+}
+
+/// A zero-filled (sparse) file of [`SCRATCH_MIB`] for a guest to write to through a
+/// writable pmem device.
+fn scratch_file(t: &Setup, name: &str) -> PathBuf {
+    let path = t.dir.path().join(name);
+    File::create(&path)
+        .and_then(|f| f.set_len(SCRATCH_MIB << 20))
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    path
+}
+
+/// Script lines writing a tar of the guest's /nix/store to the pmem device that does not
+/// hold the store (`TAR-OK DEVICE`, or `TAR-FAILED`).
+const TAR_TO_SCRATCH: &str = "scratch=\n\
+     for d in /dev/pmem*; do grep -q \"^$d \" /proc/mounts || scratch=$d; done\n\
+     if [ -n \"$scratch\" ] && tar -c -f \"$scratch\" -C /nix/store .; then \
+     echo \"TAR-OK $scratch\"; else echo \"TAR-FAILED ($scratch)\"; fi\n\
+     sync\n";
+
+/// Every regular file of `s`'s closure of [`DAX_MIN_FILE_SIZE`] bytes or more as the
+/// guest's `sha256sum` prints it (`HASH  /nix/store/PATH`), sorted, and their total size.
+fn big_file_sums(s: &SampleStore) -> (Vec<String>, u64) {
+    fn walk(host: &Path, guest: &str, out: &mut Vec<String>, total: &mut u64) {
+        let meta = fs::symlink_metadata(host).unwrap();
+        if meta.is_file() && meta.len() >= DAX_MIN_FILE_SIZE {
+            out.push(format!("{}  {guest}", sha256_hex(host)));
+            *total += meta.len();
+        } else if meta.is_dir() {
+            for e in fs::read_dir(host).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                walk(&e.path(), &format!("{guest}/{name}"), out, total);
+            }
+        }
+    }
+    let (mut out, mut total) = (Vec::new(), 0);
+    for base in &s.closure {
+        walk(
+            &s.store_dir.join(base),
+            &format!("/nix/store/{base}"),
+            &mut out,
+            &mut total,
+        );
+    }
+    out.sort();
+    (out, total)
+}
+
+/// The `BIG ` lines a guest printed, sorted.
+fn big_lines(boot: &Boot) -> Vec<String> {
+    let mut lines: Vec<String> = boot
+        .lines()
+        .filter_map(|l| l.strip_prefix("BIG "))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// A `NAME KIB` figure the guest printed.
+fn kib(boot: &Boot, prefix: &str) -> u64 {
+    boot.expect_value(prefix)
+        .parse()
+        .unwrap_or_else(|e| panic!("{prefix}: not a number of KiB: {e}"))
+}
+
+/// Differences between the trees `want` and `got` (types, permissions, bytes, link
+/// targets, entries), appended to `diffs` with their path below the tree.
+fn tree_diffs(want: &Path, got: &Path, rel: &Path, diffs: &mut Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let (w, g) = match (fs::symlink_metadata(want), fs::symlink_metadata(got)) {
+        (Ok(w), Ok(g)) => (w, g),
+        (Ok(_), Err(_)) => return diffs.push(format!("{}: missing", rel.display())),
+        (Err(_), _) => return diffs.push(format!("{}: not in the closure", rel.display())),
+    };
+    let kind = |m: &fs::Metadata| m.file_type();
+    if kind(&w).is_symlink() || kind(&g).is_symlink() {
+        if fs::read_link(want).ok() != fs::read_link(got).ok() {
+            diffs.push(format!(
+                "{}: link {:?}, guest saw {:?}",
+                rel.display(),
+                fs::read_link(want).ok(),
+                fs::read_link(got).ok()
+            ));
+        }
+        return;
+    }
+    if w.permissions().mode() & 0o7777 != g.permissions().mode() & 0o7777 {
+        diffs.push(format!(
+            "{}: mode {:o}, guest saw {:o}",
+            rel.display(),
+            w.permissions().mode() & 0o7777,
+            g.permissions().mode() & 0o7777
+        ));
+    }
+    if w.is_file() && g.is_file() {
+        if fs::read(want).unwrap() != fs::read(got).unwrap() {
+            diffs.push(format!("{}: different bytes", rel.display()));
+        }
+    } else if w.is_dir() && g.is_dir() {
+        let names = |d: &Path| -> std::collections::BTreeSet<std::ffi::OsString> {
+            fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        let (wn, gn) = (names(want), names(got));
+        for n in wn.union(&gn) {
+            tree_diffs(&want.join(n), &got.join(n), &rel.join(n), diffs);
+        }
+    } else {
+        diffs.push(format!(
+            "{}: {:?}, guest saw {:?}",
+            rel.display(),
+            w.file_type(),
+            g.file_type()
+        ));
+    }
+}
+
+/// Extracts the tar a guest wrote to `scratch` and asserts that it is exactly `s`'s
+/// closure: the same store paths, and below them the same names, types, permissions,
+/// bytes and link targets.
+fn assert_tar_is_the_closure(scratch: &Path, s: &SampleStore, out: &Path) {
+    fs::create_dir(out).unwrap();
+    let o = harness::run(
+        Command::new("tar")
+            .arg("-x")
+            .arg("-f")
+            .arg(scratch)
+            .arg("-C")
+            .arg(out)
+            .stdin(Stdio::null()),
+        Duration::from_secs(120),
+    );
+    assert!(
+        o.status.success(),
+        "extracting the guest's tar failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut seen: Vec<String> = fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, s.closure, "the store paths the guest saw");
+    let mut diffs = Vec::new();
+    for base in &s.closure {
+        tree_diffs(
+            &s.store_dir.join(base),
+            &out.join(base),
+            Path::new(base),
+            &mut diffs,
+        );
+    }
+    assert!(
+        diffs.is_empty(),
+        "the guest's store differs from the closure in {} places: {:#?}",
+        diffs.len(),
+        &diffs[..diffs.len().min(30)]
+    );
+}
+
+/// Asserts that guest-init said DAX is on for a pmem device, and that the read-only store
+/// is mounted with `dax=always` (the `RO-MOUNT` line of the guest's mountinfo).
+fn assert_dax_on(boot: &Boot) {
+    let line = boot.assert_marker("guest-init: DAX on for /dev/pmem");
+    assert!(line.contains("is mapped from the device"), "{line}");
+    boot.assert_no_marker("DAX off");
+    boot.assert_no_marker("cannot tell whether DAX is on");
+    let mount = boot.expect_value("RO-MOUNT ");
+    assert!(
+        mount.contains(" erofs /dev/pmem") && mount.contains("dax=always"),
+        "the read-only store's mount: {mount}"
+    );
+}
+
+/// Script lines printing the read-only store's mountinfo line (`RO-MOUNT ...`).
+const RO_MOUNT: &str = "grep ' /nix/.ro-store ' /proc/self/mountinfo | sed 's/^/RO-MOUNT /'\n";
+
+/// A DAX image over virtio-pmem, found by label among pmem devices: the guest sees exactly
+/// the closure (a tar of its /nix/store, written to a writable pmem device, compared with
+/// the host's store paths) and DAX is on. While it reads every file at or above the
+/// threshold, its page cache (`Cached:`) does not grow. The control, in the same boot: a
+/// copy of the image on another pmem device, mounted with `dax=never`, whose largest file
+/// read through the page cache does grow it.
+fn pmem_store_is_the_closure_byte_for_byte_and_stays_out_of_the_page_cache(kernel: Kernel) {
+    let data = sample::base_name("dax-data");
+    let mut t = Setup::new(kernel, |_| {
+        format!(
+            "echo GUEST-START\n{RO_MOUNT}\
+             sync\n\
+             echo 3 > /proc/sys/vm/drop_caches\n\
+             find /nix/store -type f -size +{below}c > /tmp/big-files\n\
+             set -- $(grep '^Cached:' /proc/meminfo)\n\
+             echo \"CACHED-BEFORE $2\"\n\
+             while read -r f; do sha256sum \"$f\"; done < /tmp/big-files | sed 's/^/BIG /'\n\
+             set -- $(grep '^Cached:' /proc/meminfo)\n\
+             echo \"CACHED-AFTER $2\"\n\
+             mkdir /tmp/control\n\
+             for d in /dev/pmem*; do\n\
+               grep -q \"^$d \" /proc/mounts || \
+             {{ mount -t erofs -o ro,dax=never $d /tmp/control 2>/dev/null && break; }}\n\
+             done\n\
+             grep ' /tmp/control ' /proc/self/mountinfo | sed 's/^/CONTROL-MOUNT /'\n\
+             cat /tmp/control/{data}/data-{CONTROL_READ_BYTES} > /dev/null\n\
+             set -- $(grep '^Cached:' /proc/meminfo)\n\
+             echo \"CACHED-CONTROL $2\"\n\
+             {TAR_TO_SCRATCH}\
+             echo GUEST-OK\n",
+            below = DAX_MIN_FILE_SIZE - 1,
+        )
+    });
+    assert_eq!(add_dax_data(&mut t), data);
+    let img = t.image(&t.s.closure_file, "store.img", &["--dax"]);
+    let control_img = t.image(
+        &t.s.closure_file,
+        "control.img",
+        &["--dax", "-L", "control"],
+    );
+    let scratch = scratch_file(&t, "scratch.img");
+    let (sums, total) = big_file_sums(&t.s);
+    assert!(
+        total >= 32 << 20,
+        "the closure's big files hold only {total} bytes"
+    );
+    let boot = t
+        .guest("nixstore=pmem:LABEL=nix-store")
+        .pmem(&img)
+        .pmem(&control_img)
+        .writable_pmem(&scratch)
+        .timeout(Duration::from_secs(240))
+        .boot();
+    assert_booted_ok(&boot);
+    assert_dax_on(&boot);
+    assert_eq!(
+        big_lines(&boot),
+        sums,
+        "digests of the files at or above the threshold"
+    );
+    let (before, after, control) = (
+        kib(&boot, "CACHED-BEFORE "),
+        kib(&boot, "CACHED-AFTER "),
+        kib(&boot, "CACHED-CONTROL "),
+    );
+    let control_kib = (CONTROL_READ_BYTES >> 10) as u64;
+    println!(
+        "Cached: {before} KiB before reading {} files ({} KiB) over DAX, {after} KiB after; \
+         {control} KiB after the control read of {control_kib} KiB through the page cache",
+        sums.len(),
+        total >> 10
+    );
+    assert!(
+        after < before + DAX_CACHE_GROWTH_LIMIT_KIB,
+        "the page cache grew from {before} to {after} KiB while reading {} KiB over DAX",
+        total >> 10
+    );
+    let control_mount = boot.expect_value("CONTROL-MOUNT ");
+    assert!(
+        control_mount.contains(" erofs /dev/pmem") && !control_mount.contains("dax=always"),
+        "the control's mount: {control_mount}"
+    );
+    assert!(
+        control >= after + control_kib * 3 / 4,
+        "the control read of {control_kib} KiB through the page cache grew it only from \
+         {after} to {control} KiB: the figures cannot tell DAX apart"
+    );
+    boot.assert_marker("TAR-OK /dev/pmem");
+    assert_tar_is_the_closure(&scratch, &t.s, &t.dir.path().join("seen"));
+}
+
+/// Writes through the device never change the image on the host: a remount read-write of
+/// the store, then `dd` to /dev/pmem0 (file data, then the superblock and metadata), with
+/// a writable overlay that takes the guest's own writes. The store the guest reads after
+/// dropping its caches is intact too. The remount and its probe come first, and nothing is
+/// looked up between the writes and the cache drop: until then the guest's cache of the
+/// device holds what it wrote.
+fn pmem_writes_never_reach_the_image(kernel: Kernel) {
+    let t = Setup::new(kernel, |s| {
+        format!(
+            "echo GUEST-START\n{RO_MOUNT}\
+             echo written-in-guest > /nix/store/new-file && echo \"READBACK $(cat /nix/store/new-file)\"\n\
+             touch /tmp/probe && echo TOUCH-WORKS\n\
+             mount -o remount,rw /nix/.ro-store 2>/dev/null\n\
+             echo \"REMOUNT-STATUS $?\"\n\
+             if touch /nix/.ro-store/probe 2>/dev/null; then echo RO-STORE-WRITABLE; else echo RO-STORE-READ-ONLY; fi\n\
+             dd if=/dev/urandom of=/dev/pmem0 bs=4k count=16 seek=256 conv=fsync 2>/dev/null\n\
+             data=$?\n\
+             dd if=/dev/zero of=/dev/pmem0 bs=64k count=64 conv=fsync 2>/dev/null\n\
+             head=$?\n\
+             echo 3 > /proc/sys/vm/drop_caches\n\
+             echo \"DD-STATUS $data $head\"\n\
+             set -- $(sha256sum /nix/.ro-store/{big})\n\
+             echo \"SHA256-AFTER $1\"\n\
+             echo GUEST-OK\n",
+            big = s.big_file.display(),
+        )
+    });
+    let img = t.image(&t.s.closure_file, "store.img", &["--dax"]);
+    let before = sha256_hex(&img);
+    let modified = fs::metadata(&img).unwrap().modified().unwrap();
+    let boot = t
+        .guest("nixstore=pmem nixstore.writable=tmpfs")
+        .pmem(&img)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_dax_on(&boot);
+    assert_eq!(boot.expect_value("READBACK "), "written-in-guest");
+    println!(
+        "guest: remount read-write exited {}",
+        boot.expect_value("REMOUNT-STATUS ")
+    );
+    boot.assert_marker("TOUCH-WORKS");
+    boot.assert_marker("RO-STORE-READ-ONLY");
+    // Both writes went through the device as far as the guest can tell: they reached qemu.
+    assert_eq!(
+        boot.expect_value("DD-STATUS "),
+        "0 0",
+        "dd to /dev/pmem0 (file data, then the first 4 MiB)"
+    );
+    assert_eq!(sha256_hex(&img), before, "the image changed on the host");
+    assert_eq!(
+        fs::metadata(&img).unwrap().modified().unwrap(),
+        modified,
+        "the image's mtime changed"
+    );
+    assert_eq!(
+        boot.expect_value("SHA256-AFTER "),
+        sha256_hex(&t.s.host(&t.s.big_file)),
+        "the guest's store after the writes"
+    );
+}
+
+/// A running system switches from an image on a virtio disk to a DAX image of a second
+/// closure over virtio-pmem, found by label among pmem devices (the disk's image has the
+/// same UUID), read-only, then writable; the same source spelt as a device node changes
+/// nothing.
+fn mount_store_switches_to_a_pmem_image(kernel: Kernel) {
+    let extra = sample::base_name("only-in-second");
+    let t = Setup::new(kernel, |_| {
+        format!(
+            "echo GUEST-START\n\
+             /init mount-store --store pmem:LABEL=second >/tmp/switch.out 2>&1\n\
+             echo \"SWITCH-STATUS $?\"\n\
+             sed 's/^/SWITCH: /' /tmp/switch.out\n\
+             echo \"EXTRA $(cat /nix/store/{extra}/data)\"\n\
+             /init mount-store --store pmem:/dev/pmem0 >/tmp/again.out 2>&1\n\
+             echo \"AGAIN-STATUS $?\"\n\
+             sed 's/^/AGAIN: /' /tmp/again.out\n\
+             /init mount-store --store pmem:LABEL=second --writable tmpfs >/tmp/w.out 2>&1\n\
+             echo \"WRITABLE-STATUS $?\"\n\
+             sed 's/^/WRITABLE: /' /tmp/w.out\n\
+             echo written > /nix/store/new-file && echo \"WRITTEN $(cat /nix/store/new-file)\"\n\
+             echo \"EXTRA-AFTER $(cat /nix/store/{extra}/data)\"\n\
+             grep ' /nix/.ro-store ' /proc/self/mountinfo | tail -n 1 | sed 's/^/RO-MOUNT /'\n\
+             grep /nix /proc/self/mountinfo | sed 's/^/MOUNT /'\n\
+             echo GUEST-OK\n"
+        )
+    });
+    let first = t.image(&t.s.closure_file, "first.img", &[]);
+    let added = vm::add_store_path(&t.s, "only-in-second", &[("data", b"second closure\n")])
+        .expect("add the extra store path");
+    assert_eq!(added, extra);
+    let closure2 = t.dir.path().join("closure2.txt");
+    fs::copy(&t.s.closure_file, &closure2).unwrap();
+    let mut s2 = t.s.clone();
+    s2.closure_file = closure2.clone();
+    vm::append_to_closure(&mut s2, &extra).unwrap();
+    let second = t.image(&closure2, "second.img", &["-L", "second", "--dax"]);
+    let boot = t
+        .guest("nixstore=erofs:LABEL=nix-store")
+        .disk(&first)
+        .pmem(&second)
+        .boot();
+    assert_booted_ok(&boot);
+    assert_eq!(boot.expect_value("SWITCH-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .any(|l| l.starts_with("SWITCH: ") && l.contains("DAX on for /dev/pmem0")),
+        "mount-store did not say DAX is on"
+    );
+    assert_eq!(boot.expect_value("EXTRA "), "second closure");
+    assert_eq!(boot.expect_value("AGAIN-STATUS "), "0");
+    assert!(
+        boot.lines()
+            .any(|l| l.starts_with("AGAIN: ") && l.contains("already mounted")),
+        "the same pmem source spelt as a node was mounted again"
+    );
+    assert_eq!(boot.expect_value("WRITABLE-STATUS "), "0");
+    assert_eq!(boot.expect_value("WRITTEN "), "written");
+    assert_eq!(boot.expect_value("EXTRA-AFTER "), "second closure");
+    let mount = boot.expect_value("RO-MOUNT ");
+    assert!(
+        mount.contains(" erofs /dev/pmem0") && mount.contains("dax=always"),
+        "{mount}"
+    );
+}
+
+/// When a console marker first showed, seen from the host.
+type Seen = Arc<Mutex<Option<Instant>>>;
+
+/// Two qemu processes map one image file at the same time: each guest reads the whole
+/// store over DAX (a tar of it to a scratch device of its own, compared with the closure,
+/// then more reads for 20 s), and their reading overlaps. The image is unchanged.
+fn two_guests_share_one_pmem_image(kernel: Kernel) {
+    let t = Setup::new(kernel, |_| {
+        format!(
+            "echo GUEST-START\n{RO_MOUNT}\
+             echo READ-START\n\
+             start=$(date +%s)\n\
+             {TAR_TO_SCRATCH}\
+             reads=1\n\
+             while [ $(( $(date +%s) - start )) -lt 20 ]; do\n\
+               echo \"READ-BYTES $(tar -c -f - -C /nix/store . | wc -c)\"\n\
+               reads=$((reads + 1))\n\
+             done\n\
+             echo \"READS $reads\"\n\
+             echo READ-DONE\n\
+             echo GUEST-OK\n"
+        )
+    });
+    let img = t.image(&t.s.closure_file, "store.img", &["--dax"]);
+    let before = sha256_hex(&img);
+    let runs: Vec<(Boot, PathBuf, Option<Instant>, Option<Instant>)> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|i| {
+                    let scratch = scratch_file(&t, &format!("scratch{i}.img"));
+                    let (t, img) = (&t, &img);
+                    scope.spawn(move || {
+                        let (start, done): (Seen, Seen) = Default::default();
+                        let mark = |seen: &Seen| {
+                            let seen = seen.clone();
+                            move || *seen.lock().unwrap() = Some(Instant::now())
+                        };
+                        let boot = t
+                            .guest("nixstore=pmem")
+                            .pmem(img)
+                            .writable_pmem(&scratch)
+                            .timeout(Duration::from_secs(300))
+                            .on_console("READ-START", mark(&start))
+                            .on_console("READ-DONE", mark(&done))
+                            .boot();
+                        let (start, done) = (*start.lock().unwrap(), *done.lock().unwrap());
+                        (boot, scratch, start, done)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a guest's thread panicked"))
+                .collect()
+        });
+    for (i, (boot, scratch, _, _)) in runs.iter().enumerate() {
+        assert_booted_ok(boot);
+        assert_dax_on(boot);
+        boot.assert_marker("TAR-OK /dev/pmem");
+        println!(
+            "guest {i}: {} reads of the whole store",
+            boot.expect_value("READS ")
+        );
+        assert_tar_is_the_closure(scratch, &t.s, &t.dir.path().join(format!("seen{i}")));
+    }
+    let instants = |i: usize| {
+        let (_, _, start, done) = &runs[i];
+        (
+            start.unwrap_or_else(|| panic!("guest {i} never said READ-START")),
+            done.unwrap_or_else(|| panic!("guest {i} never said READ-DONE")),
+        )
+    };
+    let ((s0, d0), (s1, d1)) = (instants(0), instants(1));
+    println!(
+        "the guests read the store at the same time for {:.1} s",
+        d0.min(d1)
+            .saturating_duration_since(s0.max(s1))
+            .as_secs_f64()
+    );
+    assert!(
+        s0.max(s1) < d0.min(d1),
+        "the guests did not read at the same time: guest 1 started {:.1} s after guest 0 \
+         and guest 0 read for {:.1} s, guest 1 for {:.1} s",
+        s1.duration_since(s0.min(s1)).as_secs_f64() - s0.duration_since(s0.min(s1)).as_secs_f64(),
+        d0.duration_since(s0).as_secs_f64(),
+        d1.duration_since(s1).as_secs_f64()
+    );
+    assert_eq!(sha256_hex(&img), before, "the image changed on the host");
 }
