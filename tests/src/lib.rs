@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod harness;
+pub mod images;
 pub mod random_tree;
 pub mod sample;
 pub mod vm;

@@ -8,61 +8,11 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use nixstorefs_tests::compare::{root_names, Expect, Links, TreeCheck};
-use nixstorefs_tests::harness::{self, ImageMount};
+use nixstorefs_tests::harness::ImageMount;
+use nixstorefs_tests::images::{fsck, image_of, mkimage, sha256};
 use nixstorefs_tests::sample::{self, PseudoRandom, SampleOptions, SampleStore};
-use sha2::{Digest, Sha256};
-
-const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn mkimage(args: &[&std::ffi::OsStr]) -> Output {
-    harness::run(
-        Command::new(harness::bin("mkimage"))
-            .args(args)
-            .env_remove("NIXSTOREFS_IMAGE_CACHE")
-            .stdin(Stdio::null()),
-        TIMEOUT,
-    )
-}
-
-/// mkimage of the sample's closure into `out`; must succeed. Returns its standard error.
-fn image_of(s: &SampleStore, out: &Path, extra: &[&str]) -> String {
-    let mut args: Vec<&std::ffi::OsStr> = vec!["--store-dir".as_ref(), s.store_dir.as_os_str()];
-    args.extend(extra.iter().map(std::ffi::OsStr::new));
-    args.push(s.closure_file.as_os_str());
-    args.push(out.as_os_str());
-    let o = mkimage(&args);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        o.status.success(),
-        "mkimage {args:?} failed ({}): {stderr}",
-        o.status
-    );
-    stderr
-}
-
-/// `fsck.erofs --extract` reads and decompresses every file; 1.5 exits 0 on some
-/// problems it reports, so its messages count too.
-fn fsck(image: &Path) {
-    let o = harness::run(
-        Command::new("fsck.erofs").arg("--extract").arg(image),
-        TIMEOUT,
-    );
-    let text =
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && !text.contains("<E>") && !text.contains("<W>"),
-        "fsck.erofs {}: {text}",
-        image.display()
-    );
-}
-
-fn sha256(path: &Path) -> Vec<u8> {
-    Sha256::digest(fs::read(path).unwrap()).to_vec()
-}
 
 fn check_sample(s: &SampleStore, image: &Path) {
     let m = ImageMount::new(image);
