@@ -62,6 +62,14 @@ impl DirCache {
         self.shard(id).lock().pop(&id);
     }
 
+    /// Drops every cached descriptor: the next use of each directory resolves it afresh
+    /// from the store, through the served set's checks.
+    pub(crate) fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().clear();
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }

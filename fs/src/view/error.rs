@@ -34,6 +34,15 @@ pub enum ViewError {
         /// The cause.
         source: std::io::Error,
     },
+    /// An update's closure is of another store directory than the one served.
+    OtherStore {
+        /// Where the closure came from.
+        origin: String,
+        /// The closure's store directory.
+        closure_store: PathBuf,
+        /// The store directory the view serves.
+        served_store: PathBuf,
+    },
     /// A closure path exists but cannot be examined.
     Stat {
         /// The path.
@@ -81,6 +90,16 @@ impl std::fmt::Display for ViewError {
             ViewError::Proc { source } => write!(
                 f,
                 "cannot use /proc/self/fd ({source}): nixstorefs needs procfs at /proc"
+            ),
+            ViewError::OtherStore {
+                origin,
+                closure_store,
+                served_store,
+            } => write!(
+                f,
+                "{origin}: a closure of {}, but this daemon serves {}",
+                closure_store.display(),
+                served_store.display()
             ),
             ViewError::Stat { path, source } => {
                 write!(f, "cannot examine {}: {source}", path.display())

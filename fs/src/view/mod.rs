@@ -41,13 +41,14 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use lru::LruCache;
 use parking_lot::Mutex;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 mod attr;
@@ -57,12 +58,14 @@ mod identity;
 mod numbering;
 mod records;
 mod resolve;
+mod served;
 #[cfg(test)]
 mod tests;
 
 pub use self::attr::{Attr, DirEntry, Kind, Time};
 pub use self::error::ViewError;
 pub use self::identity::HostId;
+pub use self::served::{Change, Missing, Removal, Updated};
 
 use self::attr::{attr_of, kind_of};
 use self::dircache::DirCache;
@@ -70,6 +73,7 @@ use self::identity::{is_mount_root, status_at, status_fd, Status};
 use self::numbering::InodeMap;
 use self::records::{Candidate, Known, Live, Reference};
 use self::resolve::{open_dir, place_of, read_entries};
+use self::served::{closure_root, examine, Served};
 use crate::closure::Closure;
 use crate::ratelimit::Limiter;
 use crate::store_path::StorePath;
@@ -164,15 +168,14 @@ pub struct View {
     /// `O_PATH` descriptors (through `self/fd/N`).
     proc_fd: OwnedFd,
     inodes: InodeMap,
-    /// The root listing: the closure's store paths present at startup, sorted by name so
-    /// that root lookups are a binary search (no second copy of 100k names to build).
-    root_listing: Arc<[DirEntry]>,
-    /// The device and inode number of each root entry at startup, in the listing's order:
-    /// a store path replaced on the host since is refused. (Only these: the full identity
-    /// costs a second system call per path, and startup is on the critical path of every
-    /// VM start; the record made at the first lookup holds the full identity.)
-    root_hosts: Box<[(u64, u64)]>,
-    root_attr: Attr,
+    /// The served set: the root's listing and attributes, swapped whole by an update.
+    served: ArcSwap<Served>,
+    /// Serialises what changes the served set (updates, releases of retiring paths).
+    updating: Mutex<()>,
+    /// How many updates were made: the root's times.
+    versions: AtomicU64,
+    /// Set when a retiring path is released, until [`View::take_released`].
+    released: AtomicBool,
     known: DashMap<NodeId, Arc<Known>>,
     live: DashMap<NodeId, Live>,
     /// Forgotten nodes whose records are kept, least recently forgotten first out.
@@ -188,7 +191,7 @@ impl std::fmt::Debug for View {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("View")
             .field("store_dir", &self.store_dir)
-            .field("paths", &self.root_listing.len())
+            .field("paths", &self.served.load().listing.len())
             .field("live", &self.live.len())
             .finish()
     }
@@ -225,39 +228,17 @@ impl View {
             },
         ) = open_dir(&store_dir)?;
         let inodes = InodeMap::new(&store_host);
-        let mut root_listing = Vec::with_capacity(closure.paths.len());
-        let mut root_hosts = Vec::with_capacity(closure.paths.len());
-        let mut setup = Setup::default();
-        for path in &closure.paths {
-            let name = OsStr::new(path.base_name());
-            match rustix::fs::statat(store.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => {
-                    // Another device is another mount; a bind mount from the same device
-                    // is found (and refused) at lookup, by its mount id.
-                    if !options.cross_mounts && st.st_dev != store_host.dev {
-                        return Err(ViewError::MountPoint {
-                            path: store_dir.join(name),
-                        });
-                    }
-                    root_listing.push(DirEntry {
-                        name: name.to_owned(),
-                        ino: inodes
-                            .direct(st.st_dev, store_host.mnt, st.st_ino)
-                            .unwrap_or(0),
-                        kind: Kind::from_file_type(FileType::from_raw_mode(st.st_mode))
-                            .unwrap_or(Kind::RegularFile),
-                    });
-                    root_hosts.push((st.st_dev, st.st_ino));
-                }
-                Err(Errno::NOENT) | Err(Errno::NOTDIR) => setup.missing.push(path.clone()),
-                Err(e) => {
-                    return Err(ViewError::Stat {
-                        path: store_dir.join(name),
-                        source: io_err(e),
-                    })
-                }
-            }
-        }
+        let found = examine(
+            store.as_fd(),
+            &store_dir,
+            &store_host,
+            &inodes,
+            options.cross_mounts,
+            &closure.paths,
+        )?;
+        let setup = Setup {
+            missing: found.missing,
+        };
         if !setup.missing.is_empty() && !allow_missing {
             return Err(ViewError::Missing {
                 origin: closure.origin.clone(),
@@ -265,7 +246,8 @@ impl View {
                 paths: setup.missing,
             });
         }
-        let root_attr = View::closure_root(&store_stat, &root_listing);
+        let root_attr = closure_root(store_stat.stx_uid, store_stat.stx_gid, &found.listing, 0);
+        let (root_listing, root_hosts) = (found.listing, found.hosts);
         let view = View::assemble(
             store_dir,
             store,
@@ -335,31 +317,6 @@ impl View {
         )
     }
 
-    /// The root of a closure view: a directory of its own, read-only and timeless like the
-    /// store paths in it, owned like the store directory.
-    fn closure_root(store_stat: &Statx, root_listing: &[DirEntry]) -> Attr {
-        Attr {
-            ino: ROOT_ID,
-            generation: 0,
-            kind: Kind::Directory,
-            perm: 0o555,
-            nlink: 2 + root_listing
-                .iter()
-                .filter(|e| e.kind == Kind::Directory)
-                .count() as u32,
-            uid: store_stat.stx_uid,
-            gid: store_stat.stx_gid,
-            size: 0,
-            blocks: 0,
-            blksize: 4096,
-            rdev: 0,
-            // Fixed, like the store paths below it: the view does not change while mounted.
-            atime: Time { secs: 1, nsecs: 0 },
-            mtime: Time { secs: 1, nsecs: 0 },
-            ctime: Time { secs: 1, nsecs: 0 },
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         store_dir: PathBuf,
@@ -371,7 +328,6 @@ impl View {
         root_hosts: Vec<(u64, u64)>,
         options: ViewOptions,
     ) -> std::result::Result<View, ViewError> {
-        debug_assert!(root_listing.windows(2).all(|w| w[0].name < w[1].name));
         // `/proc` itself, not `/proc/self/fd`: `self` is resolved at each use, so the
         // view keeps working in a daemon that forked after it was made.
         let proc_fd = rustix::fs::open(
@@ -400,9 +356,15 @@ impl View {
             store_place,
             proc_fd,
             inodes,
-            root_listing: root_listing.into(),
-            root_hosts: root_hosts.into(),
-            root_attr,
+            served: ArcSwap::from_pointee(Served::new(
+                root_listing,
+                root_hosts,
+                root_attr,
+                Default::default(),
+            )),
+            updating: Mutex::new(()),
+            versions: AtomicU64::new(0),
+            released: AtomicBool::new(false),
             known: DashMap::new(),
             live: DashMap::new(),
             forgotten: Mutex::new(LruCache::unbounded()),
@@ -421,7 +383,7 @@ impl View {
 
     /// The number of closure paths the root lists.
     pub fn path_count(&self) -> usize {
-        self.root_listing.len()
+        self.served.load().listing.len()
     }
 
     /// How many nodes are currently referenced by clients.
@@ -458,13 +420,11 @@ impl View {
 
     fn find(&self, parent: NodeId, name: &OsStr, reference: Reference) -> Result<Attr> {
         if parent == ROOT_ID {
+            let served = self.served.load();
             if name == "." || name == ".." {
-                return Ok(self.root_attr);
+                return Ok(served.attr);
             }
-            let Ok(index) = self
-                .root_listing
-                .binary_search_by(|e| e.name.as_os_str().cmp(name))
-            else {
+            let Some(index) = served.index(name) else {
                 return Err(Errno::NOENT);
             };
             let Status { st, host } = status_at(self.store.as_fd(), name).map_err(|e| {
@@ -472,9 +432,7 @@ impl View {
                 Errno::NOENT
             })?;
             let kind = kind_of(&st);
-            if (host.dev, host.ino) != self.root_hosts[index]
-                || kind != self.root_listing[index].kind
-            {
+            if (host.dev, host.ino) != served.hosts[index] || kind != served.listing[index].kind {
                 warn_limited!(self.warnings, path = %self.store_dir.join(name).display(), "store path replaced on the host since startup; refusing it");
                 return Err(Errno::NOENT);
             }
@@ -508,7 +466,7 @@ impl View {
             // Needed for re-export (FUSE_EXPORT_SUPPORT): the kernel asks for a
             // directory's parent when it reconnects a file handle.
             let Some(grandparent) = dir.primary().parent else {
-                return Ok(self.root_attr);
+                return Ok(self.served.load().attr);
             };
             let st = self.stat_node(&grandparent)?;
             let record = self.hand_out(Candidate::Existing(&grandparent), reference);
@@ -550,7 +508,7 @@ impl View {
     /// The attributes of node `id`.
     pub fn getattr(&self, id: NodeId) -> Result<Attr> {
         if id == ROOT_ID {
-            return Ok(self.root_attr);
+            return Ok(self.served.load().attr);
         }
         let node = self.known(id)?;
         Ok(node.report(&self.stat_node(&node)?))
@@ -605,6 +563,7 @@ impl View {
         let dir_ref;
         let dir_fd;
         let dir: BorrowedFd<'_> = if parent == ROOT_ID {
+            self.check_served(name)?;
             self.store.as_fd()
         } else {
             dir_ref = self.known(parent)?;
@@ -631,7 +590,7 @@ impl View {
     /// The entries of directory `id` (without `.` and `..`), read from the host once.
     pub fn list(&self, id: NodeId) -> Result<Arc<[DirEntry]>> {
         if id == ROOT_ID {
-            return Ok(self.root_listing.clone());
+            return Ok(self.served.load().listing.clone());
         }
         let node = self.known(id)?;
         if node.kind != Kind::Directory {

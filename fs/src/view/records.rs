@@ -294,14 +294,32 @@ impl View {
             return;
         }
         let mut evicted = None;
+        let mut released = false;
         if let Entry::Occupied(mut e) = self.live.entry(id) {
             if e.get().lookups <= count {
                 e.remove();
                 self.dirs.remove(id);
                 evicted = self.remember_forgotten(id);
+                released = true;
             } else {
                 e.get_mut().lookups -= count;
             }
+        }
+        if released && self.retiring_count() > 0 {
+            // A retiring path's top-level node let go of: the path may leave.
+            let top_level: Vec<OsString> = self
+                .known
+                .get(&id)
+                .map(|r| {
+                    r.names
+                        .lock()
+                        .iter()
+                        .filter(|n| n.parent.is_none())
+                        .map(|n| n.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.release_if_retiring(&top_level);
         }
         if let Some(old) = evicted {
             self.evict(old);

@@ -126,7 +126,10 @@ impl View {
         for (node, name) in chain.iter().rev() {
             let (base_fd, base_place) = match &base {
                 Some(dir) => (dir.fd.as_fd(), dir.place.as_slice()),
-                None => (self.store.as_fd(), self.store_place.as_slice()),
+                None => {
+                    self.check_served(&name.name)?;
+                    (self.store.as_fd(), self.store_place.as_slice())
+                }
             };
             let fd = rustix::fs::openat(
                 base_fd,
@@ -197,7 +200,9 @@ impl View {
         let mut first_err = Errno::STALE;
         for (i, name) in names.iter().enumerate() {
             let result = match &name.parent {
-                None => f(self.store.as_fd(), &name.name),
+                None => self
+                    .check_served(&name.name)
+                    .and_then(|()| f(self.store.as_fd(), &name.name)),
                 Some(parent) => self
                     .dir_fd(parent)
                     .and_then(|dir| f(dir.fd.as_fd(), &name.name)),

@@ -299,3 +299,195 @@ fn directory_descriptors_stay_within_the_cache() {
         assert!(view.list(d.ino).unwrap().iter().any(|e| e.name == "inner"));
     }
 }
+
+/// The closure of `paths` of `store`, for updates.
+fn closure_of(store: &Store, paths: &[&str]) -> Closure {
+    let text: String = paths
+        .iter()
+        .map(|p| format!("{}\n", store.path(p).display()))
+        .collect();
+    Closure::parse(text.as_bytes(), "update", &store.dir).unwrap()
+}
+
+fn listed(view: &View) -> Vec<String> {
+    view.list(ROOT_ID)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn an_added_closure_is_listed_and_found_at_once() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let before = view.getattr(ROOT_ID).unwrap();
+    assert_eq!(view.lookup(ROOT_ID, name(OUTSIDE)), Err(Errno::NOENT));
+    let updated = view
+        .update(
+            &closure_of(&store, &[OUTSIDE]),
+            Change::Add,
+            Missing::Refuse,
+        )
+        .unwrap();
+    assert_eq!(updated.added, [OUTSIDE]);
+    assert!(updated.removed.is_empty() && updated.retiring.is_empty());
+    assert_eq!(updated.listed, 3);
+    assert_eq!(listed(&view), [HELLO, LIB, OUTSIDE]);
+    let secret = walk(&view, &format!("{OUTSIDE}/secret")).unwrap();
+    assert_eq!(secret.size, 6);
+    // The root's times move on, so a client that cached its listing reads it again.
+    let after = view.getattr(ROOT_ID).unwrap();
+    assert!(after.mtime.secs > before.mtime.secs);
+    assert_eq!(after.nlink, before.nlink + 1);
+    let mut served = view.served_paths();
+    served.sort();
+    assert_eq!(served, [HELLO, LIB, OUTSIDE]);
+}
+
+#[test]
+fn a_replaced_path_nobody_holds_is_gone_at_once() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    // Looked up and forgotten: its record is kept for file handles, but nobody holds it.
+    let lib = walk(&view, &format!("{LIB}/libc.so")).unwrap().ino;
+    view.forget_all();
+    let updated = view
+        .update(
+            &closure_of(&store, &[HELLO, OUTSIDE]),
+            Change::Replace(Removal::WhenReleased),
+            Missing::Refuse,
+        )
+        .unwrap();
+    assert_eq!(updated.removed, [LIB]);
+    assert!(updated.retiring.is_empty());
+    assert_eq!(listed(&view), [HELLO, OUTSIDE]);
+    assert_eq!(view.lookup(ROOT_ID, name(LIB)), Err(Errno::NOENT));
+    // A file handle naming a node below the path that left is stale, not served.
+    assert_eq!(view.lookup(lib, name(".")), Err(Errno::STALE));
+    assert_eq!(view.served_paths().len(), 2);
+}
+
+#[test]
+fn a_held_path_retires_until_released() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let bin = walk(&view, &format!("{HELLO}/bin")).unwrap().ino;
+    let updated = view
+        .update(
+            &closure_of(&store, &[LIB]),
+            Change::Replace(Removal::WhenReleased),
+            Missing::Refuse,
+        )
+        .unwrap();
+    assert_eq!(updated.retiring, [HELLO]);
+    assert!(updated.removed.is_empty());
+    // Gone from the root: not listed, not found by a new lookup...
+    assert_eq!(listed(&view), [LIB]);
+    assert_eq!(view.lookup(ROOT_ID, name(HELLO)), Err(Errno::NOENT));
+    // ... but what the client holds keeps working, below it too.
+    assert_eq!(view.lookup(bin, name("hello")).unwrap().size, 21);
+    let file = view.lookup(bin, name("hello")).unwrap().ino;
+    assert_eq!(view.open(file, Access::Read).unwrap().size, 21);
+    // Still rooted while held.
+    let mut served = view.served_paths();
+    served.sort();
+    assert_eq!(served, [HELLO, LIB]);
+    assert!(!view.take_released());
+    view.forget_all();
+    assert!(
+        view.take_released(),
+        "letting go releases the retiring path"
+    );
+    assert_eq!(view.served_paths(), [LIB]);
+    assert_eq!(view.retiring_count(), 0);
+    assert_eq!(view.lookup(bin, name(".")), Err(Errno::STALE));
+}
+
+#[test]
+fn a_pruned_path_is_gone_even_while_held() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let hello = walk(&view, HELLO).unwrap().ino;
+    let doc = walk(&view, &format!("{HELLO}/share/doc")).unwrap().ino;
+    view.list(doc).unwrap();
+    let updated = view
+        .update(
+            &closure_of(&store, &[LIB]),
+            Change::Replace(Removal::Now),
+            Missing::Refuse,
+        )
+        .unwrap();
+    assert_eq!(updated.removed, [HELLO]);
+    assert_eq!(view.served_paths(), [LIB]);
+    for (node, what) in [(hello, "bin"), (doc, "README")] {
+        assert_eq!(view.lookup(node, name(what)), Err(Errno::NOENT), "{what}");
+    }
+    assert_eq!(view.getattr(doc), Err(Errno::STALE));
+    assert_eq!(
+        view.list(doc).err(),
+        Some(Errno::STALE),
+        "no listing kept from before"
+    );
+}
+
+#[test]
+fn a_bad_update_changes_nothing() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let before = view.getattr(ROOT_ID).unwrap();
+    let absent = "3c6kzph7l0dcbn2zfdv7bvl4i4krx3wr-absent";
+    let err = view
+        .update(
+            &closure_of(&store, &[OUTSIDE, absent]),
+            Change::Replace(Removal::Now),
+            Missing::Refuse,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ViewError::Missing { .. }), "{err}");
+    assert!(err.to_string().contains(absent), "{err}");
+    let other = Closure::parse(
+        b"/elsewhere/store/0c6kzph7l0dcbn2zfdv7bvl4i4krx3wr-hello\n",
+        "other",
+        Path::new("/elsewhere/store"),
+    )
+    .unwrap();
+    let err = view
+        .update(&other, Change::Add, Missing::Refuse)
+        .unwrap_err();
+    assert!(matches!(err, ViewError::OtherStore { .. }), "{err}");
+    assert_eq!(listed(&view), [HELLO, LIB]);
+    assert_eq!(view.getattr(ROOT_ID).unwrap(), before);
+    assert!(walk(&view, &format!("{HELLO}/bin/hello")).is_ok());
+    // Left out when asked, as at startup.
+    let updated = view
+        .update(
+            &closure_of(&store, &[OUTSIDE, absent]),
+            Change::Add,
+            Missing::LeaveOut,
+        )
+        .unwrap();
+    assert_eq!(updated.missing.len(), 1);
+    assert_eq!(listed(&view), [HELLO, LIB, OUTSIDE]);
+}
+
+#[test]
+fn a_retiring_path_added_again_is_served_again() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    walk(&view, HELLO).unwrap();
+    view.update(
+        &closure_of(&store, &[LIB]),
+        Change::Replace(Removal::WhenReleased),
+        Missing::Refuse,
+    )
+    .unwrap();
+    assert_eq!(view.retiring_count(), 1);
+    view.update(&closure_of(&store, &[HELLO]), Change::Add, Missing::Refuse)
+        .unwrap();
+    assert_eq!(view.retiring_count(), 0);
+    assert_eq!(listed(&view), [HELLO, LIB]);
+    view.forget_all();
+    assert!(!view.take_released(), "a listed path is not released");
+    assert!(walk(&view, &format!("{HELLO}/bin/hello")).is_ok());
+}
