@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use nixstorefs_cli::{hold_roots, init_logging, load_closure, ClosureOptions, Failure};
+mod control;
 mod daemon;
 mod options;
 
@@ -15,8 +16,9 @@ use nixstorefs::sandbox::{self, Profile, SandboxMode, SandboxOptions, SeccompMod
 use nixstorefs::session::SessionLimits;
 use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
 use nixstorefs::transport::virtiofs;
-use nixstorefs::view::{View, ViewError, ViewOptions};
+use nixstorefs::view::{Change, Missing, Removal, View, ViewError, ViewOptions};
 use options::MountOptions;
+use parking_lot::Mutex;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -42,6 +44,13 @@ Examples:
   # /etc/fstab:
   /etc/closure.txt /mnt/store fuse.nixstorefs allow_other,store_dir=/nix/store 0 0
 
+  # A running guest's new system: serve its closure instead (the guest sees it at once;
+  # paths it still uses stay until released):
+  nix-store -qR $(nix-build -A system) > closure.txt
+  nixstorefs update --socket-path $XDG_RUNTIME_DIR/store.sock closure.txt
+  # or re-read the closure file given at startup:
+  kill -HUP $(cat $XDG_RUNTIME_DIR/store.sock.pid)
+
 Exit status: 0 once the mount or socket is live (detached), or when the guest disconnects
 or a signal ends the daemon (-f); 2 for bad input (a malformed closure, closure paths
 missing from the store, bad options); 1 when mounting, listening or serving fails (a socket
@@ -54,10 +63,22 @@ cannot be taken.";
 #[derive(Parser, Debug)]
 #[command(version, after_help = EXAMPLES)]
 #[command(group(clap::ArgGroup::new("guest").args(["socket_path", "fd"])))]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// The closure: a store-paths list (`nix-store -qR`), a closureInfo output directory, a
-    /// registration (`nix-store --dump-db`), or `-` for standard input.
-    closure: PathBuf,
+    /// registration (`nix-store --dump-db`), or `-` for standard input. (A file named
+    /// `update` is given as `./update`.) SIGHUP makes the daemon read it again and serve
+    /// it instead, as `nixstorefs update` does.
+    #[arg(required = true)]
+    closure: Option<PathBuf>,
+
+    /// The closure file made absolute at startup, before the daemon moves to `/`: what
+    /// SIGHUP reads again (`None` for standard input).
+    #[arg(skip)]
+    reload_from: Option<PathBuf>,
 
     /// Where to mount the view (not with --socket-path or --fd).
     mountpoint: Option<PathBuf>,
@@ -71,6 +92,11 @@ struct Args {
     /// Like --socket-path, on a listening Unix socket inherited as descriptor N.
     #[arg(long, value_name = "N", conflicts_with_all = ["mountpoint", "socket_path"])]
     fd: Option<i32>,
+
+    /// Listen for `nixstorefs update` on this Unix socket (owner only). With
+    /// --socket-path S it defaults to S.control; a mount has none unless given.
+    #[arg(long, value_name = "SOCKET")]
+    control_socket: Option<PathBuf>,
 
     /// Make the socket readable and writable by this group too (name or number); without
     /// it only the daemon's user may connect.
@@ -135,6 +161,75 @@ struct Args {
     verbose: u8,
 }
 
+/// Commands aimed at a running daemon.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Changes what a running daemon serves, without a restart: the closure's paths
+    /// replace the served ones (or join them, --add). The closure is read and checked in
+    /// full first; a bad one is refused and nothing changes. Paths the new closure lacks
+    /// leave the root at once, and stay usable (and rooted) for what the guest still holds
+    /// until it lets go, or go at once with --prune.
+    Update(UpdateArgs),
+}
+
+/// `nixstorefs update`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("daemon").args(["socket_path", "control_socket"]).required(true)))]
+struct UpdateArgs {
+    /// The closure to serve: the same forms as at startup, `-` included.
+    closure: PathBuf,
+
+    /// The daemon serving a guest on this vhost-user socket (its control socket is
+    /// SOCKET.control).
+    #[arg(long, value_name = "SOCKET")]
+    socket_path: Option<PathBuf>,
+
+    /// The daemon listening on this control socket (--control-socket at its start).
+    #[arg(long, value_name = "SOCKET")]
+    control_socket: Option<PathBuf>,
+
+    /// Add the closure's paths to the served ones instead of replacing them.
+    #[arg(long, conflicts_with = "prune")]
+    add: bool,
+
+    /// Paths the new closure lacks go at once, even those the guest still uses (its open
+    /// files stay readable until closed).
+    #[arg(long)]
+    prune: bool,
+}
+
+/// The control socket of the daemon serving `socket`.
+fn control_socket_of(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".control");
+    PathBuf::from(path)
+}
+
+/// `nixstorefs update`: exit status 0 once the daemon serves the closure, 2 when it is
+/// refused as bad input (nothing changed), 1 when the daemon cannot be reached.
+fn update(args: &UpdateArgs) -> ExitCode {
+    let control = match (&args.control_socket, &args.socket_path) {
+        (Some(control), _) => control.clone(),
+        (None, Some(socket)) => control_socket_of(socket),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let change = match (args.add, args.prune) {
+        (true, _) => Change::Add,
+        (false, false) => Change::Replace(Removal::WhenReleased),
+        (false, true) => Change::Replace(Removal::Now),
+    };
+    match control::request_update(&control, &args.closure, change) {
+        control::Answer::Done(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        control::Answer::Refused(status, message) => {
+            eprintln!("nixstorefs: {message}");
+            ExitCode::from(status)
+        }
+    }
+}
+
 /// Everything that can be checked before mounting: bad input fails here, with nothing
 /// mounted. The closure's paths are held as garbage collector roots from before their
 /// presence is checked until the returned roots are dropped.
@@ -147,7 +242,7 @@ fn prepare(
         .store_dir
         .clone()
         .unwrap_or_else(|| args.closure_options.store_dir.clone());
-    let closure = load_closure(&args.closure, &store_dir)?;
+    let closure = load_closure(closure_arg(args), &store_dir)?;
     let store_dir = closure.store_dir.clone();
     match mode {
         Mode::Mount(mountpoint) => {
@@ -211,6 +306,11 @@ fn prepare(
         closure.origin
     );
     Ok((view, roots))
+}
+
+/// The closure argument (required unless a command is given).
+fn closure_arg(args: &Args) -> &Path {
+    args.closure.as_deref().expect("clap requires the closure")
 }
 
 /// Fails early, before anything is served, when the socket's directory is missing.
@@ -310,6 +410,55 @@ fn enter_sandbox(
     Ok(())
 }
 
+/// The control socket this daemon listens on, if any: `--control-socket`, else
+/// `SOCKET.control` beside a `--socket-path` socket.
+fn control_socket(args: &Args, mode: &Mode) -> Result<Option<PathBuf>, Failure> {
+    let path = match (&args.control_socket, mode) {
+        (Some(path), _) => path.clone(),
+        (None, Mode::Socket(socket)) => control_socket_of(socket),
+        (None, _) => return Ok(None),
+    };
+    std::path::absolute(&path)
+        .map(Some)
+        .map_err(|e| Failure::input(format!("control socket {}: {e}", path.display())))
+}
+
+/// Forks the controller (the control socket, SIGHUP's re-read of the closure file) and
+/// starts the updater thread that applies what it hands over. Must be called while the
+/// process has one thread, before the sandbox; the updater thread starts after it.
+fn start_updates(
+    args: &Args,
+    mode: &Mode,
+    view: &Arc<View>,
+    keep_stderr: bool,
+) -> Result<control::ControllerLink, Failure> {
+    let listener = match control_socket(args, mode)? {
+        Some(path) => {
+            let listener = control::bind_control_socket(&path).map_err(Failure::runtime)?;
+            tracing::info!(control = %path.display(), "listening for updates");
+            Some((listener, path))
+        }
+        None => None,
+    };
+    control::spawn_controller(control::ControllerOptions {
+        listener,
+        closure_file: args.reload_from.clone(),
+        store_dir: view.store_dir().to_path_buf(),
+        keep_fds: nixstorefs_cli::log_fd().into_iter().collect(),
+        keep_stderr,
+    })
+    .map_err(|e| Failure::runtime(format!("cannot start the controller process: {e}")))
+}
+
+/// How an update treats closure paths missing from the store: as at startup.
+fn missing_policy(args: &Args, opts_allow_missing: bool) -> Missing {
+    if args.closure_options.allow_missing || opts_allow_missing {
+        Missing::LeaveOut
+    } else {
+        Missing::Refuse
+    }
+}
+
 /// How the signal thread unmounts: itself (no sandbox), or through the unmounter process
 /// forked before the sandbox (a confined process may not unmount).
 enum Unmount {
@@ -360,22 +509,27 @@ fn serve(
     mountpoint: &Path,
     opts: MountOptions,
     view: View,
-    roots: &mut TempRoots,
+    roots: &Arc<Mutex<Option<TempRoots>>>,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
     let signals = nixstorefs_cli::block_signals();
     let view = Arc::new(view);
     // The roots keeper first: requests are served only while it says the paths are rooted.
-    roots
-        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
-        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let gate = {
+        let mut roots = roots.lock();
+        let roots = roots.as_mut().expect("roots are held while serving");
+        roots
+            .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        roots.gate()
+    };
     let fs = StoreFs::new(
         view.clone(),
         FuseOptions {
             passthrough: !(args.no_passthrough || opts.no_passthrough),
             posix_acl: opts.mount.contains(&fuser::MountOption::DefaultPermissions),
         },
-        roots.gate(),
+        gate,
     );
     let mut config = fuser::Config::default();
     config.mount_options = opts.mount.clone();
@@ -393,6 +547,8 @@ fn serve(
     // the clean-up process, /dev/null for the standard descriptors, systemd's socket, the
     // read-ahead setting.
     let cleanup = clean_up_outside(args, None)?;
+    let mode = Mode::Mount(mountpoint.to_path_buf());
+    let link = start_updates(args, &mode, &view, detached.is_none())?;
     let unmounter = if sandboxed(args) {
         let unmounter = daemon::Unmounter::spawn(&canonical)
             .map_err(|e| Failure::runtime(format!("cannot start the unmounter: {e}")))?;
@@ -407,17 +563,35 @@ fn serve(
     }
     let notifier = daemon::Notifier::from_env();
     nixstorefs::transport::fuse::tune_read_ahead(&canonical);
-    enter_sandbox(args, &Mode::Mount(mountpoint.to_path_buf()), &view, None)?;
+    enter_sandbox(args, &mode, &view, None)?;
+
+    // Updates tell the kernel what left the served set, through the session's channel.
+    let kernel = session.notifier();
+    let announce: control::Announce =
+        Box::new(move |updated| nixstorefs::transport::fuse::announce(&kernel, updated));
+    let reloader = control::Updater::new(
+        view.clone(),
+        roots.clone(),
+        missing_policy(args, opts.allow_missing),
+        Some(announce),
+    )
+    .start(link)
+    .map_err(|e| Failure::runtime(format!("cannot start the updater thread: {e}")))?;
 
     let target = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let sig = signals.wait();
+            if sig == libc::SIGHUP {
+                reloader.reload();
+                continue;
+            }
             tracing::info!(signal = sig, "unmounting");
             if !unmounter.unmount(&target) {
                 std::process::exit(1);
             }
+            return;
         })
         .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
 
@@ -511,7 +685,8 @@ fn serve_guest(
     args: &Args,
     mode: &Mode,
     view: View,
-    roots: &mut TempRoots,
+    allow_missing: bool,
+    roots: &Arc<Mutex<Option<TempRoots>>>,
     detached: &mut Option<daemon::Detached>,
 ) -> Result<(), Failure> {
     let signals = nixstorefs_cli::block_signals();
@@ -531,10 +706,17 @@ fn serve_guest(
     // Everything that needs the wider world happens before the sandbox: the roots keeper,
     // the clean-up process, /dev/null for the standard descriptors, systemd's socket.
     let mut socket = socket;
-    roots
-        .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
-        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let gate = {
+        let mut roots = roots.lock();
+        let roots = roots.as_mut().expect("roots are held while serving");
+        roots
+            .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        roots.gate()
+    };
     let cleanup = clean_up_outside(args, socket.as_mut())?;
+    let view = Arc::new(view);
+    let link = start_updates(args, mode, &view, detached.is_none())?;
     if detached.is_some() {
         if let Err(e) = daemon::close_stdio(args.log_file.is_some()) {
             tracing::warn!("cannot detach from the terminal: {e}");
@@ -544,7 +726,14 @@ fn serve_guest(
     let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     enter_sandbox(args, mode, &view, Some(listener_fd))?;
 
-    let view = Arc::new(view);
+    let reloader = control::Updater::new(
+        view.clone(),
+        roots.clone(),
+        missing_policy(args, allow_missing),
+        None,
+    )
+    .start(link)
+    .map_err(|e| Failure::runtime(format!("cannot start the updater thread: {e}")))?;
     enum Event {
         Ended(std::io::Result<virtiofs::Ended>),
         Signal(i32),
@@ -554,7 +743,6 @@ fn serve_guest(
     let guest_view = view.clone();
     let tag = args.tag.clone();
     let limits = session_limits();
-    let gate = roots.gate();
     std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || {
@@ -565,8 +753,14 @@ fn serve_guest(
         .map_err(|e| Failure::runtime(format!("cannot start the serving thread: {e}")))?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
-            let _ = tx.send(Event::Signal(signals.wait()));
+        .spawn(move || loop {
+            let sig = signals.wait();
+            if sig == libc::SIGHUP {
+                reloader.reload();
+                continue;
+            }
+            let _ = tx.send(Event::Signal(sig));
+            return;
         })
         .map_err(|e| Failure::runtime(format!("cannot start the signal thread: {e}")))?;
 
@@ -600,7 +794,14 @@ fn serve_guest(
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Update(update_args)) = &args.command {
+        return update(update_args);
+    }
+    args.reload_from = match closure_arg(&args) {
+        stdin if stdin.as_os_str() == "-" => None,
+        file => Some(std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf())),
+    };
     let mode = match Mode::of(&args) {
         Ok(mode) => mode,
         Err(f) => {
@@ -631,7 +832,7 @@ fn main() -> ExitCode {
         }
     }
     set_fd_limit(fd_budget(&args, &mode));
-    let (view, mut roots) = match prepare(&args, &mode, &mut opts) {
+    let (view, roots) = match prepare(&args, &mode, &mut opts) {
         Ok(prepared) => prepared,
         Err(f) => {
             eprintln!("nixstorefs: {}", f.message);
@@ -650,13 +851,16 @@ fn main() -> ExitCode {
         }
     };
     // The detached child is a new process: the roots must be its own before the parent exits.
-    let served = match roots.after_fork() {
+    let mut roots = roots;
+    let after_fork = roots.after_fork();
+    // Shared with the updater thread, which changes them with the served set.
+    let roots = Arc::new(Mutex::new(Some(roots)));
+    let allow_missing = opts.allow_missing;
+    let served = match after_fork {
         Ok(()) => match &mode {
-            Mode::Mount(mountpoint) => {
-                serve(&args, mountpoint, opts, view, &mut roots, &mut detached)
-            }
+            Mode::Mount(mountpoint) => serve(&args, mountpoint, opts, view, &roots, &mut detached),
             Mode::Socket(_) | Mode::Fd(_) => {
-                serve_guest(&args, &mode, view, &mut roots, &mut detached)
+                serve_guest(&args, &mode, view, allow_missing, &roots, &mut detached)
             }
         },
         Err(e) => Err(Failure::runtime(e.to_string())),
@@ -673,7 +877,7 @@ fn main() -> ExitCode {
             ExitCode::from(f.status)
         }
     };
-    // Held until the mount or the guest is gone.
-    drop(roots);
+    // Held until the mount or the guest is gone (taken from the updater, which stops).
+    drop(roots.lock().take());
     status
 }

@@ -31,10 +31,14 @@ pub enum Capability {
     /// Directories opened and released without a round trip, their contents cached: a warm
     /// walk then costs no request at all.
     NoOpendir,
+    /// The client checks a directory's modification time before it reads its cached
+    /// listing from the start, and reads it again when it moved: how a root listing
+    /// cached before a live update is refreshed where nothing can invalidate it.
+    AutoInvalData,
 }
 
 /// Every capability asked for, in the order asked.
-pub const CAPABILITIES: [Capability; 7] = [
+pub const CAPABILITIES: [Capability; 8] = [
     Capability::AsyncRead,
     Capability::ParallelDirops,
     Capability::ReaddirplusAlways,
@@ -42,6 +46,7 @@ pub const CAPABILITIES: [Capability; 7] = [
     Capability::ExportSupport,
     Capability::PosixAcl,
     Capability::NoOpendir,
+    Capability::AutoInvalData,
 ];
 
 /// The file type bits of `kind` in a mode (`S_IFDIR`, ...).

@@ -29,6 +29,36 @@ use crate::warn_limited;
 /// as it likes. (Kernels clamp what they cannot represent.)
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How a transport's client learns that the served set changed (a live update).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The transport tells the client's kernel (FUSE notifications on the host mount):
+    /// everything may be trusted for [`TTL`], the root included.
+    Notified,
+    /// Nothing can tell the client (virtio-fs has no notification channel in any guest
+    /// kernel): the root's attributes and the entries at the root are trusted for no time
+    /// at all, so that a path added is found and listed at once (the client reads its
+    /// cached root listing again when the root's times moved), and a path removed is
+    /// looked up again, and not found, at its next use.
+    Unannounced,
+}
+
+/// How long a client may trust a lookup's answer for a name in `parent`.
+pub fn entry_ttl(parent: NodeId, invalidation: Invalidation) -> Duration {
+    match invalidation {
+        Invalidation::Unannounced if parent == crate::view::ROOT_ID => Duration::ZERO,
+        _ => TTL,
+    }
+}
+
+/// How long a client may trust the attributes of `node`.
+pub fn attr_ttl(node: NodeId, invalidation: Invalidation) -> Duration {
+    match invalidation {
+        Invalidation::Unannounced if node == crate::view::ROOT_ID => Duration::ZERO,
+        _ => TTL,
+    }
+}
+
 /// How long a request waits for the roots to be taken again before it fails.
 const ROOTS_WAIT: Duration = Duration::from_secs(5);
 

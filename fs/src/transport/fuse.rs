@@ -249,6 +249,7 @@ impl Filesystem for StoreFs {
                 Capability::PosixAcl if !self.options.posix_acl => continue,
                 Capability::PosixAcl => InitFlags::FUSE_POSIX_ACL,
                 Capability::NoOpendir => InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+                Capability::AutoInvalData => InitFlags::FUSE_AUTO_INVAL_DATA,
             };
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
@@ -667,3 +668,28 @@ impl Filesystem for StoreFs {
 
 /// Whether `ROOT_ID` matches fuser's idea of the root node (checked at compile time).
 const _: () = assert!(ROOT_ID == 1);
+
+/// Tells the kernel of the mount that a live update changed the served set: the root's
+/// cached attributes and listing go, and so do the entries of the paths that left it
+/// (removed or retiring), so that their next lookup fails; a retiring path's entry still
+/// in use stays usable by what holds it until released. Added paths need nothing: a
+/// lookup that failed was never cached.
+pub fn announce(notifier: &fuser::Notifier, updated: &crate::view::Updated) {
+    let root = INodeNo(crate::view::ROOT_ID);
+    for name in updated.removed.iter().chain(&updated.retiring) {
+        match notifier.inval_entry(root, name) {
+            // Never looked up, or already gone from the kernel's cache.
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::warn!(
+                ?name,
+                "cannot invalidate the entry of a path that left: {e}"
+            ),
+        }
+    }
+    if let Err(e) = notifier.inval_inode(root, 0, 0) {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::warn!("cannot invalidate the root's cached listing: {e}");
+        }
+    }
+}

@@ -45,7 +45,8 @@ use self::device::Device;
 use crate::gc_roots::RootsGate;
 use crate::protocol::{type_bits, wire_time, Capability, CAPABILITIES};
 use crate::session::{
-    CachePolicy, DirSlot, DirStream, Session, SessionLimits, Xattr, DIR_CACHE, FILE_CACHE, TTL,
+    attr_ttl, entry_ttl, CachePolicy, DirSlot, DirStream, Invalidation, Session, SessionLimits,
+    Xattr, DIR_CACHE, FILE_CACHE,
 };
 use crate::view::{Attr, View};
 use crate::warn_limited;
@@ -202,13 +203,15 @@ fn fuse_attr(a: &Attr) -> fuse::Attr {
     }
 }
 
-fn entry(a: &Attr) -> Entry {
+/// The answer to a lookup in `parent`. Over virtio-fs nothing can tell the guest that the
+/// served set changed: the root's entries are trusted for no time (see [`Invalidation`]).
+fn entry(parent: u64, a: &Attr) -> Entry {
     Entry {
         inode: a.ino,
         generation: a.generation,
         attr: fuse_attr(a),
-        attr_timeout: TTL,
-        entry_timeout: TTL,
+        attr_timeout: attr_ttl(a.ino, Invalidation::Unannounced),
+        entry_timeout: entry_ttl(parent, Invalidation::Unannounced),
     }
 }
 
@@ -274,6 +277,7 @@ impl FileSystem for VirtioFs {
                 Capability::ExportSupport => FsOptions::EXPORT_SUPPORT,
                 Capability::PosixAcl => FsOptions::POSIX_ACL,
                 Capability::NoOpendir => FsOptions::ZERO_MESSAGE_OPENDIR,
+                Capability::AutoInvalData => FsOptions::AUTO_INVAL_DATA,
             };
         }
         self.no_opendir.store(
@@ -291,7 +295,7 @@ impl FileSystem for VirtioFs {
 
     fn lookup(&self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         match self.session.lookup(parent, self::name(name)) {
-            Ok(attr) => Ok(entry(&attr)),
+            Ok(attr) => Ok(entry(parent, &attr)),
             Err(e) => {
                 tracing::debug!(parent, ?name, "lookup: {e}");
                 Err(error(e))
@@ -310,7 +314,7 @@ impl FileSystem for VirtioFs {
         _handle: Option<u64>,
     ) -> io::Result<(fuse::Attr, Duration)> {
         let attr = self.session.getattr(inode).map_err(error)?;
-        Ok((fuse_attr(&attr), TTL))
+        Ok((fuse_attr(&attr), attr_ttl(inode, Invalidation::Unannounced)))
     }
 
     fn readlink(&self, _ctx: Context, inode: u64) -> io::Result<Vec<u8>> {
