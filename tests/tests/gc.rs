@@ -1041,3 +1041,49 @@ fn sample_store_is_not_rooted() {
         mount.stderr()
     );
 }
+
+/// The roots follow the served set: a closure added by `nixstorefs update` is rooted
+/// while served (a collection keeps it), and once replaced away and released its roots go
+/// (the next collection deletes it) while the new closure's stay.
+#[test]
+fn roots_follow_live_updates() {
+    let nix = NixStore::new();
+    let other = nix.build("other");
+    let control = nix.dir.path().join("control.sock");
+    let mount = nix
+        .mount(&["--control-socket", control.to_str().unwrap(), "-v"])
+        .start();
+    keeper_roots_file(&nix, mount.pid().unwrap());
+    let other_closure = nix.dir.path().join("other.txt");
+    fs::write(&other_closure, format!("{}\n", other.display())).unwrap();
+    let update = |args: &[&std::ffi::OsStr]| {
+        let o = harness::run(
+            Command::new(harness::bin("nixstorefs"))
+                .arg("update")
+                .arg("--control-socket")
+                .arg(&control)
+                .args(args)
+                .envs(nix.env())
+                .stdin(Stdio::null()),
+            TIMEOUT,
+        );
+        check(o, "nixstorefs update")
+    };
+    update(&["--add".as_ref(), other_closure.as_os_str()]);
+    let log = nix.gc(false);
+    assert!(other.exists(), "an added path was collected: {log}");
+    assert_eq!(nix.missing(), Vec::<&PathBuf>::new(), "closure paths deleted");
+    assert_eq!(
+        fs::read_to_string(mount.mountpoint().join(other.file_name().unwrap())).unwrap(),
+        "other\n"
+    );
+    // Replaced away: nothing holds it (the kernel's entry was invalidated and is unused),
+    // so it leaves at once and its root with it.
+    let _ = fs::write("/proc/sys/vm/drop_caches", "2");
+    let o = update(&[nix.closure_file.as_os_str()]);
+    let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(summary.contains("1 removed"), "{summary}");
+    let log = nix.gc(false);
+    assert!(!other.exists(), "a path no longer served kept its root: {log}");
+    assert_served(&nix, &mount);
+}
