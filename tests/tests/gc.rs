@@ -1072,7 +1072,11 @@ fn roots_follow_live_updates() {
     update(&["--add".as_ref(), other_closure.as_os_str()]);
     let log = nix.gc(false);
     assert!(other.exists(), "an added path was collected: {log}");
-    assert_eq!(nix.missing(), Vec::<&PathBuf>::new(), "closure paths deleted");
+    assert_eq!(
+        nix.missing(),
+        Vec::<&PathBuf>::new(),
+        "closure paths deleted"
+    );
     assert_eq!(
         fs::read_to_string(mount.mountpoint().join(other.file_name().unwrap())).unwrap(),
         "other\n"
@@ -1084,6 +1088,9 @@ fn roots_follow_live_updates() {
     let summary = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(summary.contains("1 removed"), "{summary}");
     let log = nix.gc(false);
-    assert!(!other.exists(), "a path no longer served kept its root: {log}");
+    assert!(
+        !other.exists(),
+        "a path no longer served kept its root: {log}"
+    );
     assert_served(&nix, &mount);
 }

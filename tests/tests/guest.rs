@@ -102,6 +102,7 @@ on_every_kernel!(
     pmem_writes_never_reach_the_image,
     mount_store_switches_to_a_pmem_image,
     two_guests_share_one_pmem_image,
+    native_backend_takes_a_new_closure_without_a_restart,
 );
 
 /// The erofs UUID the test images get (mkimage derives one from the closure otherwise).
@@ -2042,4 +2043,145 @@ fn two_guests_share_one_pmem_image(kernel: Kernel) {
         d1.duration_since(s1).as_secs_f64()
     );
     assert_eq!(sha256_hex(&img), before, "the image changed on the host");
+}
+
+/// The update workflow with a running guest: it boots on closure A and runs A's program,
+/// which waits; the host updates the daemon to closure B (A's program left out, B's
+/// added); the guest, which listed and looked up the store before, finds and runs B's
+/// program at once, while A's program goes on running from the path that left; a second
+/// update prunes A's path once the guest let go of it. All the while another guest
+/// process reads a store file in a loop, and no read fails.
+fn native_backend_takes_a_new_closure_without_a_restart(kernel: Kernel) {
+    let a_prog = sample::base_name("system-a");
+    let b_prog = sample::base_name("system-b");
+    let shell = format!(
+        "/nix/store/{}/bin/busybox sh",
+        sample::base_name("guest-test")
+    );
+    let mut t = Setup::new(kernel, |s| {
+        let small = s.small_files[0].display().to_string();
+        format!(
+            "echo GUEST-START\n\
+             sh /nix/store/{a_prog}/bin/a &\n\
+             A=$!\n\
+             ( n=0; while [ ! -e /tmp/stop ]; do \
+                 cat /nix/store/{small} > /dev/null || echo READ-FAILED; n=$((n+1)); \
+               done; echo \"READS $n\" ) &\n\
+             R=$!\n\
+             ls /nix/store > /dev/null\n\
+             [ -e /nix/store/{b_prog} ] && echo B-TOO-EARLY\n\
+             sleep 1\n\
+             echo UPDATE-NOW\n\
+             i=0; while [ ! -e /nix/store/{b_prog}/bin/b ] && [ $i -lt 600 ]; do \
+               i=$((i+1)); sleep 0.1; done\n\
+             sh /nix/store/{b_prog}/bin/b\n\
+             ls /nix/store | grep -q {b_prog} && echo B-LISTED\n\
+             ls /nix/store | grep -q {a_prog} || echo A-UNLISTED\n\
+             [ -e /nix/store/{a_prog} ] || echo A-NOT-FOUND\n\
+             kill -0 $A && echo A-STILL-RUNNING\n\
+             kill $A; wait $A\n\
+             echo 2 > /proc/sys/vm/drop_caches\n\
+             echo PRUNE-NOW\n\
+             sleep 2\n\
+             ls /nix/store/{b_prog}/bin/b > /dev/null && echo B-AFTER-PRUNE\n\
+             touch /tmp/stop; wait $R\n\
+             echo GUEST-OK\n"
+        )
+    });
+    let a = vm::add_store_path(
+        &t.s,
+        "system-a",
+        &[(
+            "bin/a",
+            format!("#!{shell}\necho A-RUNNING\nwhile :; do sleep 1; done\n").as_bytes(),
+        )],
+    )
+    .expect("write system A");
+    vm::append_to_closure(&mut t.s, &a).expect("add system A to the closure");
+    let b = vm::add_store_path(
+        &t.s,
+        "system-b",
+        &[("bin/b", format!("#!{shell}\necho B-RAN\n").as_bytes())],
+    )
+    .expect("write system B");
+    let closure_b = t.dir.path().join("closure-b.txt");
+    let text: String =
+        t.s.closure
+            .iter()
+            .filter(|p| **p != a)
+            .chain(std::iter::once(&b))
+            .map(|p| format!("{}\n", t.s.store_dir.join(p).display()))
+            .collect();
+    fs::write(&closure_b, text).unwrap();
+    vm::open_to_others(t.dir.path());
+    let control_dir = t.dir.path().join("control");
+    fs::create_dir(&control_dir).unwrap();
+    rustix::fs::chown(
+        &control_dir,
+        Some(rustix::fs::Uid::from_raw(vm::UNPRIVILEGED_UID)),
+        None,
+    )
+    .unwrap();
+    let control = control_dir.join("store.control");
+    let answers: Arc<Mutex<Vec<String>>> = Arc::default();
+    let update = |args: Vec<std::ffi::OsString>| {
+        let control = control.clone();
+        let answers = answers.clone();
+        move || {
+            let o = harness::run(
+                Command::new(harness::bin("nixstorefs"))
+                    .arg("update")
+                    .arg("--control-socket")
+                    .arg(&control)
+                    .args(&args)
+                    .stdin(Stdio::null()),
+                Duration::from_secs(30),
+            );
+            answers.lock().unwrap().push(format!(
+                "{} {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    };
+    let boot = t
+        .guest(&format!("nixstore=virtiofs:{TAG}"))
+        .nixstorefs(
+            TAG,
+            &t.s.store_dir,
+            &t.s.closure_file,
+            &["--control-socket", control.to_str().unwrap()],
+        )
+        .on_console("UPDATE-NOW", update(vec![closure_b.clone().into()]))
+        .on_console(
+            "PRUNE-NOW",
+            update(vec!["--prune".into(), closure_b.clone().into()]),
+        )
+        .timeout(Duration::from_secs(240))
+        .boot();
+    assert_booted_ok(&boot);
+    boot.assert_marker("A-RUNNING");
+    boot.assert_no_marker("B-TOO-EARLY");
+    boot.assert_in_order(&[
+        "UPDATE-NOW",
+        "B-RAN",
+        "B-LISTED",
+        "A-UNLISTED",
+        "A-NOT-FOUND",
+    ]);
+    boot.assert_marker("A-STILL-RUNNING");
+    boot.assert_marker("B-AFTER-PRUNE");
+    boot.assert_no_marker("READ-FAILED");
+    let reads: u64 = boot.expect_value("READS ").parse().unwrap();
+    assert!(reads > 0, "the reader never read");
+    let answers = answers.lock().unwrap();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        answers[0].contains("1 added, 1 removed")
+            || answers[0].contains("1 added, 0 removed, 1 retiring"),
+        "{answers:?}"
+    );
+    assert!(answers[1].contains("serving"), "{answers:?}");
+    boot.backends[0].assert_unprivileged_and_clean_exit();
 }
