@@ -24,7 +24,7 @@ use std::time::Duration;
 use nixstorefs::closure::{Closure, MAX_INPUT_BYTES};
 use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::store_path::StorePath;
-use nixstorefs::view::{Change, Missing, Removal, Updated, View, ViewError};
+use nixstorefs::view::{Change, Missing, Removal, View, ViewError};
 use parking_lot::Mutex;
 
 /// The largest frame: a closure text at its cap, and its origin.
@@ -472,16 +472,16 @@ pub fn bind_control_socket(path: &Path) -> Result<UnixListener, String> {
 // ---------------------------------------------------------------------------------------
 // The daemon's updater thread.
 
-/// What the updater does after an update, for the transport: the FUSE mount tells the
-/// kernel (see `nixstorefs::transport::fuse::announce`).
-pub type Announce = Box<dyn Fn(&Updated) + Send>;
+/// The client's kernel, where a transport can tell it of changes (the FUSE mount, through
+/// `nixstorefs::transport::fuse::KernelNotifier`); virtio-fs has no such channel.
+pub type Kernel = Option<nixstorefs::transport::fuse::KernelNotifier>;
 
 /// The daemon's side: applies updates, keeps the roots following the served set.
 pub struct Updater {
     view: Arc<View>,
     roots: Arc<Mutex<Option<TempRoots>>>,
     missing: Missing,
-    announce: Option<Announce>,
+    kernel: Kernel,
 }
 
 impl Updater {
@@ -490,13 +490,13 @@ impl Updater {
         view: Arc<View>,
         roots: Arc<Mutex<Option<TempRoots>>>,
         missing: Missing,
-        announce: Option<Announce>,
+        kernel: Kernel,
     ) -> Updater {
         Updater {
             view,
             roots,
             missing,
-            announce,
+            kernel,
         }
     }
 
@@ -528,6 +528,10 @@ impl Updater {
             }];
             // SAFETY: one valid pollfd.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
+            if let Some(kernel) = &self.kernel {
+                // What the kernel no longer uses below retiring paths, let go.
+                kernel.let_go(&self.view.held_below_retiring());
+            }
             if self.view.take_released() {
                 tracing::info!(
                     retiring = self.view.retiring_count(),
@@ -588,8 +592,8 @@ impl Updater {
                 return Answer::Refused(status, e.to_string());
             }
         };
-        if let Some(announce) = &self.announce {
-            announce(&updated);
+        if let Some(kernel) = &self.kernel {
+            kernel.announce(&updated);
         }
         // Only now may the roots of what left go.
         if let Err(e) = roots.replace(&store_paths(&self.view.served_paths())) {

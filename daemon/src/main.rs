@@ -566,14 +566,12 @@ fn serve(
     enter_sandbox(args, &mode, &view, None)?;
 
     // Updates tell the kernel what left the served set, through the session's channel.
-    let kernel = session.notifier();
-    let announce: control::Announce =
-        Box::new(move |updated| nixstorefs::transport::fuse::announce(&kernel, updated));
+    let kernel = nixstorefs::transport::fuse::KernelNotifier(session.notifier());
     let reloader = control::Updater::new(
         view.clone(),
         roots.clone(),
         missing_policy(args, opts.allow_missing),
-        Some(announce),
+        Some(kernel),
     )
     .start(link)
     .map_err(|e| Failure::runtime(format!("cannot start the updater thread: {e}")))?;

@@ -669,27 +669,43 @@ impl Filesystem for StoreFs {
 /// Whether `ROOT_ID` matches fuser's idea of the root node (checked at compile time).
 const _: () = assert!(ROOT_ID == 1);
 
-/// Tells the kernel of the mount that a live update changed the served set: the root's
-/// cached attributes and listing go, and so do the entries of the paths that left it
-/// (removed or retiring), so that their next lookup fails; a retiring path's entry still
-/// in use stays usable by what holds it until released. Added paths need nothing: a
-/// lookup that failed was never cached.
-pub fn announce(notifier: &fuser::Notifier, updated: &crate::view::Updated) {
-    let root = INodeNo(crate::view::ROOT_ID);
-    for name in updated.removed.iter().chain(&updated.retiring) {
-        match notifier.inval_entry(root, name) {
-            // Never looked up, or already gone from the kernel's cache.
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => tracing::warn!(
-                ?name,
-                "cannot invalidate the entry of a path that left: {e}"
-            ),
+/// The kernel of the mount, told of live updates through FUSE notifications.
+pub struct KernelNotifier(pub fuser::Notifier);
+
+impl KernelNotifier {
+    /// Tells the kernel that an update changed the served set: the root's cached
+    /// attributes and listing go, and so do the entries of the paths that left it
+    /// (removed or retiring), so that their next lookup fails; an entry still in use
+    /// stays usable by what holds it. Added paths need nothing: a failed lookup was never
+    /// cached.
+    pub fn announce(&self, updated: &crate::view::Updated) {
+        let root = crate::view::ROOT_ID;
+        for name in updated.removed.iter().chain(&updated.retiring) {
+            self.drop_entry(root, name);
+        }
+        if let Err(e) = self.0.inval_inode(INodeNo(root), 0, 0) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!("cannot invalidate the root's cached listing: {e}");
+            }
         }
     }
-    if let Err(e) = notifier.inval_inode(root, 0, 0) {
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            tracing::warn!("cannot invalidate the root's cached listing: {e}");
+
+    /// Asks the kernel to drop the entries `held` (directory, name), deepest first: those
+    /// nothing uses go, and with them the kernel's references, so that a retiring path
+    /// is released once its last user is done. The kernel otherwise keeps unused entries
+    /// until it is short of memory.
+    pub fn let_go(&self, held: &[(crate::view::NodeId, std::ffi::OsString)]) {
+        for (parent, name) in held {
+            self.drop_entry(*parent, name);
+        }
+    }
+
+    fn drop_entry(&self, parent: crate::view::NodeId, name: &OsStr) {
+        match self.0.inval_entry(INodeNo(parent), name) {
+            Ok(()) => {}
+            // Never looked up, or already gone from the kernel's cache.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::debug!(parent, ?name, "cannot invalidate an entry: {e}"),
         }
     }
 }

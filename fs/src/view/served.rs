@@ -345,6 +345,41 @@ impl View {
         self.released.swap(false, Ordering::AcqRel)
     }
 
+    /// What clients hold below retiring paths, as (directory, name) entries, deepest
+    /// first: for a transport that can ask the client's kernel to drop the entries it no
+    /// longer uses, so that a retiring path is released once nothing uses it rather than
+    /// once the kernel is short of memory.
+    pub fn held_below_retiring(&self) -> Vec<(super::NodeId, OsString)> {
+        let served = self.served.load();
+        if served.retiring.is_empty() {
+            return Vec::new();
+        }
+        let mut held: Vec<(usize, super::NodeId, OsString)> = Vec::new();
+        for entry in self.live.iter() {
+            let Some(record) = self.known.get(entry.key()).map(|r| r.clone()) else {
+                continue;
+            };
+            let name = record.primary();
+            // Up to the top: its name says whether the node is below a retiring path.
+            let mut depth = 0;
+            let mut top = name.clone();
+            while let Some(parent) = top.parent.clone() {
+                top = parent.primary();
+                depth += 1;
+                if depth > super::resolve::MAX_DEPTH {
+                    break;
+                }
+            }
+            if served.retiring.contains(&top.name) {
+                held.push((depth, name.parent_id(), name.name));
+            }
+        }
+        held.sort_by_key(|h| std::cmp::Reverse(h.0));
+        held.into_iter()
+            .map(|(_, parent, name)| (parent, name))
+            .collect()
+    }
+
     /// Checks that resolution may start from top-level name `name`: a path that left the
     /// served set is stale for whatever still refers to it.
     pub(super) fn check_served(&self, name: &OsStr) -> super::Result<()> {

@@ -491,3 +491,29 @@ fn a_retiring_path_added_again_is_served_again() {
     assert!(!view.take_released(), "a listed path is not released");
     assert!(walk(&view, &format!("{HELLO}/bin/hello")).is_ok());
 }
+
+#[test]
+fn what_is_held_below_a_retiring_path_is_listed_deepest_first() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let hello = walk(&view, HELLO).unwrap().ino;
+    let bin = walk(&view, &format!("{HELLO}/bin")).unwrap().ino;
+    walk(&view, &format!("{HELLO}/bin/hello")).unwrap();
+    walk(&view, &format!("{LIB}/libc.so")).unwrap();
+    assert!(view.held_below_retiring().is_empty(), "nothing retires yet");
+    view.update(
+        &closure_of(&store, &[LIB]),
+        Change::Replace(Removal::WhenReleased),
+        Missing::Refuse,
+    )
+    .unwrap();
+    let held = view.held_below_retiring();
+    assert_eq!(
+        held,
+        [
+            (bin, OsStr::new("hello").to_owned()),
+            (hello, OsStr::new("bin").to_owned()),
+            (ROOT_ID, OsStr::new(HELLO).to_owned()),
+        ]
+    );
+}
