@@ -59,7 +59,7 @@ fn step_label(step: GuestStep) -> &'static str {
 }
 
 /// Builds guest-init statically (unless told not to), where the VM helpers look for it.
-fn guest_init(no_build: bool) -> Result<(), String> {
+pub fn guest_init(no_build: bool) -> Result<(), String> {
     if no_build {
         return catch_unwind(vm::guest_init_bin)
             .map(|_| ())

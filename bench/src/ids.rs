@@ -20,6 +20,7 @@ pub enum Section {
     Footprint,
     Image,
     Guest,
+    Update,
 }
 
 impl Section {
@@ -38,6 +39,7 @@ impl Section {
             Section::Footprint => "footprint",
             Section::Image => "image",
             Section::Guest => "guest",
+            Section::Update => "update",
         }
     }
 
@@ -51,6 +53,7 @@ impl Section {
             Section::Footprint => "Daemon footprint",
             Section::Image => "Writing an image of the closure",
             Section::Guest => "Through a guest (TCG)",
+            Section::Update => "Live closure updates",
         }
     }
 }
@@ -229,6 +232,24 @@ names! {
     }
 }
 
+names! {
+    /// What the live-update section measures.
+    pub enum UpdateStep {
+        /// From the update command's start to the guest seeing the new path, ms.
+        GuestSeen => "guest-seen",
+        /// The update command on the host mount, until it returns, ms.
+        HostDone => "host-done",
+        GuestAnonFirst => "guest-anon-first",
+        GuestAnonLast => "guest-anon-last",
+        GuestFdsFirst => "guest-fds-first",
+        GuestFdsLast => "guest-fds-last",
+        HostAnonFirst => "host-anon-first",
+        HostAnonLast => "host-anon-last",
+        HostFdsFirst => "host-fds-first",
+        HostFdsLast => "host-fds-last",
+    }
+}
+
 /// The id of one measurement: which section it belongs to and what it is, spelt once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Id {
@@ -251,6 +272,8 @@ pub enum Id {
     GuestDaemon(GuestVia, Peak),
     /// The share daemon's peak while a guest reads every file of the many-file path.
     GuestFootprint(GuestVia, Peak),
+    /// Live closure updates.
+    Update(UpdateStep),
 }
 
 impl Id {
@@ -264,6 +287,7 @@ impl Id {
             Id::Footprint(..) => Section::Footprint,
             Id::ImageTime(_) | Id::ImageSize(_) => Section::Image,
             Id::GuestStep(..) | Id::GuestDaemon(..) | Id::GuestFootprint(..) => Section::Guest,
+            Id::Update(_) => Section::Update,
         }
     }
 }
@@ -282,6 +306,7 @@ impl fmt::Display for Id {
             Id::GuestStep(v, s) => write!(f, "guest/{v}/{s}"),
             Id::GuestDaemon(v, p) => write!(f, "guest/{v}/daemon-{p}"),
             Id::GuestFootprint(v, p) => write!(f, "guest-footprint/{v}/{p}"),
+            Id::Update(u) => write!(f, "update/{u}"),
         }
     }
 }
@@ -313,6 +338,7 @@ impl FromStr for Id {
                 None => Id::GuestStep(v.parse()?, x.parse()?),
             },
             ["guest-footprint", v, p] => Id::GuestFootprint(v.parse()?, p.parse()?),
+            ["update", u] => Id::Update(u.parse()?),
             _ => return Err(format!("{s:?} is not a measurement id")),
         };
         // One spelling per id: `latency/nixstorefs/0100/5` is not `.../100/5`.
@@ -350,6 +376,7 @@ mod tests {
             v.extend(Peak::ALL.iter().map(|&p| Id::GuestDaemon(g, p)));
             v.extend(Peak::ALL.iter().map(|&p| Id::GuestFootprint(g, p)));
         }
+        v.extend(UpdateStep::ALL.iter().map(|&u| Id::Update(u)));
         v
     }
 

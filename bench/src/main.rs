@@ -12,6 +12,7 @@ mod mounts;
 mod report;
 mod stats;
 mod store;
+mod update;
 mod workload;
 
 use std::fs;
@@ -181,7 +182,7 @@ fn run(args: Args) -> Result<(), String> {
             section,
             method: method(section, &ctx),
         });
-        if section == Section::Guest && ctx.args.skip_guest {
+        if matches!(section, Section::Guest | Section::Update) && ctx.args.skip_guest {
             r.note(section, "Left out of this run (`--skip-guest`).");
             continue;
         }
@@ -218,6 +219,18 @@ fn run_section(section: Section, ctx: &Ctx, r: &mut Results) -> Result<(), Strin
         Section::Guest => {
             let n = ctx.args.guest_closure.min(ctx.params.closure);
             guest::run(&ctx.built, n, &ctx.bin, ctx.runs, ctx.args.no_build, r)
+        }
+        Section::Update => {
+            let scratch = ctx
+                .built
+                .host
+                .store_dir
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("no scratch directory")?
+                .to_path_buf();
+            guest::guest_init(ctx.args.no_build)?;
+            update::run(&ctx.built, &scratch, &ctx.bin, r)
         }
     }
 }
@@ -1044,6 +1057,7 @@ fn method(section: Section, ctx: &Ctx) -> String {
             p.closure,
             p.paths
         ),
+        Section::Update => update::METHOD.to_string(),
         Section::Guest => format!(
             "{} The guest's closure is the first {} of the {} closure paths (with the large \
              files and the wide directories).",
