@@ -36,17 +36,24 @@ pub enum Invalidation {
     /// everything may be trusted for [`TTL`], the root included.
     Notified,
     /// Nothing can tell the client (virtio-fs has no notification channel in any guest
-    /// kernel): the root's attributes and the entries at the root are trusted for no time
-    /// at all, so that a path added is found and listed at once (the client reads its
-    /// cached root listing again when the root's times moved), and a path removed is
-    /// looked up again, and not found, at its next use.
+    /// kernel). The root's attributes are trusted for no time, so that a client reads
+    /// its cached root listing again once the root's times moved (and a path added is
+    /// listed at once; a lookup that failed was never cached, so it is found at once
+    /// too); an entry at the root is trusted for [`ROOT_ENTRY_TTL`], so that a path
+    /// removed is looked up again, and not found, at most that long after the update.
     Unannounced,
 }
+
+/// How long a client that cannot be told of updates trusts an entry at the root. Zero
+/// would cost a request at every path resolution through the store (a cold read of many
+/// small files by path: one more request per file); a second bounds how long a removed
+/// path stays found, and costs one request per store path per second at most.
+pub const ROOT_ENTRY_TTL: Duration = Duration::from_secs(1);
 
 /// How long a client may trust a lookup's answer for a name in `parent`.
 pub fn entry_ttl(parent: NodeId, invalidation: Invalidation) -> Duration {
     match invalidation {
-        Invalidation::Unannounced if parent == crate::view::ROOT_ID => Duration::ZERO,
+        Invalidation::Unannounced if parent == crate::view::ROOT_ID => ROOT_ENTRY_TTL,
         _ => TTL,
     }
 }

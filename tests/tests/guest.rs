@@ -2077,6 +2077,7 @@ fn native_backend_takes_a_new_closure_without_a_restart(kernel: Kernel) {
              sh /nix/store/{b_prog}/bin/b\n\
              ls /nix/store | grep -q {b_prog} && echo B-LISTED\n\
              ls /nix/store | grep -q {a_prog} || echo A-UNLISTED\n\
+             sleep 1\n\
              [ -e /nix/store/{a_prog} ] || echo A-NOT-FOUND\n\
              kill -0 $A && echo A-STILL-RUNNING\n\
              kill $A; wait $A\n\

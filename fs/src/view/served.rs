@@ -320,7 +320,10 @@ impl View {
         let next = Served::new(listing, hosts, attr, retiring);
         updated.listed = next.listing.len();
         self.served.store(std::sync::Arc::new(next));
-        if !updated.removed.is_empty() {
+        if !updated.removed.is_empty() || !updated.retiring.is_empty() {
+            // Descriptors cached below paths that left (gone or retiring) are not kept
+            // open for a client that may never come back to them: what it does use is
+            // reopened, through the served set's checks.
             self.withdraw(change == Change::Replace(Removal::Now));
         }
         Ok(updated)
