@@ -20,6 +20,8 @@ pub enum Section {
     Footprint,
     Image,
     Guest,
+    /// Three guests at once over virtio-blk, then over virtio-pmem with DAX.
+    Dax,
 }
 
 impl Section {
@@ -38,6 +40,7 @@ impl Section {
             Section::Footprint => "footprint",
             Section::Image => "image",
             Section::Guest => "guest",
+            Section::Dax => "dax",
         }
     }
 
@@ -51,6 +54,7 @@ impl Section {
             Section::Footprint => "Daemon footprint",
             Section::Image => "Writing an image of the closure",
             Section::Guest => "Through a guest (TCG)",
+            Section::Dax => "Many guests, one store: virtio-pmem with DAX (TCG)",
         }
     }
 }
@@ -229,6 +233,35 @@ names! {
     }
 }
 
+names! {
+    /// Where the guests of the DAX section read their store from.
+    pub enum DaxVia {
+        /// A plain erofs image on a read-only virtio-blk drive.
+        Blk => "blk",
+        /// A `mkimage --dax` image over virtio-pmem, mounted with `dax=always`.
+        Pmem => "pmem",
+    }
+}
+
+names! {
+    /// What the DAX section takes of each guest.
+    pub enum DaxFigure {
+        /// `find /nix/store -type f | xargs cat`, cold in the guest, s.
+        Read => "read",
+        /// qemu's RssAnon after the reads, MiB.
+        QemuAnon => "qemu-anon",
+        /// qemu's RssAnon after the reads less before them, MiB: what the guest's store
+        /// costs the host in memory of that guest's own.
+        QemuAnonGrowth => "qemu-anon-growth",
+        /// qemu's RssFile after the reads, MiB: mapped file pages, shared.
+        QemuFile => "qemu-file",
+        /// The guest's `Cached:` after the reads, MiB.
+        Cached => "cached",
+        /// The guest's `Cached:` after the reads less before them, MiB.
+        CachedGrowth => "cached-growth",
+    }
+}
+
 /// The id of one measurement: which section it belongs to and what it is, spelt once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Id {
@@ -251,6 +284,8 @@ pub enum Id {
     GuestDaemon(GuestVia, Peak),
     /// The share daemon's peak while a guest reads every file of the many-file path.
     GuestFootprint(GuestVia, Peak),
+    /// One figure per guest of the DAX section.
+    Dax(DaxVia, DaxFigure),
 }
 
 impl Id {
@@ -264,6 +299,7 @@ impl Id {
             Id::Footprint(..) => Section::Footprint,
             Id::ImageTime(_) | Id::ImageSize(_) => Section::Image,
             Id::GuestStep(..) | Id::GuestDaemon(..) | Id::GuestFootprint(..) => Section::Guest,
+            Id::Dax(..) => Section::Dax,
         }
     }
 }
@@ -282,6 +318,7 @@ impl fmt::Display for Id {
             Id::GuestStep(v, s) => write!(f, "guest/{v}/{s}"),
             Id::GuestDaemon(v, p) => write!(f, "guest/{v}/daemon-{p}"),
             Id::GuestFootprint(v, p) => write!(f, "guest-footprint/{v}/{p}"),
+            Id::Dax(v, x) => write!(f, "dax/{v}/{x}"),
         }
     }
 }
@@ -313,6 +350,7 @@ impl FromStr for Id {
                 None => Id::GuestStep(v.parse()?, x.parse()?),
             },
             ["guest-footprint", v, p] => Id::GuestFootprint(v.parse()?, p.parse()?),
+            ["dax", v, x] => Id::Dax(v.parse()?, x.parse()?),
             _ => return Err(format!("{s:?} is not a measurement id")),
         };
         // One spelling per id: `latency/nixstorefs/0100/5` is not `.../100/5`.
@@ -349,6 +387,9 @@ mod tests {
             v.extend(GuestStep::ALL.iter().map(|&s| Id::GuestStep(g, s)));
             v.extend(Peak::ALL.iter().map(|&p| Id::GuestDaemon(g, p)));
             v.extend(Peak::ALL.iter().map(|&p| Id::GuestFootprint(g, p)));
+        }
+        for &d in DaxVia::ALL {
+            v.extend(DaxFigure::ALL.iter().map(|&x| Id::Dax(d, x)));
         }
         v
     }
@@ -403,6 +444,10 @@ mod tests {
                 Id::GuestFootprint(GuestVia::Native, Peak::Fds),
                 "guest-footprint/native/fds",
             ),
+            (
+                Id::Dax(DaxVia::Pmem, DaxFigure::QemuAnonGrowth),
+                "dax/pmem/qemu-anon-growth",
+            ),
         ] {
             assert_eq!(id.to_string(), name);
         }
@@ -418,6 +463,7 @@ mod tests {
             "benchmarks.json",
             "benchmarks-guest.json",
             "benchmarks-image.json",
+            "benchmarks-dax.json",
         ] {
             let Ok(text) = std::fs::read_to_string(docs.join(name)) else {
                 continue;
@@ -445,6 +491,7 @@ mod tests {
             "latency/nixstorefs/100",
             "guest/native/daemon-rss",
             "image/size/copy",
+            "dax/virtiofs/read",
             "metadata",
             "",
         ] {
