@@ -291,9 +291,10 @@ fn measure(
             r.note(
                 Section::Dax,
                 format!(
-                    "Over {via}, all {GUESTS} guests were reading at once for {:.1} s \
-                     (as seen by the host, from the last guest's start to the first \
-                     guest's end); the guests counted {} files.",
+                    "Over {via}, all {GUESTS} guests were reading at once for {:.1} s, as \
+                     the host saw it: from the last guest's marker before its reads to the \
+                     first guest's marker after them (the one-second pause after the first \
+                     marker included). The guests counted {} files.",
                     e.saturating_duration_since(s).as_secs_f64(),
                     figs.iter()
                         .map(|f| f.files.as_str())
