@@ -59,7 +59,7 @@ fn step_label(step: GuestStep) -> &'static str {
 }
 
 /// Builds guest-init statically (unless told not to), where the VM helpers look for it.
-pub fn guest_init(no_build: bool) -> Result<(), String> {
+pub(crate) fn guest_init(no_build: bool) -> Result<(), String> {
     if no_build {
         return catch_unwind(vm::guest_init_bin)
             .map(|_| ())
@@ -122,7 +122,7 @@ fn script(runs: usize, big: &[PathBuf]) -> String {
 
 /// A store directory under `dir` with closure paths `names` (hard links) and a guest program
 /// `program` running `script`, and a closure file listing all of it.
-fn guest_store(
+pub(crate) fn guest_store(
     b: &Built,
     names: &[String],
     dir: &Path,
@@ -215,12 +215,7 @@ pub fn run(
         &script(per_boot, &b.big_files),
     )?;
     let initramfs = dir.join("initramfs.cpio");
-    let kernel = catch_unwind(|| {
-        let k = Kernel::find();
-        Initramfs::for_guest_init(&k).write(&initramfs).map(|_| k)
-    })
-    .map_err(|_| "no guest kernel or initramfs (see above)".to_string())?
-    .map_err(|e| format!("initramfs: {e}"))?;
+    let kernel = kernel_and_initramfs(&initramfs)?;
     let mut results: BTreeMap<GuestVia, BTreeMap<GuestStep, Vec<f64>>> = BTreeMap::new();
     vm::open_to_others(&dir);
     let mut daemons: BTreeMap<GuestVia, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
@@ -424,6 +419,16 @@ enum Share<'a> {
     Virtiofsd(&'a Path),
 }
 
+/// The host's guest kernel, and an initramfs for it with guest-init written to `initramfs`.
+pub(crate) fn kernel_and_initramfs(initramfs: &Path) -> Result<Kernel, String> {
+    catch_unwind(|| {
+        let k = Kernel::find();
+        Initramfs::for_guest_init(&k).write(initramfs).map(|_| k)
+    })
+    .map_err(|_| "no guest kernel or initramfs (see above)".to_string())?
+    .map_err(|e| format!("initramfs: {e}"))
+}
+
 /// Boots a guest running `prog` with the store shared as `share`, and checks that the
 /// program finished.
 fn boot_guest(
@@ -433,7 +438,7 @@ fn boot_guest(
     share: Share<'_>,
     timeout: Duration,
 ) -> Result<Boot, String> {
-    let boot = catch_unwind(AssertUnwindSafe(|| {
+    boot_to_end(|| {
         let g = Guest::new(kernel, initramfs)
             .cmdline("loglevel=4")
             .cmdline(&format!("nixstore=virtiofs:{TAG}"))
@@ -443,9 +448,15 @@ fn boot_guest(
             Share::Native { store_dir, closure } => g.nixstorefs(TAG, store_dir, closure, &[]),
             Share::Virtiofsd(dir) => g.virtiofs(TAG, dir),
         }
-        .boot()
-    }))
-    .map_err(|_| "booting failed (see above)".to_string())?;
+    })
+}
+
+/// Boots the guest `guest` describes and checks that its program finished (said
+/// `GUEST-OK`). The VM helpers panic on a broken setup, after stopping everything they
+/// started: that becomes an error here, with what they printed above it.
+pub(crate) fn boot_to_end(guest: impl FnOnce() -> Guest) -> Result<Boot, String> {
+    let boot = catch_unwind(AssertUnwindSafe(|| guest().boot()))
+        .map_err(|_| "booting failed (see above)".to_string())?;
     if !boot.console.contains("GUEST-OK") {
         return Err(format!(
             "did not finish ({}); console tail:\n{}",
@@ -456,7 +467,7 @@ fn boot_guest(
     Ok(boot)
 }
 
-fn tail(s: &str, n: usize) -> String {
+pub(crate) fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

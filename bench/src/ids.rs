@@ -21,6 +21,8 @@ pub enum Section {
     Image,
     Guest,
     Update,
+    /// Three guests at once over virtio-blk, then over virtio-pmem with DAX.
+    Dax,
 }
 
 impl Section {
@@ -40,6 +42,7 @@ impl Section {
             Section::Image => "image",
             Section::Guest => "guest",
             Section::Update => "update",
+            Section::Dax => "dax",
         }
     }
 
@@ -54,6 +57,7 @@ impl Section {
             Section::Image => "Writing an image of the closure",
             Section::Guest => "Through a guest (TCG)",
             Section::Update => "Live closure updates",
+            Section::Dax => "Many guests, one store: virtio-pmem with DAX (TCG)",
         }
     }
 }
@@ -250,6 +254,35 @@ names! {
     }
 }
 
+names! {
+    /// Where the guests of the DAX section read their store from.
+    pub enum DaxVia {
+        /// A plain erofs image on a read-only virtio-blk drive.
+        Blk => "blk",
+        /// A `mkimage --dax` image over virtio-pmem, mounted with `dax=always`.
+        Pmem => "pmem",
+    }
+}
+
+names! {
+    /// What the DAX section takes of each guest.
+    pub enum DaxFigure {
+        /// `find /nix/store -type f | xargs cat`, cold in the guest, s.
+        Read => "read",
+        /// qemu's RssAnon after the reads, MiB.
+        QemuAnon => "qemu-anon",
+        /// qemu's RssAnon after the reads less before them, MiB: what the guest's store
+        /// costs the host in memory of that guest's own.
+        QemuAnonGrowth => "qemu-anon-growth",
+        /// qemu's RssFile after the reads, MiB: mapped file pages, shared.
+        QemuFile => "qemu-file",
+        /// The guest's `Cached:` after the reads, MiB.
+        Cached => "cached",
+        /// The guest's `Cached:` after the reads less before them, MiB.
+        CachedGrowth => "cached-growth",
+    }
+}
+
 /// The id of one measurement: which section it belongs to and what it is, spelt once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Id {
@@ -274,6 +307,8 @@ pub enum Id {
     GuestFootprint(GuestVia, Peak),
     /// Live closure updates.
     Update(UpdateStep),
+    /// One figure per guest of the DAX section.
+    Dax(DaxVia, DaxFigure),
 }
 
 impl Id {
@@ -288,6 +323,7 @@ impl Id {
             Id::ImageTime(_) | Id::ImageSize(_) => Section::Image,
             Id::GuestStep(..) | Id::GuestDaemon(..) | Id::GuestFootprint(..) => Section::Guest,
             Id::Update(_) => Section::Update,
+            Id::Dax(..) => Section::Dax,
         }
     }
 }
@@ -307,6 +343,7 @@ impl fmt::Display for Id {
             Id::GuestDaemon(v, p) => write!(f, "guest/{v}/daemon-{p}"),
             Id::GuestFootprint(v, p) => write!(f, "guest-footprint/{v}/{p}"),
             Id::Update(u) => write!(f, "update/{u}"),
+            Id::Dax(v, x) => write!(f, "dax/{v}/{x}"),
         }
     }
 }
@@ -339,6 +376,7 @@ impl FromStr for Id {
             },
             ["guest-footprint", v, p] => Id::GuestFootprint(v.parse()?, p.parse()?),
             ["update", u] => Id::Update(u.parse()?),
+            ["dax", v, x] => Id::Dax(v.parse()?, x.parse()?),
             _ => return Err(format!("{s:?} is not a measurement id")),
         };
         // One spelling per id: `latency/nixstorefs/0100/5` is not `.../100/5`.
@@ -377,6 +415,9 @@ mod tests {
             v.extend(Peak::ALL.iter().map(|&p| Id::GuestFootprint(g, p)));
         }
         v.extend(UpdateStep::ALL.iter().map(|&u| Id::Update(u)));
+        for &d in DaxVia::ALL {
+            v.extend(DaxFigure::ALL.iter().map(|&x| Id::Dax(d, x)));
+        }
         v
     }
 
@@ -430,6 +471,10 @@ mod tests {
                 Id::GuestFootprint(GuestVia::Native, Peak::Fds),
                 "guest-footprint/native/fds",
             ),
+            (
+                Id::Dax(DaxVia::Pmem, DaxFigure::QemuAnonGrowth),
+                "dax/pmem/qemu-anon-growth",
+            ),
         ] {
             assert_eq!(id.to_string(), name);
         }
@@ -445,6 +490,7 @@ mod tests {
             "benchmarks.json",
             "benchmarks-guest.json",
             "benchmarks-image.json",
+            "benchmarks-dax.json",
         ] {
             let Ok(text) = std::fs::read_to_string(docs.join(name)) else {
                 continue;
@@ -472,6 +518,7 @@ mod tests {
             "latency/nixstorefs/100",
             "guest/native/daemon-rss",
             "image/size/copy",
+            "dax/virtiofs/read",
             "metadata",
             "",
         ] {

@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release -p nixstorefs-bench --bin bench -- --help` for the options. Needs
 //! root, /dev/fuse and bindfs; the guest section also needs qemu, virtiofsd and a static
-//! guest-init.
+//! guest-init, the dax section qemu and a static guest-init.
 
+mod dax;
 mod guest;
 mod ids;
 mod image;
@@ -56,7 +57,7 @@ struct Args {
     /// Rebuild the synthetic store even if one with the same sizes exists.
     #[arg(long)]
     fresh: bool,
-    /// Leave out the measurements through a VM guest.
+    /// Leave out the sections that boot VM guests (guest, dax).
     #[arg(long)]
     skip_guest: bool,
     /// Only these sections (comma-separated); the report then holds only them.
@@ -182,7 +183,8 @@ fn run(args: Args) -> Result<(), String> {
             section,
             method: method(section, &ctx),
         });
-        if matches!(section, Section::Guest | Section::Update) && ctx.args.skip_guest {
+        if matches!(section, Section::Guest | Section::Update | Section::Dax) && ctx.args.skip_guest
+        {
             r.note(section, "Left out of this run (`--skip-guest`).");
             continue;
         }
@@ -217,7 +219,7 @@ fn run_section(section: Section, ctx: &Ctx, r: &mut Results) -> Result<(), Strin
         Section::Footprint => footprint(ctx, r),
         Section::Image => image_section(ctx, r),
         Section::Guest => {
-            let n = ctx.args.guest_closure.min(ctx.params.closure);
+            let n = guest_paths(ctx);
             guest::run(&ctx.built, n, &ctx.bin, ctx.runs, ctx.args.no_build, r)
         }
         Section::Update => {
@@ -232,6 +234,7 @@ fn run_section(section: Section, ctx: &Ctx, r: &mut Results) -> Result<(), Strin
             guest::guest_init(ctx.args.no_build)?;
             update::run(&ctx.built, &scratch, &ctx.bin, r)
         }
+        Section::Dax => dax_section(ctx, r),
     }
 }
 
@@ -888,6 +891,24 @@ fn image_section(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     )
 }
 
+fn dax_section(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
+    let mkimage = release_binary(&ctx.workspace, "mkimage", "mkimage", ctx.args.no_build)?;
+    dax::run(
+        &dax::Inputs {
+            built: &ctx.built,
+            paths: guest_paths(ctx),
+            mkimage: &mkimage,
+            no_build: ctx.args.no_build,
+        },
+        r,
+    )
+}
+
+/// How many closure paths the guests of the guest and dax sections read.
+fn guest_paths(ctx: &Ctx) -> usize {
+    ctx.args.guest_closure.min(ctx.params.closure)
+}
+
 fn footprint(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let store = &ctx.built.host.store_dir;
     let b = &ctx.built;
@@ -1062,7 +1083,14 @@ fn method(section: Section, ctx: &Ctx) -> String {
             "{} The guest's closure is the first {} of the {} closure paths (with the large \
              files and the wide directories).",
             guest::METHOD,
-            ctx.args.guest_closure.min(p.closure),
+            guest_paths(ctx),
+            p.closure
+        ),
+        Section::Dax => format!(
+            "{} The guests' closure is the guest section's: the first {} of the {} closure \
+             paths (with the large files and the wide directories).",
+            dax::METHOD,
+            guest_paths(ctx),
             p.closure
         ),
     }

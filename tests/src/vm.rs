@@ -885,6 +885,25 @@ pub struct BackendReport {
     pub seccomp: u32,
 }
 
+/// qemu's own memory when a console marker first showed (see [`Guest::sample_qemu_on`]).
+#[derive(Clone, Debug)]
+pub struct QemuSample {
+    /// The marker.
+    pub marker: String,
+    /// When the host saw it.
+    pub at: Instant,
+    /// Private resident memory (RssAnon), KiB: the guest's RAM it has touched, among
+    /// others, unless that RAM is a shared memory object.
+    pub anon_kib: u64,
+    /// Resident memory (VmRSS), KiB.
+    pub rss_kib: u64,
+    /// Resident pages of mapped files (RssFile), KiB: a virtio-pmem image's pages the
+    /// guest has touched are counted here, as the host's page cache of the image.
+    pub file_kib: u64,
+    /// Resident shared memory (RssShmem), KiB.
+    pub shmem_kib: u64,
+}
+
 /// How long a native backend may take to exit after qemu did.
 pub const BACKEND_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -894,6 +913,8 @@ struct ProcSample {
     dev_fuse: bool,
     anon_kib: u64,
     rss_kib: u64,
+    file_kib: u64,
+    shmem_kib: u64,
     uids: Vec<u32>,
     cap_eff: String,
     no_new_privs: bool,
@@ -929,6 +950,8 @@ fn sample_process(pid: u32, links: bool) -> Option<ProcSample> {
         dev_fuse,
         anon_kib: kib("RssAnon:"),
         rss_kib: kib("VmRSS:"),
+        file_kib: kib("RssFile:"),
+        shmem_kib: kib("RssShmem:"),
         uids: field("Uid:")
             .unwrap_or_default()
             .split_whitespace()
@@ -1024,6 +1047,7 @@ pub struct Guest {
     mmio: bool,
     unshared_memory: bool,
     hooks: Mutex<Vec<ConsoleHook>>,
+    qemu_markers: Vec<String>,
 }
 
 impl Guest {
@@ -1040,6 +1064,7 @@ impl Guest {
             mmio: false,
             unshared_memory: false,
             hooks: Mutex::new(Vec::new()),
+            qemu_markers: Vec::new(),
         }
     }
 
@@ -1109,6 +1134,15 @@ impl Guest {
             .lock()
             .unwrap()
             .push((marker.to_string(), Box::new(f)));
+        self
+    }
+
+    /// Samples qemu's own memory from /proc as soon as `marker` appears on the console, into
+    /// [`Boot::qemu_samples`]: for what a guest costs the host at a point of its choosing.
+    /// The console is watched every 20 ms, so the guest should hold still for a moment
+    /// after printing the marker (a `sleep 1`) if what it does next would change the figure.
+    pub fn sample_qemu_on(mut self, marker: &str) -> Guest {
+        self.qemu_markers.push(marker.to_string());
         self
     }
 
@@ -1359,6 +1393,8 @@ impl Guest {
             })
             .collect();
         let mut hooks = std::mem::take(&mut *self.hooks.lock().unwrap());
+        let mut qemu_markers = self.qemu_markers.clone();
+        let mut qemu_samples = Vec::new();
         // Waits for qemu, sampling the native backends and running console hooks.
         let deadline = Instant::now() + self.timeout;
         let mut tick: u64 = 0;
@@ -1379,7 +1415,7 @@ impl Guest {
                 }
             }
             tick += 1;
-            if !hooks.is_empty() {
+            if !hooks.is_empty() || !qemu_markers.is_empty() {
                 let text = console.text();
                 let (due, rest): (Vec<_>, Vec<_>) = hooks
                     .into_iter()
@@ -1387,6 +1423,23 @@ impl Guest {
                 hooks = rest;
                 for (_, f) in due {
                     f();
+                }
+                let (due, rest): (Vec<_>, Vec<_>) = qemu_markers
+                    .into_iter()
+                    .partition(|m| text.contains(m.as_str()));
+                qemu_markers = rest;
+                let pid = q.child().id();
+                for marker in due {
+                    if let Some(s) = sample_process(pid, false) {
+                        qemu_samples.push(QemuSample {
+                            marker,
+                            at: Instant::now(),
+                            anon_kib: s.anon_kib,
+                            rss_kib: s.rss_kib,
+                            file_kib: s.file_kib,
+                            shmem_kib: s.shmem_kib,
+                        });
+                    }
                 }
             }
             thread::sleep(Duration::from_millis(20));
@@ -1411,6 +1464,7 @@ impl Guest {
             qemu_stderr: stderr.finish(),
             virtiofsd_log,
             backends,
+            qemu_samples,
             status,
             timed_out,
             elapsed,
@@ -1494,6 +1548,9 @@ pub struct Boot {
     pub virtiofsd_log: String,
     /// What was seen of each share's daemon, in the order the shares were added.
     pub backends: Vec<BackendReport>,
+    /// qemu's memory at each marker given to [`Guest::sample_qemu_on`] that showed, in the
+    /// order they showed.
+    pub qemu_samples: Vec<QemuSample>,
     /// qemu's exit status; `None` if it was killed at the timeout.
     pub status: Option<ExitStatus>,
     /// Whether the timeout killed qemu.
