@@ -491,6 +491,7 @@ mod tests {
             "benchmarks-guest.json",
             "benchmarks-image.json",
             "benchmarks-dax.json",
+            "benchmarks-update.json",
         ] {
             let Ok(text) = std::fs::read_to_string(docs.join(name)) else {
                 continue;
