@@ -241,6 +241,52 @@ fn add(r: &mut Results, step: UpdateStep, label: &str, unit: &'static str, sampl
     });
 }
 
+/// Which daemon a footprint is of.
+#[derive(Clone, Copy)]
+enum Daemon {
+    /// The native backend serving the guest.
+    Guest,
+    /// The FUSE mount's.
+    Mount,
+}
+
+/// The four footprint rows of `daemon`: private memory and descriptors after update
+/// `first.0` and after update `last.0`.
+fn footprint_rows(
+    r: &mut Results,
+    daemon: Daemon,
+    first: (usize, (f64, f64)),
+    last: (usize, (f64, f64)),
+) {
+    use UpdateStep::*;
+    let (daemon, steps) = match daemon {
+        Daemon::Guest => (
+            "guest",
+            [GuestAnonFirst, GuestFdsFirst, GuestAnonLast, GuestFdsLast],
+        ),
+        Daemon::Mount => (
+            "mount",
+            [HostAnonFirst, HostFdsFirst, HostAnonLast, HostFdsLast],
+        ),
+    };
+    for (i, (after, (anon, fds))) in [first, last].into_iter().enumerate() {
+        add(
+            r,
+            steps[2 * i],
+            &format!("{daemon} daemon's private memory after update {after}"),
+            "MiB",
+            vec![anon],
+        );
+        add(
+            r,
+            steps[2 * i + 1],
+            &format!("{daemon} daemon's descriptors after update {after}"),
+            "fds",
+            vec![fds],
+        );
+    }
+}
+
 fn guest(store: &UpdateStore, dir: &Path, bin: &Path, r: &mut Results) -> Result<(), String> {
     let initramfs = dir.join("initramfs.cpio");
     let kernel = catch_unwind(|| {
@@ -339,34 +385,7 @@ fn guest(store: &UpdateStore, dir: &Path, bin: &Path, r: &mut Results) -> Result
         (Some(f), Some(l)) => (*f, *l),
         _ => return Err("the guest daemon's footprint was not sampled".into()),
     };
-    add(
-        r,
-        UpdateStep::GuestAnonFirst,
-        "guest daemon's private memory after update 10",
-        "MiB",
-        vec![first.0],
-    );
-    add(
-        r,
-        UpdateStep::GuestAnonLast,
-        "guest daemon's private memory after update 99",
-        "MiB",
-        vec![last.0],
-    );
-    add(
-        r,
-        UpdateStep::GuestFdsFirst,
-        "guest daemon's descriptors after update 10",
-        "fds",
-        vec![first.1],
-    );
-    add(
-        r,
-        UpdateStep::GuestFdsLast,
-        "guest daemon's descriptors after update 99",
-        "fds",
-        vec![last.1],
-    );
+    footprint_rows(r, Daemon::Guest, (WARM, first), (UPDATES - 1, last));
     Ok(())
 }
 
@@ -408,34 +427,7 @@ fn host_mount(store: &UpdateStore, dir: &Path, bin: &Path, r: &mut Results) -> R
             "ms",
             times,
         );
-        add(
-            r,
-            UpdateStep::HostAnonFirst,
-            "mount daemon's private memory after update 10",
-            "MiB",
-            vec![first.0],
-        );
-        add(
-            r,
-            UpdateStep::HostAnonLast,
-            "mount daemon's private memory after update 100",
-            "MiB",
-            vec![last.0],
-        );
-        add(
-            r,
-            UpdateStep::HostFdsFirst,
-            "mount daemon's descriptors after update 10",
-            "fds",
-            vec![first.1],
-        );
-        add(
-            r,
-            UpdateStep::HostFdsLast,
-            "mount daemon's descriptors after update 100",
-            "fds",
-            vec![last.1],
-        );
+        footprint_rows(r, Daemon::Mount, (WARM, first), (UPDATES, last));
         Ok(())
     })();
     mount.unmount()?;

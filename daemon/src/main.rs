@@ -459,6 +459,20 @@ fn missing_policy(args: &Args, opts_allow_missing: bool) -> Missing {
     }
 }
 
+/// Hands the roots to the keeper process (forked here, before the sandbox) and returns
+/// the gate requests are served through. `foreground`: the keeper keeps standard error.
+fn keep_roots_outside(
+    roots: &Mutex<Option<TempRoots>>,
+    foreground: bool,
+) -> Result<nixstorefs::gc_roots::RootsGate, Failure> {
+    let mut roots = roots.lock();
+    let roots = roots.as_mut().expect("roots are held while serving");
+    roots
+        .keep_outside(foreground, nixstorefs_cli::log_fd())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    Ok(roots.gate())
+}
+
 /// How the signal thread unmounts: itself (no sandbox), or through the unmounter process
 /// forked before the sandbox (a confined process may not unmount).
 enum Unmount {
@@ -515,14 +529,7 @@ fn serve(
     let signals = nixstorefs_cli::block_signals();
     let view = Arc::new(view);
     // The roots keeper first: requests are served only while it says the paths are rooted.
-    let gate = {
-        let mut roots = roots.lock();
-        let roots = roots.as_mut().expect("roots are held while serving");
-        roots
-            .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
-            .map_err(|e| Failure::runtime(e.to_string()))?;
-        roots.gate()
-    };
+    let gate = keep_roots_outside(roots, detached.is_none())?;
     let fs = StoreFs::new(
         view.clone(),
         FuseOptions {
@@ -704,14 +711,7 @@ fn serve_guest(
     // Everything that needs the wider world happens before the sandbox: the roots keeper,
     // the clean-up process, /dev/null for the standard descriptors, systemd's socket.
     let mut socket = socket;
-    let gate = {
-        let mut roots = roots.lock();
-        let roots = roots.as_mut().expect("roots are held while serving");
-        roots
-            .keep_outside(detached.is_none(), nixstorefs_cli::log_fd())
-            .map_err(|e| Failure::runtime(e.to_string()))?;
-        roots.gate()
-    };
+    let gate = keep_roots_outside(roots, detached.is_none())?;
     let cleanup = clean_up_outside(args, socket.as_mut())?;
     let view = Arc::new(view);
     let link = start_updates(args, mode, &view, detached.is_none())?;
