@@ -2075,6 +2075,7 @@ fn native_backend_takes_a_new_closure_without_a_restart(kernel: Kernel) {
              i=0; while [ ! -e /nix/store/{b_prog}/bin/b ] && [ $i -lt 600 ]; do \
                i=$((i+1)); sleep 0.1; done\n\
              sh /nix/store/{b_prog}/bin/b\n\
+             sleep 0.2\n\
              ls /nix/store | grep -q {b_prog} && echo B-LISTED\n\
              ls /nix/store | grep -q {a_prog} || echo A-UNLISTED\n\
              sleep 1\n\
