@@ -15,7 +15,7 @@ use rustix::io::Errno;
 use super::attr::{kind_of, DirEntry, Kind};
 use super::dircache::CachedDir;
 use super::error::ViewError;
-use super::identity::{status_at, status_fd, statx_at, HostId, Status};
+use super::identity::{status_at, status_fd, statx_at, statx_fd, HostId, Status};
 use super::numbering::InodeMap;
 use super::records::{Known, Version};
 use super::{io_err, NodeId, Result, View};
@@ -223,6 +223,14 @@ impl View {
 
     /// The host's current status of `node`, checked to still be the same object.
     pub(super) fn stat_node(&self, node: &Arc<Known>) -> Result<Statx> {
+        // A directory whose descriptor is cached (and still where it was found) is that
+        // very object, checked in full when it was opened: its status is all it takes,
+        // with no file handle to take again.
+        if node.kind == Kind::Directory {
+            if let Some(dir) = self.cached_dir(node) {
+                return statx_fd(dir.fd.as_fd());
+            }
+        }
         self.resolve(node, |dir, name| {
             let status = status_at(dir, name).map_err(|e| self.gone(e, node))?;
             self.check_identity(&status, node)?;
