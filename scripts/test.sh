@@ -51,7 +51,7 @@ if cargo nextest --version >/dev/null 2>&1; then
       cargo nextest run --locked --workspace --profile ci -E "$mount_tests"
   fi
 else
-  NIXSTOREFS_TEST_FUSE_TRANSPORT=$ring cargo test --locked --workspace -- --test-threads=1
+  cargo test --locked --workspace
   if [ "$ring" != dev-fuse ]; then
     NIXSTOREFS_TEST_FUSE_TRANSPORT=dev-fuse cargo test --locked -p nixstorefs-tests \
       --test fuse --test gc --test hostile --test identity --test options --test update \

@@ -17,10 +17,10 @@ use nixstorefs_tests::harness::{self, Mount};
 use nixstorefs_tests::sample::{self, SampleOptions, SampleStore};
 use rustix::process::Signal;
 
-/// A mount served the way `transport` says, tracing every request it serves.
+/// A mount served the way `transport` says, logging every request it serves.
 fn mount(s: &SampleStore, transport: &str, extra: &[&str]) -> Mount {
     Mount::builder(&s.store_dir, &s.closure_file)
-        .args(["-vvv", "--fuse-transport", transport])
+        .args(["-vv", "--fuse-transport", transport])
         .args(extra)
         .start()
 }
@@ -52,7 +52,10 @@ fn on_cpu(cpu: usize, cmd: &str, args: &[&Path]) -> Vec<u8> {
             .args(args),
         Duration::from_secs(30),
     );
-    assert!(out.status.success(), "taskset -c {cpu} {cmd} {args:?} failed");
+    assert!(
+        out.status.success(),
+        "taskset -c {cpu} {cmd} {args:?} failed"
+    );
     out.stdout
 }
 
@@ -72,12 +75,23 @@ fn the_rings_serve_when_the_kernel_offers_them() {
         );
     }
     let log = m.stderr();
-    let chosen: Vec<&str> = log.lines().filter(|l| l.contains("FUSE transport:")).collect();
-    assert_eq!(chosen.len(), 1, "one line says which transport serves:\n{log}");
-    assert!(chosen[0].contains("FUSE transport: io_uring"), "{}", chosen[0]);
+    let chosen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("FUSE transport:"))
+        .collect();
+    assert_eq!(
+        chosen.len(),
+        1,
+        "one line says which transport serves:\n{log}"
+    );
+    assert!(
+        chosen[0].contains("FUSE transport: io_uring"),
+        "{}",
+        chosen[0]
+    );
     let served = ring_requests(&log);
     assert!(
-        served.iter().any(|l| l.contains("op=\"LOOKUP\"")),
+        served.iter().any(|l| l.contains("ring request LOOKUP ")),
         "no lookup came over the rings:\n{log}"
     );
 }
@@ -103,7 +117,7 @@ fn a_request_is_served_on_the_queue_of_the_cpu_that_sent_it() {
     for (cpu, name) in names.iter().enumerate() {
         let lookup = ring_requests(&log)
             .into_iter()
-            .find(|l| l.contains("op=\"LOOKUP\"") && l.contains(&format!("name=\"{name}\"")))
+            .find(|l| l.contains("ring request LOOKUP ") && l.contains(&format!("name=\"{name}\"")))
             .unwrap_or_else(|| panic!("no ring lookup of {name}:\n{log}"));
         assert!(
             lookup.contains(&format!("queue={cpu} cpu={cpu} ")),
@@ -124,11 +138,11 @@ fn passthrough_keeps_reads_away_from_the_daemon_over_the_rings() {
     let log = m.stderr();
     let served = ring_requests(&log);
     assert!(
-        served.iter().any(|l| l.contains("op=\"OPEN\"")),
+        served.iter().any(|l| l.contains("ring request OPEN ")),
         "the open did not come over the rings:\n{log}"
     );
     assert!(
-        !served.iter().any(|l| l.contains("op=\"READ\"")),
+        !served.iter().any(|l| l.contains("ring request READ ")),
         "a read reached the daemon:\n{log}"
     );
 
@@ -138,7 +152,9 @@ fn passthrough_keeps_reads_away_from_the_daemon_over_the_rings() {
     assert_eq!(big, fs::read(s.host(&s.big_file)).unwrap());
     let log = m.stderr();
     assert!(
-        ring_requests(&log).iter().any(|l| l.contains("op=\"READ\"")),
+        ring_requests(&log)
+            .iter()
+            .any(|l| l.contains("ring request READ ")),
         "no read over the rings without passthrough:\n{log}"
     );
 }
@@ -162,7 +178,10 @@ fn a_queue_that_cannot_register_makes_the_mount_fall_back_to_dev_fuse() {
         );
     }
     let log = m.stderr();
-    let chosen: Vec<&str> = log.lines().filter(|l| l.contains("FUSE transport:")).collect();
+    let chosen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("FUSE transport:"))
+        .collect();
     assert_eq!(chosen.len(), 1, "{log}");
     assert!(
         chosen[0].contains("FUSE transport: /dev/fuse") && chosen[0].contains("refused"),
@@ -259,7 +278,10 @@ fn unmounting_ends_the_queue_threads() {
     assert!(status.success(), "{status}\n{}", m.stderr());
     assert!(!m.is_mounted());
     let log = m.stderr();
-    let stopped = log.lines().filter(|l| l.contains("ring queue stopped")).count();
+    let stopped = log
+        .lines()
+        .filter(|l| l.contains("ring queue stopped"))
+        .count();
     assert_eq!(stopped, nixstorefs_possible_cpus(), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
 }

@@ -50,7 +50,7 @@ pub fn serve(shared: &Shared, qid: u16, header: &mut [u8], payload: &mut [u8]) -
     // Extension headers (8-byte units) sit at the end of the payload; names come before.
     let ext = usize::from(inh.total_extlen) * 8;
     let in_len = in_len.saturating_sub(ext);
-    if tracing::enabled!(tracing::Level::TRACE) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
         trace_request(qid, &inh, &payload[..in_len]);
     }
     let answer = if !allowed(shared, &inh) {
@@ -86,15 +86,17 @@ fn trace_request(qid: u16, inh: &InHeader, payload: &[u8]) {
     };
     // SAFETY: sched_getcpu has no preconditions.
     let cpu = unsafe { libc::sched_getcpu() };
-    tracing::trace!(
+    // At debug, like the /dev/fuse transport's library logs each request it reads: the
+    // operation's name in the message, so that one search finds it over either.
+    tracing::debug!(
         queue = qid,
         cpu,
-        op = op::name(inh.opcode),
         opcode = inh.opcode,
         node = inh.nodeid,
         pid = inh.pid,
         name,
-        "ring request"
+        "ring request {} ",
+        op::name(inh.opcode)
     );
 }
 
