@@ -127,6 +127,10 @@ names! {
         Warm => "warm",
         /// A cold walk with the walker and the daemon on CPU 0.
         ColdOneCpu => "cold-one-cpu",
+        /// The first walk of a fresh mount served over io_uring.
+        ColdUring => "cold-uring",
+        /// The same, walker and daemon on CPU 0.
+        ColdOneCpuUring => "cold-one-cpu-uring",
     }
 }
 
@@ -156,6 +160,12 @@ names! {
         Native => "native",
         Passthrough => "passthrough",
         NoPassthrough => "nopassthrough",
+        /// Passthrough, the mount served over io_uring.
+        PassthroughUring => "passthrough-uring",
+        /// Passthrough over io_uring, reader and daemon on CPU 0.
+        PassthroughUringOneCpu => "passthrough-uring-one-cpu",
+        /// Passthrough over /dev/fuse, reader and daemon on CPU 0.
+        PassthroughOneCpu => "passthrough-one-cpu",
     }
 }
 

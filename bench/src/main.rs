@@ -559,6 +559,20 @@ fn latency(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
+/// The mount's transport options, for rows that compare them.
+const DEV_FUSE: &[&str] = &["--fuse-transport", "dev-fuse"];
+const IO_URING: &[&str] = &["--fuse-transport", "io-uring"];
+
+/// Why the io_uring rows are missing.
+const URING_OFF: &str = "No io_uring rows: FUSE over io_uring is off on this host \
+    (as root: echo Y > /sys/module/fuse/parameters/enable_uring).";
+
+/// Whether mounts can be served over io_uring here.
+fn uring_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
 fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
     let store = &ctx.built.host.store_dir;
     let names = &ctx.built.closure;
@@ -569,39 +583,76 @@ fn metadata(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
             .params(json!({"entries": expect.entries}))
     };
     let mut native = mk(Walk::Native, "native store, warm");
-    let mut cold = mk(Walk::Cold, "nixstorefs, fresh mount (cold)");
-    let mut warm = mk(Walk::Warm, "nixstorefs, second pass (warm)");
+    let mut cold = mk(Walk::Cold, "nixstorefs over /dev/fuse, fresh mount (cold)");
+    let mut warm = mk(Walk::Warm, "nixstorefs over /dev/fuse, second pass (warm)");
     let mut one_cpu = mk(
         Walk::ColdOneCpu,
-        "nixstorefs, fresh mount (cold), walker and daemon on CPU 0",
+        "nixstorefs over /dev/fuse, fresh mount (cold), walker and daemon on CPU 0",
     );
+    let uring = uring_enabled();
+    let mut cold_uring = mk(
+        Walk::ColdUring,
+        "nixstorefs over io_uring, fresh mount (cold)",
+    );
+    let mut one_cpu_uring = mk(
+        Walk::ColdOneCpuUring,
+        "nixstorefs over io_uring, fresh mount (cold), walker and daemon on CPU 0",
+    );
+    // Both transports side by side, each run: a cold walk unpinned, then pinned.
+    let mut transports = vec![(DEV_FUSE, &mut cold, &mut one_cpu)];
+    if uring {
+        transports.push((IO_URING, &mut cold_uring, &mut one_cpu_uring));
+    }
     for run in 1..=ctx.runs {
         let (t, d) = workload::walk(store, names).map_err(|e| e.to_string())?;
         native.m.samples.push(ms(d));
-        let m = mount(ctx, closure, &[])?;
-        let (t1, d1) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
-        let (t2, d2) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
-        m.unmount()?;
-        // The same cold walk with no request crossing CPUs: the daemon inherits the
-        // affinity of the thread that starts it.
-        let (t3, d3) = on_cpu0(|| {
-            let m = mount(ctx, closure, &[])?;
-            let walked = workload::walk(m.path(), names).map_err(|e| e.to_string());
+        for (i, (transport, cold, one_cpu)) in transports.iter_mut().enumerate() {
+            let m = mount(ctx, closure, transport)?;
+            let (t1, d1) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
+            let (t2, d2) = workload::walk(m.path(), names).map_err(|e| e.to_string())?;
             m.unmount()?;
-            walked
-        })?;
-        if t != expect || t1 != expect || t2 != expect || t3 != expect {
-            return Err(format!(
-                "walks disagree: native {expect:?}, mounted {t1:?} / {t2:?} / {t3:?}"
-            ));
+            // The same cold walk with no request crossing CPUs: the daemon inherits the
+            // affinity of the thread that starts it.
+            let (t3, d3) = on_cpu0(|| {
+                let m = mount(ctx, closure, transport)?;
+                let walked = workload::walk(m.path(), names).map_err(|e| e.to_string());
+                m.unmount()?;
+                walked
+            })?;
+            if t != expect || t1 != expect || t2 != expect || t3 != expect {
+                return Err(format!(
+                    "walks disagree: native {expect:?}, mounted {t1:?} / {t2:?} / {t3:?}"
+                ));
+            }
+            cold.m.samples.push(ms(d1));
+            if i == 0 {
+                warm.m.samples.push(ms(d2));
+            }
+            one_cpu.m.samples.push(ms(d3));
         }
-        cold.m.samples.push(ms(d1));
-        warm.m.samples.push(ms(d2));
-        one_cpu.m.samples.push(ms(d3));
         eprintln!("bench: [metadata] run {run}/{} done", ctx.runs);
     }
+    drop(transports);
     for s in [native, cold, warm, one_cpu] {
         r.add(s.m);
+    }
+    if uring {
+        r.add(cold_uring.m);
+        r.add(one_cpu_uring.m);
+        r.ratio(
+            "cold walk over io_uring vs native",
+            Id::Walk(Walk::ColdUring),
+            Id::Walk(Walk::Native),
+            Some(Target::AtMost(4.0)),
+        );
+        r.ratio(
+            "cold walk over io_uring on one CPU vs native",
+            Id::Walk(Walk::ColdOneCpuUring),
+            Id::Walk(Walk::Native),
+            None,
+        );
+    } else {
+        r.note(Section::Metadata, URING_OFF.to_string());
     }
     r.ratio(
         "warm walk vs native",
@@ -811,40 +862,67 @@ fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         .map(|(_, l)| l)
         .sum();
     workload::read_small(store, &rels).map_err(|e| e.to_string())?;
-    let variants = [
-        (SmallVia::Native, "native store, warm", None),
+    let uring = uring_enabled();
+    let mut variants = vec![
+        (SmallVia::Native, "native store, warm", None, false),
         (
             SmallVia::Passthrough,
-            "nixstorefs (passthrough), fresh mount",
-            Some(&[][..]),
+            "nixstorefs (passthrough) over /dev/fuse, fresh mount",
+            Some(DEV_FUSE),
+            false,
         ),
         (
             SmallVia::NoPassthrough,
-            "nixstorefs --no-passthrough, fresh mount",
-            Some(&["--no-passthrough"][..]),
+            "nixstorefs --no-passthrough over /dev/fuse, fresh mount",
+            Some(&["--no-passthrough", "--fuse-transport", "dev-fuse"][..]),
+            false,
+        ),
+        (
+            SmallVia::PassthroughOneCpu,
+            "nixstorefs (passthrough) over /dev/fuse, fresh mount, reader and daemon on CPU 0",
+            Some(DEV_FUSE),
+            true,
         ),
     ];
+    if uring {
+        variants.push((
+            SmallVia::PassthroughUring,
+            "nixstorefs (passthrough) over io_uring, fresh mount",
+            Some(IO_URING),
+            false,
+        ));
+        variants.push((
+            SmallVia::PassthroughUringOneCpu,
+            "nixstorefs (passthrough) over io_uring, fresh mount, reader and daemon on CPU 0",
+            Some(IO_URING),
+            true,
+        ));
+    }
     let mut ss: Vec<Samples> = variants
         .iter()
-        .map(|&(via, l, _)| {
+        .map(|&(via, l, _, _)| {
             Samples::new(Id::Small(via), l.to_string(), "ms", Better::Lower)
                 .params(json!({"files": rels.len(), "bytes": bytes}))
         })
         .collect();
     for run in 1..=ctx.runs {
-        for (i, (_, _, extra)) in variants.iter().enumerate() {
-            let m = match extra {
-                None => None,
-                Some(x) => Some(mount(ctx, closure, x)?),
+        for (i, &(_, _, extra, pinned)) in variants.iter().enumerate() {
+            let once = || -> Result<Duration, String> {
+                let m = match extra {
+                    None => None,
+                    Some(x) => Some(mount(ctx, closure, x)?),
+                };
+                let root = m.as_ref().map_or(store.as_path(), |m| m.path());
+                let (n, d) = workload::read_small(root, &rels).map_err(|e| e.to_string())?;
+                if n != bytes {
+                    return Err(format!("read {n} bytes of {bytes}"));
+                }
+                if let Some(m) = m {
+                    m.unmount()?;
+                }
+                Ok(d)
             };
-            let root = m.as_ref().map_or(store.as_path(), |m| m.path());
-            let (n, d) = workload::read_small(root, &rels).map_err(|e| e.to_string())?;
-            if n != bytes {
-                return Err(format!("read {n} bytes of {bytes}"));
-            }
-            if let Some(m) = m {
-                m.unmount()?;
-            }
+            let d = if pinned { on_cpu0(once)? } else { once()? };
             ss[i].m.samples.push(ms(d));
         }
         eprintln!("bench: [small] run {run}/{} done", ctx.runs);
@@ -864,6 +942,28 @@ fn small_files(ctx: &Ctx, r: &mut Results) -> Result<(), String> {
         Id::Small(SmallVia::Native),
         None,
     );
+    r.ratio(
+        "passthrough on one CPU vs native",
+        Id::Small(SmallVia::PassthroughOneCpu),
+        Id::Small(SmallVia::Native),
+        None,
+    );
+    if uring {
+        r.ratio(
+            "passthrough over io_uring vs native",
+            Id::Small(SmallVia::PassthroughUring),
+            Id::Small(SmallVia::Native),
+            Some(Target::AtMost(6.0)),
+        );
+        r.ratio(
+            "passthrough over io_uring on one CPU vs native",
+            Id::Small(SmallVia::PassthroughUringOneCpu),
+            Id::Small(SmallVia::Native),
+            None,
+        );
+    } else {
+        r.note(Section::Small, URING_OFF.to_string());
+    }
     r.note(
         Section::Small,
         format!(

@@ -15,6 +15,7 @@ use nixstorefs::gc_roots::TempRoots;
 use nixstorefs::sandbox::{self, Profile, SandboxMode, SandboxOptions, SeccompMode};
 use nixstorefs::session::SessionLimits;
 use nixstorefs::transport::fuse::{FuseOptions, StoreFs};
+use nixstorefs::transport::fuse_uring::{self, FuseTransport};
 use nixstorefs::transport::virtiofs;
 use nixstorefs::view::{Change, Missing, Removal, View, ViewError, ViewOptions};
 use options::MountOptions;
@@ -121,7 +122,8 @@ struct Args {
     /// Mount options, comma-separated: allow_other, allow_root, auto_unmount, fsname=NAME,
     /// ro, nosuid, suid, exec, noexec, noatime, no_default_permissions (default_permissions,
     /// the kernel checking modes, is on by default; dev is refused), and store_dir=DIR,
-    /// allow_missing, no_passthrough, gc_roots=MODE (the flags of the same name).
+    /// allow_missing, no_passthrough, gc_roots=MODE, fuse_transport=MODE (the flags of the
+    /// same name).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     options: Vec<String>,
 
@@ -130,7 +132,19 @@ struct Args {
     #[arg(long)]
     no_passthrough: bool,
 
-    /// Request threads.
+    /// How the kernel's requests reach the daemon: `io-uring` takes them from one ring
+    /// per CPU, each served by a thread on that CPU (Linux 6.14 or later, with FUSE over
+    /// io_uring enabled by root: echo Y > /sys/module/fuse/parameters/enable_uring);
+    /// `dev-fuse` reads them from /dev/fuse; `auto` uses io_uring when the kernel offers
+    /// it and /dev/fuse otherwise. `io-uring` fails to start without it.
+    #[arg(long, value_enum, default_value_t = FuseTransport::Auto, value_name = "TRANSPORT")]
+    fuse_transport: FuseTransport,
+
+    /// For tests: ring queue N refuses to register, as if it could not be set up.
+    #[arg(long, hide = true, value_name = "N")]
+    test_uring_refuse_queue: Option<u16>,
+
+    /// Request threads reading /dev/fuse.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
 
@@ -349,8 +363,9 @@ fn fd_budget(args: &Args, mode: &Mode) -> u64 {
     const VHOST_USER: u64 = 509 + 3 * 2 + 2;
     let caches = u64::from(args.max_cached_dirs) + session_limits().max_cached_files as u64;
     let transport = if mode.is_mount() {
-        // A cloned /dev/fuse per thread, and passthrough files while being registered.
-        2 * u64::from(args.threads)
+        // A cloned /dev/fuse per thread, and passthrough files while being registered;
+        // a ring per possible CPU, its stop eventfd and its /dev/fuse descriptor.
+        2 * u64::from(args.threads) + fuse_uring::possible_cpus().unwrap_or(1) as u64 + 2
     } else {
         VHOST_USER
     };
@@ -535,9 +550,14 @@ fn serve(
         FuseOptions {
             passthrough: !(args.no_passthrough || opts.no_passthrough),
             posix_acl: opts.mount.contains(&fuser::MountOption::DefaultPermissions),
+            acl: opts.acl,
+            transport: opts.fuse_transport.unwrap_or(args.fuse_transport),
+            refuse_uring_queue: args.test_uring_refuse_queue,
         },
         gate,
     );
+    // fuser takes the filesystem; the rings serve from the same state through this.
+    let fuse = fs.handle();
     let mut config = fuser::Config::default();
     config.mount_options = opts.mount.clone();
     config.acl = opts.acl;
@@ -549,6 +569,12 @@ fn serve(
     let mut session = fuser::Session::new(fs, mountpoint, &config)
         .map_err(|e| Failure::runtime(format!("cannot mount on {}: {e}", mountpoint.display())))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    use std::os::fd::AsFd;
+    fuse.attach(session.as_fd())
+        .map_err(|e| Failure::runtime(format!("cannot duplicate the /dev/fuse descriptor: {e}")))?;
+    // Still outside the sandbox, where fuser can unmount: the ring, if required, must
+    // have been accepted at INIT.
+    fuse.check_required().map_err(Failure::runtime)?;
 
     // Everything that needs the wider world happens before the sandbox: the unmounter and
     // the clean-up process, /dev/null for the standard descriptors, systemd's socket, the
@@ -583,6 +609,15 @@ fn serve(
     .start(link)
     .map_err(|e| Failure::runtime(format!("cannot start the updater thread: {e}")))?;
 
+    // The queues' threads start confined, like every thread started from here on.
+    let rings = match fuse.start() {
+        Ok(rings) => rings,
+        Err(e) => {
+            unmounter.unmount(mountpoint);
+            return Err(Failure::runtime(e));
+        }
+    };
+
     let target = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
@@ -607,6 +642,7 @@ fn serve(
     session
         .run()
         .map_err(|e| Failure::runtime(format!("serving {} failed: {e}", mountpoint.display())))?;
+    rings.stop();
     log_stats(&view, "unmounted; exiting");
     drop(cleanup);
     Ok(())

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use fuser::{MountOption, SessionACL};
 
 use nixstorefs::gc_roots::GcRootsMode;
+use nixstorefs::transport::fuse_uring::FuseTransport;
 
 /// Mount options after parsing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub struct MountOptions {
     pub no_passthrough: bool,
     /// `gc_roots=MODE`: as `--gc-roots MODE`.
     pub gc_roots: Option<GcRootsMode>,
+    /// `fuse_transport=MODE`: as `--fuse-transport MODE`.
+    pub fuse_transport: Option<FuseTransport>,
 }
 
 impl Default for MountOptions {
@@ -47,6 +50,7 @@ impl Default for MountOptions {
             allow_missing: false,
             no_passthrough: false,
             gc_roots: None,
+            fuse_transport: None,
         }
     }
 }
@@ -145,6 +149,12 @@ impl MountOptions {
                     self.gc_roots =
                         Some(GcRootsMode::from_str(mode, false).map_err(|_| {
                             format!("`{opt}`: expected auto, daemon, local or off")
+                        })?);
+                } else if let Some(mode) = opt.strip_prefix("fuse_transport=") {
+                    use clap::ValueEnum;
+                    self.fuse_transport =
+                        Some(FuseTransport::from_str(mode, false).map_err(|_| {
+                            format!("`{opt}`: expected auto, io-uring or dev-fuse")
                         })?);
                 } else if is_foreign(opt) {
                     tracing::debug!("ignoring mount option `{opt}`");

@@ -23,6 +23,26 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 /// Environment variable with extra whitespace-separated arguments for every [`Mount`].
 pub const EXTRA_ARGS_ENV: &str = "NIXSTOREFS_TEST_ARGS";
 
+/// Set to `dev-fuse`, `io-uring` or `auto`, every mount the harness starts is served that
+/// way (`--fuse-transport`), unless the test chose a transport itself: how the whole mount
+/// suite runs over both transports (scripts/test.sh).
+pub const FUSE_TRANSPORT_ENV: &str = "NIXSTOREFS_TEST_FUSE_TRANSPORT";
+
+/// The `fuse` module's switch for FUSE over io_uring (Linux 6.14 and later).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Whether the kernel offers FUSE over io_uring to new mounts now.
+pub fn uring_enabled() -> bool {
+    fs::read_to_string(ENABLE_URING).is_ok_and(|v| v.trim() == "Y")
+}
+
+/// The transport the run asks every mount for, if any ([`FUSE_TRANSPORT_ENV`]).
+pub fn forced_transport() -> Option<String> {
+    std::env::var(FUSE_TRANSPORT_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// Path of the workspace binary `name`.
 ///
 /// Taken from `NIXSTOREFS_BIN_DIR` when set, else from the target directory this test
@@ -567,6 +587,13 @@ impl MountBuilder {
         // Lets a whole run use e.g. `-vv` or `--no-passthrough` without editing tests.
         if let Some(extra) = std::env::var_os(EXTRA_ARGS_ENV) {
             cmd.args(extra.to_string_lossy().split_whitespace());
+        }
+        let chosen = self
+            .args
+            .iter()
+            .any(|a| a.to_string_lossy().starts_with("--fuse-transport"));
+        if let (Some(transport), false) = (forced_transport(), chosen) {
+            cmd.arg("--fuse-transport").arg(transport.trim());
         }
         cmd.arg(&self.closure)
             .arg(mp.path())

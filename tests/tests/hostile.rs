@@ -325,16 +325,19 @@ fn large_file_truncated_under_a_mapped_reader() {
     let rel = s.small_files[0].with_file_name("large.bin");
     let original: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     fs::write(s.host(&rel), &original).unwrap();
-    let m = Mount::foreground(&s.store_dir, &s.closure_file, &["--no-passthrough"]);
+    let m = Mount::foreground(&s.store_dir, &s.closure_file, &["-v", "--no-passthrough"]);
     let mut f = File::open(m.mountpoint().join(&rel)).unwrap();
     let mut head = vec![0; 1 << 20];
     let rchar_before = harness::rchar(m.pid()).expect("the daemon's /proc/PID/io");
     f.read_exact(&mut head).unwrap();
     let rchar_after = harness::rchar(m.pid()).unwrap();
+    // Over io_uring the daemon reads into the ring's buffer itself (copying from a
+    // mapping there could fault); only /dev/fuse replies from the mapping.
+    let mapped = !m.stderr().contains("FUSE transport: io_uring");
     assert_eq!(head, original[..1 << 20], "the mapped read serves the file");
     // Served from the mapping, the data never passes through the daemon's own reads.
     assert!(
-        rchar_after - rchar_before < (1 << 18),
+        !mapped || rchar_after - rchar_before < (1 << 18),
         "the daemon read {} bytes itself for a 1 MiB read",
         rchar_after - rchar_before
     );

@@ -13,6 +13,10 @@
 //! `EINVAL` rather than allowed: its FUSE library unmounts again when its session ends,
 //! after the unmounter process has; Landlock would refuse it anyway.)
 //!
+//! The FUSE daemon may also enter its io_uring rings (`io_uring_enter`) and pin its own
+//! threads (`sched_setaffinity` of itself); the rings exist before the filter and accept
+//! only FUSE commands (see `transport::fuse_uring`).
+//!
 //! `clone3` cannot be checked by argument (its flags are in memory), so it fails with
 //! `ENOSYS` (a second, allowing filter that only answers that call), and the C library
 //! falls back to `clone`, whose flags are checked.
@@ -194,6 +198,18 @@ fn rules(
         for &call in FUSE_ONLY {
             rules.insert(call, Vec::new());
         }
+        // FUSE over io_uring: each ring queue's thread waits for requests and commits
+        // replies with io_uring_enter. The rings are made before the sandbox, restricted
+        // to the FUSE command and a poll (seccomp cannot see what a ring carries, so the
+        // ring itself refuses anything else); io_uring_setup and io_uring_register stay
+        // forbidden, so no other ring can appear and these cannot change.
+        rules.insert(libc::SYS_io_uring_enter, Vec::new());
+        // And pins itself to its CPU: only the calling thread (pid 0), never another
+        // process.
+        rules.insert(
+            libc::SYS_sched_setaffinity,
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?],
+        );
     }
     rules.insert(libc::SYS_ioctl, ioctls);
     // The VMM's connection is taken from the listening socket only.
@@ -282,6 +298,22 @@ mod tests {
         assert!(compile(Profile::VirtioFs, SeccompMode::None, None)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn rings_cannot_be_made_or_changed_once_confined() {
+        for profile in [Profile::VirtioFs, Profile::Fuse] {
+            let allowed = rules(profile, Some(3)).unwrap();
+            assert!(!allowed.contains_key(&libc::SYS_io_uring_setup));
+            assert!(!allowed.contains_key(&libc::SYS_io_uring_register));
+        }
+        let fuse = rules(Profile::Fuse, None).unwrap();
+        assert!(fuse.contains_key(&libc::SYS_io_uring_enter));
+        // Only with an argument check: the calling thread's own affinity.
+        assert_eq!(fuse[&libc::SYS_sched_setaffinity].len(), 1);
+        let guest = rules(Profile::VirtioFs, Some(3)).unwrap();
+        assert!(!guest.contains_key(&libc::SYS_io_uring_enter));
+        assert!(!guest.contains_key(&libc::SYS_sched_setaffinity));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -15,12 +15,13 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+use super::fuse_uring::{self, FuseTransport, Rings, UringSlot};
 use super::mapping::FileMapping;
 use crate::gc_roots::RootsGate;
 use crate::protocol::{system_time, Capability, CAPABILITIES};
@@ -37,6 +38,15 @@ pub struct FuseOptions {
     /// The kernel then checks permissions itself too, so this goes with
     /// `default_permissions`. Without it every `ls -l` asks the daemon twice per entry.
     pub posix_acl: bool,
+    /// Which users' requests are served (the mount's `allow_other`/`allow_root`), as
+    /// given to fuser, which applies it to what comes over `/dev/fuse`; the ring applies
+    /// the same rule.
+    pub acl: SessionACL,
+    /// Whether requests come over io_uring or `/dev/fuse` reads.
+    pub transport: FuseTransport,
+    /// Makes this ring queue refuse to register, as if it could not be set up: for tests
+    /// of the fallback to `/dev/fuse`.
+    pub refuse_uring_queue: Option<u16>,
 }
 
 impl Default for FuseOptions {
@@ -44,14 +54,73 @@ impl Default for FuseOptions {
         FuseOptions {
             passthrough: true,
             posix_acl: true,
+            acl: SessionACL::default(),
+            transport: FuseTransport::default(),
+            refuse_uring_queue: None,
         }
+    }
+}
+
+/// `FUSE_DEV_IOC_BACKING_OPEN` and `FUSE_DEV_IOC_BACKING_CLOSE` (linux/fuse.h).
+const FUSE_DEV_IOC_BACKING_OPEN: libc::c_ulong = 0x4010_e501;
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// A host file registered with the kernel for passthrough, closed (unregistered) on drop.
+///
+/// The daemon's own type rather than fuser's `BackingId`, which can only be made from a
+/// fuser reply: the ring transport registers files too, and both transports must share
+/// one registration per node (the kernel refuses a second backing file for an inode that
+/// is open).
+#[derive(Debug)]
+pub struct Backing {
+    id: u32,
+    dev: Arc<OwnedFd>,
+}
+
+impl Backing {
+    /// Registers `file` through `dev`, a `/dev/fuse` descriptor of the connection.
+    fn open(dev: &Arc<OwnedFd>, file: &File) -> std::io::Result<Backing> {
+        #[repr(C)]
+        struct BackingMap {
+            fd: i32,
+            flags: u32,
+            padding: u64,
+        }
+        let map = BackingMap {
+            fd: file.as_raw_fd(),
+            flags: 0,
+            padding: 0,
+        };
+        // SAFETY: the ioctl reads a `struct fuse_backing_map` (16 bytes, laid out as
+        // above) from a pointer valid for the call.
+        let id = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN, &map) };
+        if id < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Backing {
+            id: id as u32,
+            dev: dev.clone(),
+        })
+    }
+
+    /// The id the kernel gave it.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        // SAFETY: the ioctl reads a u32 from a pointer valid for the call. Fails
+        // harmlessly once the connection is gone (the kernel closed everything then).
+        let _ = unsafe { libc::ioctl(self.dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &self.id) };
     }
 }
 
 /// What this transport keeps beside an open regular file.
 pub enum FuseFile {
     /// Reads go to the kernel's backing file; the id keeps it registered until release.
-    Passthrough(#[allow(dead_code)] Arc<BackingId>),
+    Passthrough(#[allow(dead_code)] Arc<Backing>),
     /// Reads come to the daemon: small ones with `pread`, large ones from a mapping of the
     /// file made at the first of them (see [`FileMapping`]).
     Daemon(OnceLock<Option<FileMapping>>),
@@ -78,46 +147,121 @@ fn mapping<'a>(
 
 /// The FUSE filesystem: a session on a view, plus what passthrough needs.
 pub struct StoreFs {
-    session: Session<FuseFile>,
-    options: FuseOptions,
+    shared: Arc<Shared>,
+}
+
+/// What both host transports (`/dev/fuse` and the rings) serve from: the session and
+/// what the kernel agreed to at INIT.
+pub struct Shared {
+    pub(crate) session: Session<FuseFile>,
+    pub(crate) options: FuseOptions,
+    /// The daemon's user, whose requests the access rule always lets through.
+    pub(crate) owner: u32,
     /// Set at INIT: whether the kernel accepted passthrough.
     passthrough: AtomicBool,
     /// The backing file registered for each node open in passthrough mode. The kernel
     /// refuses a second, different backing file for an inode that is open (EIO), so
     /// concurrent opens of one node share one.
-    backings: DashMap<NodeId, Weak<BackingId>>,
+    backings: DashMap<NodeId, Weak<Backing>>,
     /// Set at INIT: the kernel can open directories without a round trip to the daemon
     /// (FUSE_NO_OPENDIR_SUPPORT), keeping their contents cached; it then reads them with
     /// handle 0 (see [`Session::dir_stream`]).
     no_opendir: AtomicBool,
+    /// A `/dev/fuse` descriptor of the connection, once mounted: for passthrough
+    /// registrations and the ring commands.
+    dev: OnceLock<Arc<OwnedFd>>,
+    /// What INIT decided about the rings.
+    uring: UringSlot,
 }
 
 impl StoreFs {
     /// Serves `view` with `options`, while `gate` says its paths are rooted.
     pub fn new(view: Arc<View>, options: FuseOptions, gate: RootsGate) -> Self {
         StoreFs {
-            session: Session::new(view).gated(gate),
-            options,
-            passthrough: AtomicBool::new(false),
-            backings: DashMap::new(),
-            no_opendir: AtomicBool::new(false),
+            shared: Arc::new(Shared {
+                session: Session::new(view).gated(gate),
+                options,
+                owner: rustix::process::geteuid().as_raw(),
+                passthrough: AtomicBool::new(false),
+                backings: DashMap::new(),
+                no_opendir: AtomicBool::new(false),
+                dev: OnceLock::new(),
+                uring: UringSlot::default(),
+            }),
         }
     }
 
+    /// A handle on what this filesystem serves from, to start the rings with once fuser
+    /// has mounted it (fuser owns the filesystem from then on).
+    pub fn handle(&self) -> FuseHandle {
+        FuseHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Kept by the daemon beside fuser's session: see [`StoreFs::handle`].
+pub struct FuseHandle {
+    shared: Arc<Shared>,
+}
+
+impl FuseHandle {
+    /// Takes a descriptor of the mounted connection (fuser's, duplicated): passthrough
+    /// registrations and ring commands go through it. Before the sandbox, and before any
+    /// request is served.
+    pub fn attach(&self, dev: BorrowedFd<'_>) -> std::io::Result<()> {
+        let dev = dev.try_clone_to_owned()?;
+        let _ = self.shared.dev.set(Arc::new(dev));
+        Ok(())
+    }
+
+    /// Fails if io_uring is required (`--fuse-transport io-uring`) and INIT did not
+    /// accept it: checked before the sandbox, while the mount can still be undone.
+    pub fn check_required(&self) -> Result<(), String> {
+        if self.shared.options.transport != FuseTransport::IoUring {
+            return Ok(());
+        }
+        self.shared
+            .uring
+            .accepted()
+            .map_err(|reason| format!("--fuse-transport io-uring: {reason}"))
+    }
+
+    /// Starts the rings if INIT accepted them (after the sandbox: their threads must be
+    /// confined too), and logs which transport serves. An error only when io_uring was
+    /// required and does not serve.
+    pub fn start(&self) -> Result<Rings, String> {
+        let dev = self
+            .shared
+            .dev
+            .get()
+            .ok_or("the /dev/fuse descriptor was not attached")?;
+        let options = &self.shared.options;
+        self.shared.uring.start(
+            &self.shared,
+            dev,
+            options.transport == FuseTransport::IoUring,
+            options.refuse_uring_queue,
+        )
+    }
+}
+
+impl Shared {
     /// The backing id for node `id`, shared with its other open handles or registered from
     /// `file`. A failure that will not go away (no CAP_SYS_ADMIN, a backing filesystem the
     /// kernel refuses) turns passthrough off for good, said once; a passing one (out of
     /// descriptors or memory) only serves this open through the daemon.
-    fn backing(&self, reply: &ReplyOpen, id: NodeId, file: &File) -> Option<Arc<BackingId>> {
+    fn backing(&self, id: NodeId, file: &File) -> Option<Arc<Backing>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
+        let dev = self.dev.get()?;
         // The entry stays locked while registering, so two opens cannot both register.
         let mut slot = self.backings.entry(id).or_default();
         if let Some(backing) = slot.upgrade() {
             return Some(backing);
         }
-        match reply.open_backing(file) {
+        match Backing::open(dev, file) {
             Ok(backing) => {
                 let backing = Arc::new(backing);
                 *slot = Arc::downgrade(&backing);
@@ -138,6 +282,43 @@ impl StoreFs {
                 None
             }
         }
+    }
+
+    /// Opens regular file `id` with open(2) `flags`: its handle, the FOPEN flags of the
+    /// reply, and the backing id (0 when read through the daemon). The handle is
+    /// registered before the reply: the RELEASE may come as soon as it is sent.
+    pub(crate) fn open(&self, id: NodeId, flags: i32) -> view::Result<(u64, u32, i32)> {
+        let (fh, open) = self
+            .session
+            .open(id, flags, |file| match self.backing(id, file) {
+                Some(backing) => FuseFile::Passthrough(backing),
+                None => FuseFile::Daemon(OnceLock::new()),
+            })?;
+        Ok(match &open.transport {
+            // No FOPEN_KEEP_CACHE here: the page cache is the backing file's own, and
+            // the kernel refuses a passthrough open that asks for caching (EIO).
+            FuseFile::Passthrough(backing) => (
+                fh,
+                (FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_PASSTHROUGH).bits(),
+                backing.id() as i32,
+            ),
+            FuseFile::Daemon(_) => (fh, fopen_flags(FILE_CACHE).bits(), 0),
+        })
+    }
+
+    /// Closes handle `fh` of node `ino`; the node's last handle closes its backing id.
+    pub(crate) fn release(&self, ino: NodeId, fh: u64) {
+        if let Some(file) = self.session.release(fh) {
+            drop(file);
+            // The last handle of the node closed the backing id (on drop); forget the slot.
+            self.backings
+                .remove_if(&ino, |_, weak| weak.strong_count() == 0);
+        }
+    }
+
+    /// Whether the kernel opens directories without asking.
+    pub(crate) fn no_opendir(&self) -> bool {
+        self.no_opendir.load(Ordering::Relaxed)
     }
 }
 
@@ -192,7 +373,8 @@ fn xattr_reply(answer: view::Result<Xattr>, reply: fuser::ReplyXattr) {
     }
 }
 
-fn fopen_flags(policy: CachePolicy) -> FopenFlags {
+/// The FOPEN flags telling the kernel to cache as `policy` says.
+pub(crate) fn fopen_flags(policy: CachePolicy) -> FopenFlags {
     let mut flags = FopenFlags::FOPEN_NOFLUSH;
     if policy.keep_cache {
         flags |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -237,6 +419,7 @@ fn file_attr(a: &Attr) -> FileAttr {
 
 impl Filesystem for StoreFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let shared = &*self.shared;
         // Each capability is optional: an older kernel just serves without it.
         for capability in CAPABILITIES {
             let flag = match capability {
@@ -246,7 +429,7 @@ impl Filesystem for StoreFs {
                 Capability::CacheSymlinks => InitFlags::FUSE_CACHE_SYMLINKS,
                 Capability::ExportSupport => InitFlags::FUSE_EXPORT_SUPPORT,
                 // Only with default_permissions: otherwise nobody would check the modes.
-                Capability::PosixAcl if !self.options.posix_acl => continue,
+                Capability::PosixAcl if !shared.options.posix_acl => continue,
                 Capability::PosixAcl => InitFlags::FUSE_POSIX_ACL,
                 Capability::NoOpendir => InitFlags::FUSE_NO_OPENDIR_SUPPORT,
                 Capability::AutoInvalData => InitFlags::FUSE_AUTO_INVAL_DATA,
@@ -254,30 +437,40 @@ impl Filesystem for StoreFs {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
             } else if capability == Capability::NoOpendir {
-                self.no_opendir.store(true, Ordering::Relaxed);
+                shared.no_opendir.store(true, Ordering::Relaxed);
             }
         }
-        if self.options.passthrough {
+        if shared.options.passthrough {
             // Depth 1: the backing files may not be on a stacked filesystem, and the mount
             // can itself still be the lower layer of an overlay.
             if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok()
             {
-                self.passthrough.store(true, Ordering::Relaxed);
+                shared.passthrough.store(true, Ordering::Relaxed);
             } else {
                 tracing::info!(
                     "kernel does not offer FUSE passthrough; reading through the daemon"
                 );
             }
         }
-        let _ = config
-            .set_max_readahead(u32::MAX)
-            .or_else(|max| config.set_max_readahead(max));
+        let readahead = match config.set_max_readahead(u32::MAX) {
+            Ok(_) => u32::MAX,
+            Err(max) => {
+                let _ = config.set_max_readahead(max);
+                max
+            }
+        };
+        // Last: the rings' buffers are sized from what was agreed above.
+        shared.uring.set(fuse_uring::negotiate(
+            config,
+            shared.options.transport,
+            readahead,
+        ));
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.session.lookup(parent.0, name) {
+        match self.shared.session.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
             Err(e) => {
                 tracing::debug!(parent = parent.0, ?name, "lookup: {e}");
@@ -287,40 +480,38 @@ impl Filesystem for StoreFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.session.forget(ino.0, nlookup);
+        self.shared.session.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.session.getattr(ino.0) {
+        match self.shared.session.getattr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.session.readlink(ino.0) {
+        match self.shared.session.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // Registered before the reply: the RELEASE may come as soon as it is sent.
-        let opened = self.session.open(ino.0, flags.0, |file| {
-            match self.backing(&reply, ino.0, file) {
-                Some(id) => FuseFile::Passthrough(id),
-                None => FuseFile::Daemon(OnceLock::new()),
+        match self.shared.open(ino.0, flags.0) {
+            Ok((fh, open_flags, backing_id)) if backing_id != 0 => {
+                // fuser only sends a backing id it wraps itself; the registration stays
+                // the shared `Backing`'s (taken back with `into_raw`, never closed here).
+                // SAFETY: the id is open, belongs to this connection, and stays open
+                // while the handle is (its `Backing` lives in the handle's record).
+                let wrapped = unsafe { reply.wrap_backing(backing_id as u32) };
+                let flags = FopenFlags::from_bits_retain(open_flags);
+                reply.opened_passthrough(FileHandle(fh), flags, &wrapped);
+                let _ = wrapped.into_raw();
             }
-        });
-        match opened {
-            Ok((fh, open)) => match &open.transport {
-                // No FOPEN_KEEP_CACHE here: the page cache is the backing file's own, and
-                // the kernel refuses a passthrough open that asks for caching (EIO).
-                FuseFile::Passthrough(id) => {
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id)
-                }
-                FuseFile::Daemon(_) => reply.opened(FileHandle(fh), fopen_flags(FILE_CACHE)),
-            },
+            Ok((fh, open_flags, _)) => {
+                reply.opened(FileHandle(fh), FopenFlags::from_bits_retain(open_flags))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -336,7 +527,7 @@ impl Filesystem for StoreFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let open = match self.session.file(fh.0) {
+        let open = match self.shared.session.file(fh.0) {
             Ok(f) => f,
             Err(e) => return reply.error(errno(e)),
         };
@@ -345,7 +536,7 @@ impl Filesystem for StoreFs {
             return reply.error(Errno::EIO);
         };
         let want = open.span(offset, size);
-        let file = match self.session.host_file(&open) {
+        let file = match self.shared.session.host_file(&open) {
             Ok(f) => f,
             Err(e) => return reply.error(errno(e)),
         };
@@ -365,7 +556,7 @@ impl Filesystem for StoreFs {
                 &file,
                 offset,
                 want,
-                &self.session.warnings,
+                &self.shared.session.warnings,
                 |file, at, len| {
                     let start = (at - offset) as usize;
                     rustix::io::pread(file, &mut buf[start..start + len], at).map_err(Into::into)
@@ -388,21 +579,16 @@ impl Filesystem for StoreFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(file) = self.session.release(fh.0) {
-            drop(file);
-            // The last handle of the node closes the backing id (on drop); forget the slot.
-            self.backings
-                .remove_if(&ino.0, |_, weak| weak.strong_count() == 0);
-        }
+        self.shared.release(ino.0, fh.0);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_opendir.load(Ordering::Relaxed) {
+        if self.shared.no_opendir() {
             // The kernel takes ENOSYS as "never ask again" and caches directories itself.
             return reply.error(Errno::ENOSYS);
         }
-        match self.session.opendir(ino.0) {
+        match self.shared.session.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), fopen_flags(DIR_CACHE)),
             Err(e) => reply.error(errno(e)),
         }
@@ -416,13 +602,13 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let stream = match self.session.dir_stream(ino.0, fh.0) {
+        let stream = match self.shared.session.dir_stream(ino.0, fh.0) {
             Ok(s) => s,
             Err(e) => return reply.error(errno(e)),
         };
         for slot in stream.from_offset(offset) {
             // The number a lookup gives, which the listing alone cannot always tell.
-            let Some(attr) = self.session.peek(&stream, &slot) else {
+            let Some(attr) = self.shared.session.peek(&stream, &slot) else {
                 continue;
             };
             if reply.add(
@@ -445,12 +631,12 @@ impl Filesystem for StoreFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let stream = match self.session.dir_stream(ino.0, fh.0) {
+        let stream = match self.shared.session.dir_stream(ino.0, fh.0) {
             Ok(s) => s,
             Err(e) => return reply.error(errno(e)),
         };
         for slot in stream.from_offset(offset) {
-            let attr = match self.session.lookup_slot(&stream, &slot) {
+            let attr = match self.shared.session.lookup_slot(&stream, &slot) {
                 Some(Ok(attr)) => attr,
                 Some(Err(e)) => return reply.error(errno(e)),
                 None => continue,
@@ -465,7 +651,7 @@ impl Filesystem for StoreFs {
             ) {
                 // Not sent: the reference just counted must not be kept.
                 if slot.dot.is_none() {
-                    self.session.forget(attr.ino, 1);
+                    self.shared.session.forget(attr.ino, 1);
                 }
                 break;
             }
@@ -481,12 +667,12 @@ impl Filesystem for StoreFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.session.releasedir(fh.0);
+        self.shared.session.releasedir(fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.session.statfs() {
+        match self.shared.session.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 0,
@@ -509,11 +695,11 @@ impl Filesystem for StoreFs {
         size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        xattr_reply(self.session.getxattr(ino.0, name, size), reply);
+        xattr_reply(self.shared.session.getxattr(ino.0, name, size), reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        xattr_reply(self.session.listxattr(ino.0, size), reply);
+        xattr_reply(self.shared.session.listxattr(ino.0, size), reply);
     }
 
     // Everything below modifies the store: the view is read-only.
@@ -536,7 +722,7 @@ impl Filesystem for StoreFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn mknod(
@@ -549,7 +735,7 @@ impl Filesystem for StoreFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn mkdir(
@@ -561,15 +747,15 @@ impl Filesystem for StoreFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn symlink(
@@ -580,7 +766,7 @@ impl Filesystem for StoreFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn rename(
@@ -593,7 +779,7 @@ impl Filesystem for StoreFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn link(
@@ -604,7 +790,7 @@ impl Filesystem for StoreFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn write(
@@ -619,7 +805,7 @@ impl Filesystem for StoreFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn create(
@@ -632,7 +818,7 @@ impl Filesystem for StoreFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn setxattr(
@@ -645,11 +831,11 @@ impl Filesystem for StoreFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 
     fn fallocate(
@@ -662,7 +848,7 @@ impl Filesystem for StoreFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(self.session.read_only()));
+        reply.error(errno(self.shared.session.read_only()));
     }
 }
 
