@@ -346,6 +346,12 @@ impl<X> Session<X> {
     }
 
     /// The view served.
+    /// Runs `f` as one request of this session's client (see `View::request`).
+    pub fn request<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.view.request(f)
+    }
+
+    /// The view served.
     pub fn view(&self) -> &Arc<View> {
         &self.view
     }

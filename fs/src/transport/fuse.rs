@@ -175,6 +175,42 @@ pub struct Shared {
 }
 
 impl StoreFs {
+    /// READDIRPLUS, within one request span of the view.
+    fn readdirplus_in_request(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let stream = match self.shared.session.dir_stream(ino.0, fh.0) {
+            Ok(s) => s,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for slot in stream.from_offset(offset) {
+            let attr = match self.shared.session.lookup_slot(&stream, &slot) {
+                Some(Ok(attr)) => attr,
+                Some(Err(e)) => return reply.error(errno(e)),
+                None => continue,
+            };
+            if reply.add(
+                INodeNo(attr.ino),
+                slot.next_offset,
+                slot.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(attr.generation),
+            ) {
+                // Not sent: the reference just counted must not be kept.
+                if slot.dot.is_none() {
+                    self.shared.session.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     /// Serves `view` with `options`, while `gate` says its paths are rooted.
     pub fn new(view: Arc<View>, options: FuseOptions, gate: RootsGate) -> Self {
         StoreFs {
@@ -629,34 +665,12 @@ impl Filesystem for StoreFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let stream = match self.shared.session.dir_stream(ino.0, fh.0) {
-            Ok(s) => s,
-            Err(e) => return reply.error(errno(e)),
-        };
-        for slot in stream.from_offset(offset) {
-            let attr = match self.shared.session.lookup_slot(&stream, &slot) {
-                Some(Ok(attr)) => attr,
-                Some(Err(e)) => return reply.error(errno(e)),
-                None => continue,
-            };
-            if reply.add(
-                INodeNo(attr.ino),
-                slot.next_offset,
-                slot.name,
-                &TTL,
-                &file_attr(&attr),
-                Generation(attr.generation),
-            ) {
-                // Not sent: the reference just counted must not be kept.
-                if slot.dot.is_none() {
-                    self.shared.session.forget(attr.ino, 1);
-                }
-                break;
-            }
-        }
-        reply.ok();
+        // One request: the directory proved where it belongs once, not for every entry.
+        self.shared
+            .session
+            .request(|| self.readdirplus_in_request(ino, fh, offset, reply))
     }
 
     fn releasedir(

@@ -648,5 +648,11 @@ impl FileSystem for VirtioFs {
 /// need the same store there anyway, so the VMM is told it is unsupported.
 impl SerializableFileSystem for VirtioFs {}
 
+impl device::Served for VirtioFs {
+    fn view(&self) -> Option<Arc<View>> {
+        Some(self.session.view().clone())
+    }
+}
+
 /// Node numbers are the view's own, root included.
 const _: () = assert!(virtiofsd::filesystem::ROOT_ID == crate::view::ROOT_ID);

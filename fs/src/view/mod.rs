@@ -52,6 +52,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 mod attr;
+mod checked;
 mod dircache;
 mod error;
 mod identity;

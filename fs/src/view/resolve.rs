@@ -150,6 +150,9 @@ impl View {
                 place,
             });
             self.dirs.insert(node.node, dir.clone());
+            // Opened by name from a directory proved where it belongs: as good as checked,
+            // for the rest of this request.
+            self.mark_checked(node.node, &dir);
             base = Some(dir);
         }
         Ok(base.expect("the chain has at least one directory"))
@@ -159,8 +162,15 @@ impl View {
     /// kernel still places that directory where it was found.
     pub(super) fn cached_dir(&self, node: &Known) -> Option<Arc<CachedDir>> {
         let dir = self.dirs.get(node.node)?;
-        if dir.host == node.host && place_of(&self.proc_fd, dir.fd.as_fd()).ok()? == dir.place {
-            return Some(dir);
+        if dir.host == node.host {
+            // Proved where it belongs earlier in this request (see `checked.rs`).
+            if self.checked_in_request(node.node, &dir) {
+                return Some(dir);
+            }
+            if place_of(&self.proc_fd, dir.fd.as_fd()).ok()? == dir.place {
+                self.mark_checked(node.node, &dir);
+                return Some(dir);
+            }
         }
         // Moved (or another object under the same number): resolve it afresh.
         self.dirs.remove(node.node);

@@ -517,3 +517,27 @@ fn what_is_held_below_a_retiring_path_is_listed_deepest_first() {
         ]
     );
 }
+
+#[test]
+fn a_request_proves_a_directory_once_and_the_next_request_again() {
+    let store = Store::new();
+    let view = store.view(ViewOptions::default());
+    let doc = walk(&view, &format!("{HELLO}/share/doc")).unwrap().ino;
+    // A listing's entries, all within one request: served from the directory proved once.
+    view.request(|| {
+        for _ in 0..3 {
+            assert_eq!(view.lookup(doc, name("README")).unwrap().size, 8);
+        }
+        assert!(view.getattr(doc).is_ok());
+    });
+    // Moved out between requests: the next request proves it again, and refuses it.
+    let doc_path = store.path(&format!("{HELLO}/share/doc"));
+    fs::rename(&doc_path, store.dir.join("moved-doc")).unwrap();
+    fs::write(store.dir.join("moved-doc/planted"), b"planted").unwrap();
+    let planted = view.request(|| view.lookup(doc, name("planted")));
+    assert!(
+        matches!(planted, Err(Errno::NOENT) | Err(Errno::STALE)),
+        "{planted:?}"
+    );
+    assert_eq!(view.request(|| view.getattr(doc)), Err(Errno::STALE));
+}

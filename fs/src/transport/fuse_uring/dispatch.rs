@@ -56,7 +56,10 @@ pub fn serve(shared: &Shared, qid: u16, header: &mut [u8], payload: &mut [u8]) -
     let answer = if !allowed(shared, &inh) {
         Err(Errno::ACCESS)
     } else {
-        answer(shared, &inh, &op_in, in_len, payload)
+        // One request span of the view: a listing proves its directory once.
+        shared
+            .session
+            .request(|| answer(shared, &inh, &op_in, in_len, payload))
     };
     let (error, len) = match answer {
         Ok(len) => (0, len.min(payload.len())),

@@ -77,9 +77,19 @@ pub enum Drained {
     Broken,
 }
 
+/// A filesystem served by the device, and the view its requests resolve in: each request
+/// is served as one span of that view (`View::request`), so that what one request proved
+/// (a directory where it belongs) is not proved again for every entry of a listing.
+pub trait Served {
+    /// The view requests resolve in, if any.
+    fn view(&self) -> Option<Arc<crate::view::View>>;
+}
+
 /// The virtio-fs device: a FUSE server over the rings of one guest.
 pub struct Device<F: FileSystem + Sync> {
     server: Arc<Server<F>>,
+    /// The view of the filesystem served, whose request spans mark each request.
+    view: Option<Arc<crate::view::View>>,
     memory: RwLock<Option<GuestMemoryShared>>,
     event_idx: AtomicBool,
     broken: [AtomicBool; NUM_QUEUES],
@@ -116,7 +126,7 @@ impl Default for VirtioFsConfig {
 // SAFETY: plain bytes and a little-endian integer, no padding (36 + 4 bytes).
 unsafe impl ByteValued for VirtioFsConfig {}
 
-impl<F: FileSystem + Sync> Device<F> {
+impl<F: FileSystem + Sync + Served> Device<F> {
     /// A device serving `fs`, reporting `tag` to VMMs that read the configuration space.
     pub fn new(fs: F, tag: Option<String>) -> io::Result<Self> {
         if let Some(t) = &tag {
@@ -127,6 +137,7 @@ impl<F: FileSystem + Sync> Device<F> {
             }
         }
         Ok(Device {
+            view: fs.view(),
             server: Arc::new(Server::new(fs)),
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
@@ -288,8 +299,14 @@ impl<F: FileSystem + Sync> Device<F> {
         }
         let spare = writer.clone();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.server
-                .handle_message(reader, writer, None::<&mut Backend>)
+            let serve = || {
+                self.server
+                    .handle_message(reader, writer, None::<&mut Backend>)
+            };
+            match &self.view {
+                Some(view) => view.request(serve),
+                None => serve(),
+            }
         }));
         let errno = match outcome {
             Ok(Ok(len)) => return u32::try_from(len).unwrap_or(0),
@@ -375,7 +392,7 @@ fn signal(state: &VringState<GuestMemoryShared>) -> io::Result<()> {
     state.signal_used_queue()
 }
 
-impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for Device<F> {
+impl<F: FileSystem + Send + Sync + Served + 'static> VhostUserBackend for Device<F> {
     type Bitmap = BitmapMmapRegion;
     type Vring = VringMutex<GuestMemoryShared>;
 
