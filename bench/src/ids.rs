@@ -502,6 +502,8 @@ mod tests {
             "benchmarks-image.json",
             "benchmarks-dax.json",
             "benchmarks-update.json",
+            "benchmarks-guest-update.json",
+            "benchmarks-cold-path.json",
         ] {
             let Ok(text) = std::fs::read_to_string(docs.join(name)) else {
                 continue;
