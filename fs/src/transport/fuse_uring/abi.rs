@@ -137,21 +137,37 @@ pub struct UringCmdReq {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Attr {
+    /// Node number.
     pub ino: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// 512-byte blocks allocated.
     pub blocks: u64,
+    /// Access time, seconds.
     pub atime: u64,
+    /// Modification time, seconds.
     pub mtime: u64,
+    /// Status change time, seconds.
     pub ctime: u64,
+    /// Access time, nanoseconds.
     pub atimensec: u32,
+    /// Modification time, nanoseconds.
     pub mtimensec: u32,
+    /// Status change time, nanoseconds.
     pub ctimensec: u32,
+    /// File type and permission bits.
     pub mode: u32,
+    /// Hard links.
     pub nlink: u32,
+    /// Owner.
     pub uid: u32,
+    /// Group.
     pub gid: u32,
+    /// Device number of a device node.
     pub rdev: u32,
+    /// Preferred I/O size.
     pub blksize: u32,
+    /// `FUSE_ATTR_*` flags (none set).
     pub flags: u32,
 }
 
@@ -159,9 +175,13 @@ pub struct Attr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttrOut {
+    /// How long the attributes may be trusted, seconds.
     pub attr_valid: u64,
+    /// How long the attributes may be trusted, nanoseconds.
     pub attr_valid_nsec: u32,
+    /// Unused.
     pub dummy: u32,
+    /// The attributes.
     pub attr: Attr,
 }
 
@@ -169,12 +189,19 @@ pub struct AttrOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EntryOut {
+    /// The node found.
     pub nodeid: u64,
+    /// Its generation: a later node under the same number has another.
     pub generation: u64,
+    /// How long the name may be trusted, seconds.
     pub entry_valid: u64,
+    /// How long the attributes may be trusted, seconds.
     pub attr_valid: u64,
+    /// How long the name may be trusted, nanoseconds.
     pub entry_valid_nsec: u32,
+    /// How long the attributes may be trusted, nanoseconds.
     pub attr_valid_nsec: u32,
+    /// The attributes.
     pub attr: Attr,
 }
 
@@ -182,8 +209,11 @@ pub struct EntryOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetattrIn {
+    /// `FUSE_GETATTR_FH` when `fh` is set.
     pub getattr_flags: u32,
+    /// Unused.
     pub dummy: u32,
+    /// The handle the attributes are asked through, if any.
     pub fh: u64,
 }
 
@@ -191,7 +221,9 @@ pub struct GetattrIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenIn {
+    /// The open(2) flags.
     pub flags: u32,
+    /// `FUSE_OPEN_*` flags.
     pub open_flags: u32,
 }
 
@@ -199,8 +231,11 @@ pub struct OpenIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOut {
+    /// The handle of the open file or directory.
     pub fh: u64,
+    /// `FOPEN_*` flags (cache policy, passthrough).
     pub open_flags: u32,
+    /// The passthrough backing id, with `FOPEN_PASSTHROUGH`.
     pub backing_id: i32,
 }
 
@@ -208,12 +243,19 @@ pub struct OpenOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReadIn {
+    /// The handle read through.
     pub fh: u64,
+    /// Where to start: a byte offset, or a directory stream position.
     pub offset: u64,
+    /// The most bytes the reply may carry.
     pub size: u32,
+    /// `FUSE_READ_*` flags.
     pub read_flags: u32,
+    /// The lock owner, with `FUSE_READ_LOCKOWNER`.
     pub lock_owner: u64,
+    /// The open(2) flags of the file.
     pub flags: u32,
+    /// Unused.
     pub padding: u32,
 }
 
@@ -221,9 +263,13 @@ pub struct ReadIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReleaseIn {
+    /// The handle released.
     pub fh: u64,
+    /// The open(2) flags it was opened with.
     pub flags: u32,
+    /// `FUSE_RELEASE_*` flags.
     pub release_flags: u32,
+    /// The lock owner, for flock release.
     pub lock_owner: u64,
 }
 
@@ -231,7 +277,9 @@ pub struct ReleaseIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetxattrIn {
+    /// The buffer size: 0 asks for the size only.
     pub size: u32,
+    /// Unused.
     pub padding: u32,
 }
 
@@ -239,7 +287,9 @@ pub struct GetxattrIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GetxattrOut {
+    /// The size of the value (or the name list).
     pub size: u32,
+    /// Unused.
     pub padding: u32,
 }
 
@@ -247,7 +297,9 @@ pub struct GetxattrOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AccessIn {
+    /// The access(2) mode asked for.
     pub mask: u32,
+    /// Unused.
     pub padding: u32,
 }
 
@@ -255,15 +307,25 @@ pub struct AccessIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StatfsOut {
+    /// Blocks in all.
     pub blocks: u64,
+    /// Free blocks.
     pub bfree: u64,
+    /// Free blocks for unprivileged users.
     pub bavail: u64,
+    /// Inodes in all.
     pub files: u64,
+    /// Free inodes.
     pub ffree: u64,
+    /// Block size.
     pub bsize: u32,
+    /// Longest name.
     pub namelen: u32,
+    /// Fragment size.
     pub frsize: u32,
+    /// Unused.
     pub padding: u32,
+    /// Unused.
     pub spare: [u32; 6],
 }
 
@@ -271,9 +333,13 @@ pub struct StatfsOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LseekIn {
+    /// The handle.
     pub fh: u64,
+    /// The offset to seek from.
     pub offset: u64,
+    /// `SEEK_DATA` or `SEEK_HOLE` (the others are the kernel's).
     pub whence: u32,
+    /// Unused.
     pub padding: u32,
 }
 
@@ -281,6 +347,7 @@ pub struct LseekIn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LseekOut {
+    /// The offset found.
     pub offset: u64,
 }
 
@@ -288,9 +355,13 @@ pub struct LseekOut {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Dirent {
+    /// The entry's node number.
     pub ino: u64,
+    /// The stream position after this entry.
     pub off: u64,
+    /// The name's length.
     pub namelen: u32,
+    /// The file type, as in `d_type`.
     pub typ: u32,
 }
 
@@ -298,7 +369,9 @@ pub struct Dirent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Direntplus {
+    /// The entry's lookup answer.
     pub entry_out: EntryOut,
+    /// The entry itself.
     pub dirent: Dirent,
 }
 
