@@ -606,12 +606,15 @@ impl Updater {
                 store_dir.display()
             );
         }
+        // What this update did, then what is held from it and earlier ones now (a path
+        // retiring here may be released before this answer: the client let go at once).
         Answer::Done(format!(
-            "{}: serving {} paths ({} added, {} removed, {} retiring until released)",
+            "{}: serving {} paths ({} added, {} removed, {} retiring until released); {} retiring paths still held",
             request.origin,
             updated.listed,
             updated.added.len(),
             updated.removed.len(),
+            updated.retiring.len(),
             self.view.retiring_count(),
         ))
     }

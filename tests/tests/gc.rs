@@ -1088,7 +1088,7 @@ fn roots_follow_live_updates() {
     assert!(summary.contains("1 retiring"), "{summary}");
     let deadline = Instant::now() + TIMEOUT;
     while !String::from_utf8_lossy(&update(&[nix.closure_file.as_os_str()]).stdout)
-        .contains("0 retiring")
+        .contains("0 retiring paths still held")
     {
         assert!(
             Instant::now() < deadline,

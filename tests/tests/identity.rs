@@ -462,10 +462,18 @@ fn node_records_stay_under_their_cap_through_churn() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     eprintln!("records {records}, live {live}, RSS {before} -> {after} KiB");
+    // Over io_uring the daemon also has a pinned queue thread per CPU and, per ring entry,
+    // a payload buffer whose touched pages stay resident (measured: 28-33 MiB of growth,
+    // against 28 over /dev/fuse). The bound still tells a capped daemon from one that is
+    // not: 120k records, at about 300 bytes each, would take 36 MiB by themselves.
+    let rss_bound_kib = match nixstorefs_tests::harness::forced_transport().as_deref() {
+        Some("io-uring") => 40 * 1024,
+        _ => 32 * 1024,
+    };
     assert!(records <= 65_536 + live, "{records} records, {live} live");
     assert!(records >= 60_000, "the churn reached the daemon: {records}");
     assert!(
-        after.saturating_sub(before) < 32 * 1024,
+        after.saturating_sub(before) < rss_bound_kib,
         "RSS grew from {before} KiB to {after} KiB"
     );
 }

@@ -172,7 +172,8 @@ fn a_path_in_use_stays_readable_until_released() {
     drop(file);
     eventually("the retiring path is released", || {
         let o = t.update(&[t.closure_b.to_str().unwrap()]);
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0 retiring")
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains("0 retiring paths still held")
     });
 }
 
