@@ -30,10 +30,10 @@ fn ring_available() -> bool {
     if harness::uring_enabled() {
         return true;
     }
-    eprintln!(
-        "skipped: FUSE over io_uring is off ({} is not Y; scripts/test.sh sets it as root)",
+    harness::skip(&format!(
+        "FUSE over io_uring is off ({} is not Y; scripts/test.sh sets it as root)",
         harness::ENABLE_URING
-    );
+    ));
     false
 }
 
@@ -103,7 +103,7 @@ fn a_request_is_served_on_the_queue_of_the_cpu_that_sent_it() {
     }
     let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     if online.trim() == "0" {
-        eprintln!("skipped: one CPU online");
+        harness::skip("one CPU online");
         return;
     }
     let (_d, s) = sample::temp(&SampleOptions::small());
@@ -218,7 +218,7 @@ impl Drop for EnableUring {
 #[test]
 fn without_enable_uring_the_mount_is_served_over_dev_fuse() {
     if !Path::new(harness::ENABLE_URING).exists() {
-        eprintln!("skipped: this kernel has no FUSE over io_uring");
+        harness::skip("this kernel has no FUSE over io_uring");
         return;
     }
     let (_d, s) = sample::temp(&SampleOptions::small());
